@@ -1,0 +1,15 @@
+use aya_build::{Package, Toolchain};
+
+/// Builds the eBPF probes (`ebpf/`) for the bpf target with the nightly toolchain and
+/// bpf-linker (both installed by `cargo xtask setup`); the object is embedded in the agent.
+fn main() -> anyhow::Result<()> {
+    let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf");
+    aya_build::build_ebpf(
+        [Package {
+            name: "credwatch-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
+        Toolchain::default(),
+    )
+}

@@ -1,0 +1,337 @@
+//! `credwatch run`: the live agent. One task owns every stage; the ring buffer is drained
+//! on the probes' wake-ups and on a short timer, so no per-event wake-up is needed.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use credwatch_common::PROBE_NAMES;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::Config,
+    correlate::Correlator,
+    credential::Fingerprinter,
+    decode::decode,
+    dns::NameCache,
+    enrich::{BootClock, EnrichStats, Enricher, IdGen},
+    inventory::Inventory,
+    kubelet::{KubeletClient, PodDirectory},
+    pipeline::{NdjsonSink, Pipeline, PipelineStats},
+    probes::{SensorOptions, Sensors},
+    process::ProcessTable,
+    workload::WorkloadResolver,
+};
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub state_dir: PathBuf,
+    /// `--events FILE` (`-` for stdout).
+    pub events: Option<PathBuf>,
+    /// Counters (events, drops) written here periodically and at exit.
+    pub stats_file: Option<PathBuf>,
+}
+
+#[derive(serde::Serialize)]
+struct AgentStats<'a> {
+    pipeline: PipelineStats,
+    drops: std::collections::BTreeMap<&'a str, u64>,
+    ring_decode_errors: u64,
+    unmatched_dir_opens: u64,
+    secret_writes: u64,
+    dns_unparsed: u64,
+    inventory_secrets: usize,
+    watched_dirs: usize,
+    processes: usize,
+    pods: usize,
+}
+
+/// The fingerprint key: from config, else a per-node key generated once under the state dir
+/// (fingerprints then compare across restarts but not across nodes).
+pub fn fingerprint_key(cfg: &Config, state_dir: &Path) -> Result<Vec<u8>> {
+    if let Some(path) = &cfg.fingerprint.key_file {
+        let key = fs::read(path).with_context(|| format!("reading fingerprint.key_file {path}"))?;
+        if key.len() < 16 {
+            bail!(
+                "fingerprint.key_file {path} holds {} bytes; use at least 16",
+                key.len()
+            );
+        }
+        return Ok(key);
+    }
+    if let Some(k) = &cfg.fingerprint.key {
+        return Ok(k.as_bytes().to_vec());
+    }
+    let path = state_dir.join("fingerprint.key");
+    if let Ok(k) = fs::read(&path) {
+        return Ok(k);
+    }
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("generating fingerprint key: {e}"))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(&key)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(key.to_vec())
+}
+
+pub fn node_name(cfg: &Config) -> String {
+    if let Some(n) = &cfg.node {
+        return n.clone();
+    }
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn ensure_state_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating state dir {}", dir.display()))?;
+    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
+    Ok(())
+}
+
+pub fn inventory_from_config(cfg: &Config, fp: Fingerprinter) -> Result<Inventory> {
+    let paths: Vec<String> = cfg
+        .secrets
+        .paths
+        .iter()
+        .map(|p| p.get_ref().clone())
+        .collect();
+    let dirs: Vec<String> = cfg
+        .secrets
+        .watch_dirs
+        .iter()
+        .map(|p| p.get_ref().clone())
+        .collect();
+    Inventory::new(
+        &paths,
+        cfg.secrets.catalog,
+        &dirs,
+        &cfg.kubernetes.kubelet_root,
+        cfg.secrets.max_read_bytes,
+        fp,
+    )
+}
+
+pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
+    ensure_state_dir(&opts.state_dir)?;
+    let fp = Fingerprinter::new(&fingerprint_key(&cfg, &opts.state_dir)?);
+    let mut inventory = inventory_from_config(&cfg, fp)?;
+    inventory.rescan();
+
+    let mut sensors = Sensors::load(&SensorOptions {
+        ring_bytes: cfg.sensors.ring_bytes,
+        wake_bytes: cfg.sensors.wake_bytes,
+        ..SensorOptions::default()
+    })?;
+    sensors.sync_inodes(&inventory.file_keys(), &inventory.dir_keys())?;
+    let ring = sensors.take_ring().context("ring buffer already taken")?;
+    // SAFETY: the RingBuf owns its map fd for its whole life and always returns the same fd.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
+
+    let events = opts.events.as_deref().map(NdjsonSink::open).transpose()?;
+    let pipeline = Pipeline::new(Correlator::new(cfg.correlate.window), events);
+    let ids = IdGen::new();
+    let enricher = Enricher {
+        node: node_name(&cfg),
+        clock: BootClock::now(),
+        procs: ProcessTable::new("/proc", 1 << 20),
+        workloads: WorkloadResolver::new(
+            sensors.cgroup2_root.clone(),
+            &cfg.kubernetes.trust_domain,
+        ),
+        pods: PodDirectory::default(),
+        names: NameCache::new(1 << 16),
+        inventory,
+        inventory_dirty: false,
+        stats: EnrichStats::default(),
+    };
+
+    let mut live = Live {
+        enricher,
+        pipeline,
+        ids,
+        batch: Vec::with_capacity(256),
+        decode_errors: 0,
+    };
+
+    let (pods_tx, mut pods_rx) = watch::channel(PodDirectory::default());
+    if let Some(url) = &cfg.kubernetes.kubelet_url {
+        let client = KubeletClient::new(
+            url,
+            cfg.kubernetes.token_path.clone(),
+            cfg.kubernetes.ca_file.as_deref(),
+            cfg.kubernetes.insecure_skip_tls_verify,
+        )?;
+        let every = cfg.kubernetes.refresh_interval;
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                match client.fetch().await {
+                    Ok(dir) => {
+                        failing = false;
+                        if pods_tx.send(dir).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if !failing => {
+                        warn!(
+                            "kubelet pod list unavailable, pods are named by uid until it returns: {e:#}"
+                        );
+                        failing = true;
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut drain_tick = tokio::time::interval(cfg.sensors.drain_interval);
+    let mut rescan_tick = tokio::time::interval(cfg.secrets.rescan_interval);
+    let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_drops = [0u64; PROBE_NAMES.len()];
+
+    info!(
+        secrets = live.enricher.inventory.len(),
+        watched_dirs = live.enricher.inventory.dir_keys().len(),
+        programs = sensors.attached.len(),
+        "credwatch ready"
+    );
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("ring buffer poll")?;
+                live.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = drain_tick.tick() => {
+                live.drain(ring.get_mut());
+                live.pipeline.flush();
+            }
+            _ = rescan_tick.tick() => {
+                if live.enricher.inventory.rescan() {
+                    live.enricher.inventory_dirty = true;
+                }
+            }
+            _ = stats_tick.tick() => {
+                live.enricher.clock = BootClock::now();
+                sensors.flush_probe_logs();
+                live.enricher.procs.evict_exited(BootClock::boot_now());
+                match sensors.drops() {
+                    Ok(d) => {
+                        for (i, (now, before)) in d.iter().zip(last_drops.iter()).enumerate() {
+                            if now > before {
+                                warn!(probe = PROBE_NAMES[i], dropped = now - before, total = now, "probe records dropped (ring buffer full)");
+                            }
+                        }
+                        last_drops = d;
+                    }
+                    Err(e) => warn!("reading drop counters: {e}"),
+                }
+                if let Some(path) = &opts.stats_file {
+                    write_stats(path, &live, last_drops);
+                }
+            }
+            Ok(()) = pods_rx.changed() => {
+                live.enricher.pods = pods_rx.borrow_and_update().clone();
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+        if live.enricher.inventory_dirty {
+            live.enricher.inventory_dirty = false;
+            if let Err(e) = sensors.sync_inodes(
+                &live.enricher.inventory.file_keys(),
+                &live.enricher.inventory.dir_keys(),
+            ) {
+                error!("updating kernel inode maps: {e:#}");
+            }
+        }
+    }
+
+    // Flush what the probes already produced before detaching.
+    live.drain(ring.get_mut());
+    live.pipeline.flush();
+    let drops = sensors.drops().unwrap_or(last_drops);
+    if let Some(path) = &opts.stats_file {
+        write_stats(path, &live, drops);
+    }
+    let total_drops: u64 = drops.iter().sum();
+    info!(events = ?live.pipeline.stats().events, drops = total_drops, "credwatch stopped");
+    Ok(())
+}
+
+/// The stages a drained record goes through, owned by the run loop.
+struct Live {
+    enricher: Enricher,
+    pipeline: Pipeline,
+    ids: IdGen,
+    batch: Vec<crate::event::Event>,
+    decode_errors: u64,
+}
+
+impl Live {
+    fn drain(&mut self, ring: &mut aya::maps::RingBuf<aya::maps::MapData>) {
+        while let Some(item) = ring.next() {
+            let rec = decode(&item);
+            drop(item);
+            match rec {
+                Ok(rec) => {
+                    self.enricher.enrich(&rec, &mut self.ids, &mut self.batch);
+                    for ev in self.batch.drain(..) {
+                        self.pipeline.handle(ev, &mut self.ids);
+                    }
+                }
+                Err(e) => {
+                    self.decode_errors += 1;
+                    if self.decode_errors == 1 {
+                        error!("undecodable probe record: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn write_stats(path: &Path, live: &Live, drops: [u64; PROBE_NAMES.len()]) {
+    let stats = AgentStats {
+        pipeline: live.pipeline.stats(),
+        drops: PROBE_NAMES.iter().copied().zip(drops).collect(),
+        ring_decode_errors: live.decode_errors,
+        unmatched_dir_opens: live.enricher.stats.unmatched_dir_opens,
+        secret_writes: live.enricher.stats.secret_writes,
+        dns_unparsed: live.enricher.stats.dns_unparsed,
+        inventory_secrets: live.enricher.inventory.len(),
+        watched_dirs: live.enricher.inventory.dir_keys().len(),
+        processes: live.enricher.procs.len(),
+        pods: live.enricher.pods.len(),
+    };
+    // Write-then-rename so readers never see half a file.
+    let tmp = path.with_extension("tmp");
+    let res = serde_json::to_vec_pretty(&stats)
+        .map_err(std::io::Error::other)
+        .and_then(|b| fs::write(&tmp, b))
+        .and_then(|_| fs::rename(&tmp, path));
+    if let Err(e) = res {
+        warn!("writing stats file {}: {e}", path.display());
+    }
+}

@@ -1,0 +1,261 @@
+//! TOML configuration. Unknown keys are errors (a typo must not silently disable a watch);
+//! every error names the file and line.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Node name in events; defaults to the host name.
+    pub node: Option<String>,
+    #[serde(default)]
+    pub secrets: Secrets,
+    #[serde(default)]
+    pub kubernetes: Kubernetes,
+    #[serde(default)]
+    pub fingerprint: Fingerprint,
+    #[serde(default)]
+    pub correlate: Correlate,
+    #[serde(default)]
+    pub sensors: Sensors,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Secrets {
+    /// Globs of secret files, on top of the built-in catalog.
+    #[serde(default)]
+    pub paths: Vec<Spanned<String>>,
+    /// Directories whose new files are caught in the kernel before the next rescan.
+    #[serde(default)]
+    pub watch_dirs: Vec<Spanned<String>>,
+    /// Watch the built-in catalog of credential locations.
+    #[serde(default = "yes")]
+    pub catalog: bool,
+    #[serde(default = "default_rescan", with = "humantime_serde")]
+    pub rescan_interval: Duration,
+    /// Credentials are read at most this many bytes to fingerprint them.
+    #[serde(default = "default_max_read")]
+    pub max_read_bytes: u64,
+}
+
+impl Default for Secrets {
+    fn default() -> Self {
+        Secrets {
+            paths: Vec::new(),
+            watch_dirs: Vec::new(),
+            catalog: true,
+            rescan_interval: default_rescan(),
+            max_read_bytes: default_max_read(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kubernetes {
+    /// Kubelet read-only API (`/pods`); `None` disables pod metadata lookups.
+    pub kubelet_url: Option<String>,
+    #[serde(default = "default_kubelet_root")]
+    pub kubelet_root: String,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Bearer token for the kubelet (the agent's own service-account token in a DaemonSet).
+    pub token_path: Option<String>,
+    /// CA bundle for the kubelet's serving certificate.
+    pub ca_file: Option<String>,
+    /// Accept any kubelet certificate (self-signed serving certs); off by default.
+    #[serde(default)]
+    pub insecure_skip_tls_verify: bool,
+    #[serde(default = "default_kubelet_refresh", with = "humantime_serde")]
+    pub refresh_interval: Duration,
+}
+
+impl Default for Kubernetes {
+    fn default() -> Self {
+        Kubernetes {
+            kubelet_url: None,
+            kubelet_root: default_kubelet_root(),
+            trust_domain: default_trust_domain(),
+            token_path: None,
+            ca_file: None,
+            insecure_skip_tls_verify: false,
+            refresh_interval: default_kubelet_refresh(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fingerprint {
+    /// HMAC key; share it across a fleet so fingerprints compare between nodes.
+    pub key: Option<String>,
+    /// File holding the key (preferred over `key`: keeps it out of the ConfigMap).
+    pub key_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Correlate {
+    /// A connect this soon after a secret read by the same process is a credential use.
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for Correlate {
+    fn default() -> Self {
+        Correlate {
+            window: default_window(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sensors {
+    #[serde(default = "default_ring_bytes")]
+    pub ring_bytes: u32,
+    #[serde(default = "default_wake_bytes")]
+    pub wake_bytes: u32,
+    /// The agent drains the ring at least this often (the probes do not wake it per event).
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain_interval: Duration,
+}
+
+impl Default for Sensors {
+    fn default() -> Self {
+        Sensors {
+            ring_bytes: default_ring_bytes(),
+            wake_bytes: default_wake_bytes(),
+            drain_interval: default_drain(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_rescan() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_read() -> u64 {
+    64 << 10
+}
+fn default_kubelet_root() -> String {
+    "/var/lib/kubelet".into()
+}
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+fn default_kubelet_refresh() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_window() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_ring_bytes() -> u32 {
+    8 << 20
+}
+fn default_wake_bytes() -> u32 {
+    256 << 10
+}
+fn default_drain() -> Duration {
+    Duration::from_millis(10)
+}
+
+/// 1-based line of a byte offset.
+fn line_of(src: &str, offset: usize) -> usize {
+    src[..offset.min(src.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let src = String::from_utf8(bytes)
+            .map_err(|e| anyhow::anyhow!("{}: not UTF-8 ({e})", path.display()))?;
+        Config::parse(&src).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))
+    }
+
+    /// Errors are `LINE: message` so callers can prefix the file name.
+    pub fn parse(src: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(src).map_err(|e| {
+            let line = e.span().map(|s| line_of(src, s.start)).unwrap_or(0);
+            anyhow::anyhow!("{line}: {}", e.message())
+        })?;
+        cfg.validate(src)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, src: &str) -> Result<()> {
+        for g in &self.secrets.paths {
+            if let Err(e) = globset::Glob::new(g.get_ref()) {
+                bail!(
+                    "{}: secrets.paths: bad glob {:?}: {e}",
+                    line_of(src, g.span().start),
+                    g.get_ref()
+                );
+            }
+            if !g.get_ref().starts_with('/') {
+                bail!(
+                    "{}: secrets.paths: {:?} must be an absolute path",
+                    line_of(src, g.span().start),
+                    g.get_ref()
+                );
+            }
+        }
+        for d in &self.secrets.watch_dirs {
+            if !d.get_ref().starts_with('/') {
+                bail!(
+                    "{}: secrets.watch_dirs: {:?} must be an absolute path",
+                    line_of(src, d.span().start),
+                    d.get_ref()
+                );
+            }
+        }
+        if let Some(url) = &self.kubernetes.kubelet_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            bail!("kubernetes.kubelet_url must start with http:// or https:// (got {url:?})");
+        }
+        if self.sensors.ring_bytes < 4096 || !self.sensors.ring_bytes.is_power_of_two() {
+            bail!(
+                "sensors.ring_bytes must be a power of two ≥ 4096 (got {})",
+                self.sensors.ring_bytes
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_gets_defaults() {
+        let c = Config::parse("").unwrap();
+        assert!(c.secrets.catalog);
+        assert_eq!(c.correlate.window, Duration::from_secs(30));
+        assert_eq!(c.kubernetes.trust_domain, "cluster.local");
+    }
+
+    #[test]
+    fn errors_carry_line_numbers() {
+        let e = Config::parse("[secrets]\npaths = [\"/a\"]\nbogus = 1\n").unwrap_err();
+        assert!(e.to_string().starts_with("3: "), "{e}");
+        let e = Config::parse("[secrets]\n\npaths = [\"/ok\", \"relative/*\"]\n").unwrap_err();
+        assert!(e.to_string().starts_with("3: secrets.paths"), "{e}");
+        let e = Config::parse("[secrets]\npaths = [\"/a/[\"]\n").unwrap_err();
+        assert!(e.to_string().contains("bad glob"), "{e}");
+        let e = Config::parse("[correlate]\nwindow = \"soon\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("2: "), "{e}");
+    }
+}

@@ -1,0 +1,191 @@
+//! Correlator: a secret read followed, in the same process and within the window, by a
+//! connect becomes a `credential_use` (workload, credential, destination, time).
+
+use std::collections::HashMap;
+
+use crate::event::{Event, EventKind, Timestamp};
+
+struct Read {
+    event_id: String,
+    ts: Timestamp,
+    event: Event,
+    /// Destinations already reported for this read: one use per (read, destination).
+    reported: Vec<(std::net::IpAddr, u16)>,
+}
+
+pub struct Correlator {
+    window_ns: i64,
+    reads: HashMap<u32, Vec<Read>>,
+    max_reads_per_process: usize,
+    max_processes: usize,
+}
+
+impl Correlator {
+    pub fn new(window: std::time::Duration) -> Self {
+        Correlator {
+            window_ns: window.as_nanos().min(i64::MAX as u128) as i64,
+            reads: HashMap::new(),
+            max_reads_per_process: 16,
+            max_processes: 65536,
+        }
+    }
+
+    /// Feeds one event; returns the credential uses it completes. `next_id` names them.
+    pub fn observe(&mut self, ev: &Event, mut next_id: impl FnMut() -> String) -> Vec<Event> {
+        let tgid = ev.process.tgid;
+        match ev.kind {
+            EventKind::SecretRead if ev.credential.is_some() => {
+                if self.reads.len() >= self.max_processes && !self.reads.contains_key(&tgid) {
+                    self.expire(ev.ts.unix_nanos());
+                    if self.reads.len() >= self.max_processes {
+                        return Vec::new();
+                    }
+                }
+                let list = self.reads.entry(tgid).or_default();
+                let fp = &ev.credential.as_ref().expect("checked").fingerprint;
+                // A re-read of the same credential restarts its window.
+                list.retain(|r| r.event.credential.as_ref().map(|c| &c.fingerprint) != Some(fp));
+                if list.len() >= self.max_reads_per_process {
+                    list.remove(0);
+                }
+                list.push(Read {
+                    event_id: ev.id.clone(),
+                    ts: ev.ts,
+                    event: ev.clone(),
+                    reported: Vec::new(),
+                });
+                Vec::new()
+            }
+            EventKind::Connect => {
+                let Some(dst) = &ev.dst else {
+                    return Vec::new();
+                };
+                // Name lookups are not uses of the credential.
+                if dst.port == 53 {
+                    return Vec::new();
+                }
+                let Some(list) = self.reads.get_mut(&tgid) else {
+                    return Vec::new();
+                };
+                let now = ev.ts.unix_nanos();
+                list.retain(|r| now.saturating_sub(r.ts.unix_nanos()) <= self.window_ns);
+                let mut out = Vec::new();
+                for r in list.iter_mut() {
+                    let key = (dst.ip, dst.port);
+                    if r.reported.contains(&key) {
+                        continue;
+                    }
+                    r.reported.push(key);
+                    let mut u = Event::new(next_id(), ev.ts, &ev.node, EventKind::CredentialUse);
+                    u.process = ev.process.clone();
+                    u.workload = ev.workload.clone();
+                    u.secret = r.event.secret.clone();
+                    u.credential = r.event.credential.clone();
+                    u.dst = ev.dst.clone();
+                    u.result = ev.result.clone();
+                    u.read_event = Some(r.event_id.clone());
+                    u.read_ts = Some(r.ts);
+                    out.push(u);
+                }
+                out
+            }
+            EventKind::Exit => {
+                self.reads.remove(&tgid);
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn expire(&mut self, now: i64) {
+        let w = self.window_ns;
+        self.reads.retain(|_, l| {
+            l.retain(|r| now.saturating_sub(r.ts.unix_nanos()) <= w);
+            !l.is_empty()
+        });
+    }
+
+    pub fn pending(&self) -> usize {
+        self.reads.values().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{CredentialRef, Destination};
+
+    fn ev(kind: EventKind, tgid: u32, ts_ms: i64) -> Event {
+        let mut e = Event::new(
+            format!("e{ts_ms}"),
+            Timestamp::from_unix_nanos(ts_ms * 1_000_000),
+            "n",
+            kind,
+        );
+        e.process.tgid = tgid;
+        e
+    }
+
+    fn read(tgid: u32, ts_ms: i64, fp: &str) -> Event {
+        let mut e = ev(EventKind::SecretRead, tgid, ts_ms);
+        e.credential = Some(CredentialRef {
+            fingerprint: fp.into(),
+            kind: "k8s_sa_token".into(),
+            ..Default::default()
+        });
+        e
+    }
+
+    fn connect(tgid: u32, ts_ms: i64, port: u16) -> Event {
+        let mut e = ev(EventKind::Connect, tgid, ts_ms);
+        e.dst = Some(Destination {
+            ip: "10.0.0.1".parse().unwrap(),
+            port,
+            proto: "tcp".into(),
+            name: None,
+        });
+        e
+    }
+
+    #[test]
+    fn read_then_connect_within_window_is_one_use() {
+        let mut c = Correlator::new(std::time::Duration::from_secs(30));
+        let mut n = 0;
+        let mut id = || {
+            n += 1;
+            format!("u{n}")
+        };
+        assert!(c.observe(&read(7, 0, "fp1"), &mut id).is_empty());
+        let uses = c.observe(&connect(7, 40, 443), &mut id);
+        assert_eq!(uses.len(), 1);
+        assert_eq!(uses[0].kind, EventKind::CredentialUse);
+        assert_eq!(uses[0].credential.as_ref().unwrap().fingerprint, "fp1");
+        assert_eq!(uses[0].read_event.as_deref(), Some("e0"));
+        // Same destination again: not a second use of the same read.
+        assert!(c.observe(&connect(7, 50, 443), &mut id).is_empty());
+        // Another destination is.
+        assert_eq!(c.observe(&connect(7, 60, 8443), &mut id).len(), 1);
+    }
+
+    #[test]
+    fn near_misses() {
+        let mut c = Correlator::new(std::time::Duration::from_secs(1));
+        let mut id = || "u".to_owned();
+        c.observe(&read(7, 0, "fp1"), &mut id);
+        assert!(
+            c.observe(&connect(8, 10, 443), &mut id).is_empty(),
+            "other process"
+        );
+        assert!(c.observe(&connect(7, 20, 53), &mut id).is_empty(), "dns");
+        assert!(
+            c.observe(&connect(7, 2_000, 443), &mut id).is_empty(),
+            "outside window"
+        );
+        c.observe(&read(9, 0, "fp1"), &mut id);
+        c.observe(&ev(EventKind::Exit, 9, 5), &mut id);
+        assert!(
+            c.observe(&connect(9, 10, 443), &mut id).is_empty(),
+            "pid reuse after exit"
+        );
+    }
+}

@@ -1,0 +1,427 @@
+//! Probe record → enriched event: process table, workload resolver, secret inventory and
+//! DNS names applied in that order. Live-only stage; replay starts after it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use credwatch_common::{self as c, InodeKey};
+use tracing::debug;
+
+use crate::{
+    decode::Record,
+    dns::{NameCache, parse_answer},
+    event::{
+        CredentialRef, Destination, Event, EventKind, ExecInfo, PrivChange, ProcessInfo, SecretRef,
+        Timestamp, cstr, sanitize,
+    },
+    inventory::Inventory,
+    kubelet::PodDirectory,
+    process::ProcessTable,
+    workload::WorkloadResolver,
+};
+
+/// Generates event ids unique per node: a per-run nonce and a sequence.
+pub struct IdGen {
+    nonce: u64,
+    seq: u64,
+}
+
+impl IdGen {
+    pub fn new() -> Self {
+        let mut b = [0u8; 8];
+        // Fallback to time+pid if the RNG is unavailable: ids need uniqueness, not secrecy.
+        if getrandom::fill(&mut b).is_err() {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            b = (t ^ ((std::process::id() as u64) << 32)).to_ne_bytes();
+        }
+        IdGen {
+            nonce: u64::from_ne_bytes(b),
+            seq: 0,
+        }
+    }
+
+    pub fn next_id(&mut self) -> String {
+        self.seq += 1;
+        format!("{:016x}-{}", self.nonce, self.seq)
+    }
+}
+
+impl Default for IdGen {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// CLOCK_BOOTTIME (what the probes stamp) → wall clock.
+#[derive(Clone, Copy, Debug)]
+pub struct BootClock {
+    offset_ns: i64,
+}
+
+fn clock_ns(id: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64
+}
+
+impl BootClock {
+    pub fn now() -> Self {
+        BootClock {
+            offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME),
+        }
+    }
+
+    pub fn to_wall(&self, boot_ns: u64) -> Timestamp {
+        Timestamp::from_unix_nanos(boot_ns as i64 + self.offset_ns)
+    }
+
+    pub fn boot_now() -> u64 {
+        clock_ns(libc::CLOCK_BOOTTIME) as u64
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EnrichStats {
+    /// Opens matched by a watched directory whose file turned out not to be a secret.
+    pub unmatched_dir_opens: u64,
+    /// Write-only opens of secrets (the kubelet refreshing a token), not reads.
+    pub secret_writes: u64,
+    pub dns_unparsed: u64,
+}
+
+pub struct Enricher {
+    pub node: String,
+    pub clock: BootClock,
+    pub procs: ProcessTable,
+    pub workloads: WorkloadResolver,
+    pub pods: PodDirectory,
+    pub names: NameCache,
+    pub inventory: Inventory,
+    /// Set when a directory rescan changed the inventory: the kernel maps need a sync.
+    pub inventory_dirty: bool,
+    pub stats: EnrichStats,
+}
+
+fn kind_access(flags: i32) -> &'static str {
+    match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => "read",
+        libc::O_WRONLY => "write",
+        _ => "read_write",
+    }
+}
+
+fn open_syscall(n: u32) -> &'static str {
+    match n {
+        c::OPEN_SYS_OPEN => "open",
+        c::OPEN_SYS_OPENAT => "openat",
+        c::OPEN_SYS_OPENAT2 => "openat2",
+        c::OPEN_SYS_CREAT => "creat",
+        c::OPEN_SYS_BY_HANDLE => "open_by_handle_at",
+        _ => "unknown",
+    }
+}
+
+pub fn connect_result(ret: i32, op: u32) -> String {
+    if op == c::OP_SENDMSG {
+        return "sent".into();
+    }
+    match -ret {
+        0 => "ok".into(),
+        libc::EINPROGRESS => "in_progress".into(),
+        libc::ECONNREFUSED => "refused".into(),
+        libc::ETIMEDOUT => "timed_out".into(),
+        libc::ENETUNREACH => "net_unreachable".into(),
+        libc::EHOSTUNREACH => "host_unreachable".into(),
+        libc::EACCES | libc::EPERM => "denied".into(),
+        libc::EAGAIN => "again".into(),
+        libc::EISCONN => "already_connected".into(),
+        libc::EALREADY => "already_in_progress".into(),
+        e => format!("errno_{e}"),
+    }
+}
+
+fn ip_of(family: u16, addr: &[u8; 16]) -> Option<IpAddr> {
+    match family as i32 {
+        libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+            addr[0], addr[1], addr[2], addr[3],
+        ))),
+        libc::AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(*addr))),
+        _ => None,
+    }
+}
+
+/// Kernel dev_t (MAJOR << 20 | MINOR) → the st_dev userspace sees (`stat -c %d`).
+pub fn user_dev(kdev: u64) -> u64 {
+    libc::makedev((kdev >> 20) as u32, (kdev & 0xfffff) as u32)
+}
+
+impl Enricher {
+    pub fn enrich(&mut self, rec: &Record, ids: &mut IdGen, out: &mut Vec<Event>) {
+        let h = *rec.header();
+        let ts = self.clock.to_wall(h.ts_ns);
+        let comm = sanitize(cstr(&h.comm));
+        match rec {
+            Record::Exec(r) => {
+                let filename = sanitize(cstr(&r.filename));
+                let entry = self.procs.lookup(h.tgid, h.ppid, &comm);
+                let (old_uid, old_euid, old_caps) = (entry.uid, entry.euid, entry.cap_effective);
+                entry.ppid = h.ppid;
+                entry.comm = comm.clone();
+                entry.exe = filename.clone();
+                entry.uid = h.uid;
+                entry.euid = h.euid;
+                entry.cap_effective = r.cap_effective;
+                let tty = sanitize(cstr(&r.tty));
+                entry.tty = (!tty.is_empty()).then_some(tty);
+                let entry = entry.clone();
+                let mut ev = self.base(ids, ts, EventKind::Exec, &h, &entry);
+                ev.exec = Some(ExecInfo {
+                    filename,
+                    cap_effective: r.cap_effective,
+                    truncated: r.flags & c::FLAG_TRUNCATED != 0,
+                });
+                // A set-id binary (or file capabilities) changes credentials at exec.
+                let known = old_uid != u32::MAX;
+                let gained_caps = r.cap_effective & !old_caps != 0 && old_caps != 0;
+                let changed = known && (old_euid != h.euid || old_uid != h.uid || gained_caps);
+                let priv_ev = changed.then(|| {
+                    let mut p = ev.clone();
+                    p.id = ids.next_id();
+                    p.kind = EventKind::PrivChange;
+                    p.exec = None;
+                    p.priv_change = Some(PrivChange {
+                        via: "exec".into(),
+                        old_uid,
+                        old_euid,
+                        new_uid: h.uid,
+                        new_euid: h.euid,
+                        old_cap_effective: old_caps,
+                        new_cap_effective: r.cap_effective,
+                    });
+                    p
+                });
+                out.push(ev);
+                out.extend(priv_ev);
+            }
+            Record::Exit(r) => {
+                let entry = self.procs.lookup(h.tgid, h.ppid, &comm).clone();
+                let mut ev = self.base(ids, ts, EventKind::Exit, &h, &entry);
+                ev.exit_code = Some(r.exit_code);
+                self.procs.mark_exited(h.tgid, h.ts_ns);
+                out.push(ev);
+            }
+            Record::SecretOpen(r) => self.secret_open(r, &h, ts, &comm, ids, out),
+            Record::Connect(r) => {
+                let Some(ip) = ip_of(r.family, &r.addr) else {
+                    return;
+                };
+                let entry = self.procs.lookup(h.tgid, h.ppid, &comm).clone();
+                let mut ev = self.base(ids, ts, EventKind::Connect, &h, &entry);
+                let proto = match r.sock_type as i32 {
+                    libc::SOCK_STREAM => "tcp",
+                    libc::SOCK_DGRAM => "udp",
+                    _ => "unknown",
+                };
+                ev.dst = Some(Destination {
+                    ip,
+                    port: r.port,
+                    proto: proto.into(),
+                    name: self.names.name(&ip, ts.unix_nanos()).map(str::to_owned),
+                });
+                ev.result = Some(connect_result(r.ret, r.op));
+                out.push(ev);
+            }
+            Record::PrivChange(r) => {
+                let entry = self.procs.lookup(h.tgid, h.ppid, &comm);
+                let (old_uid, old_euid, old_caps) = (entry.uid, entry.euid, entry.cap_effective);
+                entry.uid = h.uid;
+                entry.euid = h.euid;
+                entry.cap_effective = r.cap_effective;
+                let entry = entry.clone();
+                let mut ev = self.base(ids, ts, EventKind::PrivChange, &h, &entry);
+                ev.priv_change = Some(PrivChange {
+                    via: syscall_name(r.syscall_nr).into(),
+                    old_uid,
+                    old_euid,
+                    new_uid: h.uid,
+                    new_euid: h.euid,
+                    old_cap_effective: old_caps,
+                    new_cap_effective: r.cap_effective,
+                });
+                out.push(ev);
+            }
+            Record::Dns(r) => {
+                let len = (r.len as usize).min(r.payload.len());
+                let Some(mut answer) = parse_answer(&r.payload[..len]) else {
+                    self.stats.dns_unparsed += 1;
+                    return;
+                };
+                answer.server = ip_of(r.family, &r.server);
+                self.names.insert(&answer, ts.unix_nanos());
+                let mut ev = Event::new(ids.next_id(), ts, &self.node, EventKind::Dns);
+                ev.workload = self.workloads.resolve(h.cgroup_id, 0, "", &self.pods);
+                ev.dns = Some(answer);
+                out.push(ev);
+            }
+        }
+    }
+
+    fn base(
+        &mut self,
+        ids: &mut IdGen,
+        ts: Timestamp,
+        kind: EventKind,
+        h: &c::Header,
+        entry: &crate::process::ProcEntry,
+    ) -> Event {
+        let mut ev = Event::new(ids.next_id(), ts, &self.node, kind);
+        let mut info: ProcessInfo = ProcessTable::info(entry, h.pid, h.gid, h.egid);
+        // The record's view is fresher than the table's for ids and comm.
+        info.uid = h.uid;
+        info.euid = h.euid;
+        info.ppid = h.ppid;
+        info.comm = sanitize(cstr(&h.comm));
+        ev.workload = self
+            .workloads
+            .resolve(h.cgroup_id, h.uid, &info.exe, &self.pods);
+        ev.process = info;
+        ev
+    }
+
+    fn secret_open(
+        &mut self,
+        r: &c::SecretOpen,
+        h: &c::Header,
+        ts: Timestamp,
+        comm: &str,
+        ids: &mut IdGen,
+        out: &mut Vec<Event>,
+    ) {
+        let key = InodeKey {
+            dev: r.dev,
+            ino: r.ino,
+        };
+        if self.inventory.get(&key).is_none() && r.matched != c::MATCH_FILE {
+            // New file in a watched directory (rotation, new pod): rescan that directory now
+            // instead of waiting for the periodic rescan.
+            let dir = self
+                .inventory
+                .watched_dir(&InodeKey {
+                    dev: r.dev,
+                    ino: r.dir_ino,
+                })
+                .map(|p| p.to_path_buf());
+            if let Some(dir) = dir
+                && self.inventory.rescan_dir(&dir)
+            {
+                self.inventory_dirty = true;
+            }
+        }
+        let Some(secret) = self.inventory.get(&key).cloned() else {
+            debug!(
+                ino = r.ino,
+                "open in watched dir is not an inventoried secret"
+            );
+            self.stats.unmatched_dir_opens += 1;
+            return;
+        };
+        let access = kind_access(r.open_flags);
+        if access == "write" {
+            self.stats.secret_writes += 1;
+            return;
+        }
+        let entry = self.procs.lookup(h.tgid, h.ppid, comm).clone();
+        let mut ev = self.base(ids, ts, EventKind::SecretRead, h, &entry);
+        ev.secret = Some(SecretRef {
+            path: Some(secret.path.clone()),
+            opened_as: sanitize(cstr(&r.name)),
+            dev: user_dev(r.dev),
+            inode: r.ino,
+            syscall: open_syscall(r.syscall).into(),
+            access: access.into(),
+            open_flags: r.open_flags,
+            matched: if r.matched == c::MATCH_FILE {
+                "file"
+            } else {
+                "watched_dir"
+            }
+            .into(),
+            fd: r.fd,
+        });
+        let mut cred: CredentialRef = secret.credential.clone();
+        if let (Some(owner), Some(uid)) = (cred.owner.as_mut(), secret.owner_pod_uid.as_deref())
+            && let Some(pod) = self.pods.by_uid(uid)
+        {
+            owner.namespace = Some(pod.namespace.clone());
+            owner.pod = Some(pod.name.clone());
+            owner.id = format!("pod:{}/{}", pod.namespace, pod.name);
+        }
+        ev.credential = Some(cred);
+        out.push(ev);
+    }
+}
+
+/// x86_64 / aarch64 syscall numbers of the credential-changing calls.
+fn syscall_name(nr: u32) -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    const TABLE: &[(u32, &str)] = &[
+        (105, "setuid"),
+        (106, "setgid"),
+        (113, "setreuid"),
+        (114, "setregid"),
+        (117, "setresuid"),
+        (119, "setresgid"),
+        (122, "setfsuid"),
+        (123, "setfsgid"),
+        (126, "capset"),
+    ];
+    #[cfg(target_arch = "aarch64")]
+    const TABLE: &[(u32, &str)] = &[
+        (146, "setuid"),
+        (144, "setgid"),
+        (145, "setreuid"),
+        (143, "setregid"),
+        (147, "setresuid"),
+        (149, "setresgid"),
+        (151, "setfsuid"),
+        (152, "setfsgid"),
+        (91, "capset"),
+    ];
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    const TABLE: &[(u32, &str)] = &[];
+    TABLE
+        .iter()
+        .find(|(n, _)| *n == nr)
+        .map(|(_, s)| *s)
+        .unwrap_or("set_id")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_and_devices() {
+        assert_eq!(connect_result(0, c::OP_CONNECT), "ok");
+        assert_eq!(
+            connect_result(-libc::ECONNREFUSED, c::OP_CONNECT),
+            "refused"
+        );
+        assert_eq!(
+            connect_result(-libc::EINPROGRESS, c::OP_CONNECT),
+            "in_progress"
+        );
+        assert_eq!(connect_result(0, c::OP_SENDMSG), "sent");
+        assert_eq!(user_dev(InodeKey::kernel_dev(8, 1)), libc::makedev(8, 1));
+        assert_eq!(
+            user_dev(InodeKey::kernel_dev(0, 300)),
+            libc::makedev(0, 300)
+        );
+    }
+}

@@ -1,0 +1,330 @@
+//! The enriched event: what `--events` writes as NDJSON, what `replay` reads back, what sinks
+//! store. Field names follow the contract in the design brief; extend, never rename.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Exec,
+    Exit,
+    SecretRead,
+    Connect,
+    CredentialUse,
+    PrivChange,
+    Dns,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Exec => "exec",
+            EventKind::Exit => "exit",
+            EventKind::SecretRead => "secret_read",
+            EventKind::Connect => "connect",
+            EventKind::CredentialUse => "credential_use",
+            EventKind::PrivChange => "priv_change",
+            EventKind::Dns => "dns",
+        }
+    }
+}
+
+/// RFC 3339 with nanoseconds, UTC (`2026-11-22T14:22:18.123456789Z`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub DateTime<Utc>);
+
+impl Timestamp {
+    pub fn from_unix_nanos(ns: i64) -> Self {
+        Timestamp(DateTime::from_timestamp_nanos(ns))
+    }
+    pub fn unix_nanos(&self) -> i64 {
+        self.0.timestamp_nanos_opt().unwrap_or(i64::MAX)
+    }
+    pub fn now() -> Self {
+        Timestamp(Utc::now())
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_rfc3339_opts(SecondsFormat::Nanos, true))
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| Timestamp(t.with_timezone(&Utc)))
+            .map_err(|e| serde::de::Error::custom(format!("bad RFC 3339 timestamp {s:?}: {e}")))
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub tgid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    pub euid: u32,
+    #[serde(default)]
+    pub gid: u32,
+    #[serde(default)]
+    pub egid: u32,
+    /// Kernel `comm`, control characters escaped (it is attacker-chosen).
+    pub comm: String,
+    #[serde(default)]
+    pub exe: String,
+    /// Controlling terminal (`pts/3`), when the process has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<String>,
+}
+
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkloadKind {
+    Pod,
+    Container,
+    Unit,
+    #[default]
+    Host,
+}
+
+impl WorkloadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::Pod => "pod",
+            WorkloadKind::Container => "container",
+            WorkloadKind::Unit => "unit",
+            WorkloadKind::Host => "host",
+        }
+    }
+}
+
+/// Who acted, derived from the cgroup (never from the process name).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    pub kind: WorkloadKind,
+    /// Stable identity: `pod:<ns>/<name>`, `container:<id>`, `unit:<name>`, `host:<uid>:<exe>`.
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// cgroup v2 id (the cgroup directory's inode number) and its path below the cgroup2 mount.
+    #[serde(default)]
+    pub cgroup_id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretRef {
+    /// Inventory path of the secret (how the agent knows it), `None` when the open matched a
+    /// watched directory and the file is not yet inventoried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The name exactly as the process passed it (relative, via symlink, `/proc/self/root`…).
+    #[serde(default)]
+    pub opened_as: String,
+    pub dev: u64,
+    pub inode: u64,
+    /// `open`, `openat`, `openat2`, `creat`, `open_by_handle_at`.
+    #[serde(default)]
+    pub syscall: String,
+    /// `read`, `write` or `read_write`.
+    #[serde(default)]
+    pub access: String,
+    #[serde(default)]
+    pub open_flags: i32,
+    /// `file` (inode in the inventory) or `watched_dir` (new file in a watched directory).
+    #[serde(default)]
+    pub matched: String,
+    #[serde(default)]
+    pub fd: i32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialRef {
+    /// Keyed hash of the value (`hmac-sha256:<hex>`); the value itself is never kept.
+    pub fingerprint: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+}
+
+/// The workload a secret belongs to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub kind: WorkloadKind,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// `kubelet_volume` (derived from where the file lives) or `policy` (declared in config).
+    pub source: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Destination {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// `tcp` or `udp` (`unknown` when the socket type could not be read).
+    pub proto: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecInfo {
+    pub filename: String,
+    #[serde(default)]
+    pub cap_effective: u64,
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrivChange {
+    /// `setuid`, `setresuid`, `capset`, … or `exec` for a set-id binary.
+    pub via: String,
+    pub old_uid: u32,
+    pub old_euid: u32,
+    pub new_uid: u32,
+    pub new_euid: u32,
+    #[serde(default)]
+    pub old_cap_effective: u64,
+    #[serde(default)]
+    pub new_cap_effective: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsAnswer {
+    pub name: String,
+    pub addrs: Vec<IpAddr>,
+    pub ttl: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unique per event on a node: `<agent run nonce>-<sequence>`; ClickHouse deduplicates on it.
+    pub id: String,
+    pub ts: Timestamp,
+    pub node: String,
+    pub kind: EventKind,
+    pub process: ProcessInfo,
+    pub workload: Workload,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<Destination>,
+    /// Connect outcome: `ok`, `in_progress`, `refused`, `sent` (unconnected UDP) or the errno name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priv_change: Option<PrivChange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsAnswer>,
+    /// For `credential_use`: id and time of the `secret_read` it follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_event: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_ts: Option<Timestamp>,
+}
+
+impl Event {
+    pub fn new(id: String, ts: Timestamp, node: &str, kind: EventKind) -> Self {
+        Event {
+            id,
+            ts,
+            node: node.to_owned(),
+            kind,
+            process: ProcessInfo::default(),
+            workload: Workload::default(),
+            secret: None,
+            credential: None,
+            dst: None,
+            result: None,
+            exec: None,
+            exit_code: None,
+            priv_change: None,
+            dns: None,
+            read_event: None,
+            read_ts: None,
+        }
+    }
+}
+
+/// Escapes control characters and replaces invalid UTF-8 so an attacker-chosen name
+/// (comm, path) cannot forge log lines or terminal escapes downstream.
+pub fn sanitize(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    if !s.chars().any(char::is_control) {
+        return s.into_owned();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Up to the first NUL.
+pub fn cstr(bytes: &[u8]) -> &[u8] {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    &bytes[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(sanitize(b"evil\x1b[2Jname\n"), "evil\\u{1b}[2Jname\\n");
+        assert_eq!(sanitize(b"plain"), "plain");
+        assert_eq!(sanitize(b"bad\xffutf8"), "bad\u{fffd}utf8");
+    }
+
+    #[test]
+    fn timestamp_roundtrips_with_nanoseconds() {
+        let t = Timestamp::from_unix_nanos(1_795_000_000_123_456_789);
+        let s = serde_json::to_string(&t).unwrap();
+        assert_eq!(s, "\"2026-11-18T09:46:40.123456789Z\"");
+        let back: Timestamp = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, t);
+    }
+}

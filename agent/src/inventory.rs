@@ -1,0 +1,453 @@
+//! Secret inventory: which files on this node hold credentials, by (dev, inode), with their
+//! credential fingerprint and owner. Feeds the kernel's inode maps.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    io::Read,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use credwatch_common::InodeKey;
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use tracing::{debug, warn};
+
+use crate::{
+    credential::{Fingerprinter, analyze},
+    event::{CredentialRef, Owner, WorkloadKind},
+};
+
+/// Built-in credential locations. `{kubelet}` is the kubelet root.
+pub const CATALOG: &[&str] = &[
+    "{kubelet}/pods/*/volumes/kubernetes.io~projected/*/token",
+    "{kubelet}/pods/*/volumes/kubernetes.io~secret/*/*",
+    "/var/run/secrets/**",
+    "/run/secrets/**",
+    "/etc/kubernetes/*.conf",
+    "/etc/kubernetes/pki/**/*.key",
+    "{kubelet}/kubeconfig",
+    "{kubelet}/pki/*.key",
+    "/root/.kube/config",
+    "/home/*/.kube/config",
+    "/root/.aws/credentials",
+    "/home/*/.aws/credentials",
+    "/root/.config/gcloud/application_default_credentials.json",
+    "/home/*/.config/gcloud/application_default_credentials.json",
+    "/root/.config/gcloud/legacy_credentials/*/adc.json",
+    "/home/*/.config/gcloud/legacy_credentials/*/adc.json",
+    "/root/.azure/msal_token_cache.json",
+    "/home/*/.azure/msal_token_cache.json",
+    "/root/.azure/accessTokens.json",
+    "/home/*/.azure/accessTokens.json",
+    "/root/.ssh/id_*",
+    "/home/*/.ssh/id_*",
+    "/etc/ssh/ssh_host_*_key",
+    "/etc/ssl/private/*",
+    "/etc/pki/tls/private/*",
+    "/root/.docker/config.json",
+    "/home/*/.docker/config.json",
+    "/run/containers/*/auth.json",
+    "/run/user/*/containers/auth.json",
+    "/root/.vault-token",
+    "/home/*/.vault-token",
+    "/root/.netrc",
+    "/home/*/.netrc",
+    "/root/.git-credentials",
+    "/home/*/.git-credentials",
+    "/root/.npmrc",
+    "/home/*/.npmrc",
+    "/root/.pypirc",
+    "/home/*/.pypirc",
+];
+
+/// Public halves and listings that live next to secrets but are not secrets.
+const NOT_SECRETS: &[&str] = &["**/*.pub", "**/ca.crt", "**/namespace", "**/*.crt"];
+
+#[derive(Clone, Debug)]
+pub struct SecretEntry {
+    pub path: String,
+    pub key: InodeKey,
+    pub credential: CredentialRef,
+    /// Pod uid when the file lives in a kubelet pod volume.
+    pub owner_pod_uid: Option<String>,
+    size: u64,
+    mtime_ns: i64,
+}
+
+pub struct Inventory {
+    globs: GlobSet,
+    exclude: GlobSet,
+    /// (literal directory to walk, max depth) derived from the globs.
+    roots: Vec<(PathBuf, usize)>,
+    explicit_dirs: Vec<PathBuf>,
+    kubelet_root: String,
+    max_read: u64,
+    fp: Fingerprinter,
+    by_inode: HashMap<InodeKey, SecretEntry>,
+    watched_dirs: HashMap<InodeKey, PathBuf>,
+}
+
+impl Inventory {
+    pub fn new(
+        patterns: &[String],
+        use_catalog: bool,
+        watch_dirs: &[String],
+        kubelet_root: &str,
+        max_read: u64,
+        fp: Fingerprinter,
+    ) -> Result<Self> {
+        let mut all: Vec<String> = patterns.to_vec();
+        if use_catalog {
+            all.extend(
+                CATALOG
+                    .iter()
+                    .map(|p| p.replace("{kubelet}", kubelet_root.trim_end_matches('/'))),
+            );
+        }
+        let mut b = GlobSetBuilder::new();
+        let mut roots = Vec::new();
+        for p in &all {
+            // `*` stays within one path component; `**` crosses them.
+            let glob = GlobBuilder::new(p).literal_separator(true).build();
+            b.add(glob.with_context(|| format!("bad secret glob {p:?}"))?);
+            roots.push(walk_root(p));
+        }
+        let mut ex = GlobSetBuilder::new();
+        for p in NOT_SECRETS {
+            ex.add(Glob::new(p).expect("static glob"));
+        }
+        Ok(Inventory {
+            globs: b.build()?,
+            exclude: ex.build()?,
+            roots: merge_roots(roots),
+            explicit_dirs: watch_dirs.iter().map(PathBuf::from).collect(),
+            kubelet_root: kubelet_root.trim_end_matches('/').to_owned(),
+            max_read,
+            fp,
+            by_inode: HashMap::new(),
+            watched_dirs: HashMap::new(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_inode.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_inode.is_empty()
+    }
+
+    pub fn get(&self, key: &InodeKey) -> Option<&SecretEntry> {
+        self.by_inode.get(key)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &SecretEntry> {
+        self.by_inode.values()
+    }
+
+    pub fn file_keys(&self) -> HashSet<InodeKey> {
+        self.by_inode.keys().copied().collect()
+    }
+
+    pub fn dir_keys(&self) -> HashSet<InodeKey> {
+        self.watched_dirs.keys().copied().collect()
+    }
+
+    pub fn watched_dir(&self, key: &InodeKey) -> Option<&Path> {
+        self.watched_dirs.get(key).map(PathBuf::as_path)
+    }
+
+    /// Full rescan: every glob root. Returns true when the inode sets changed.
+    pub fn rescan(&mut self) -> bool {
+        let before_files = self.file_keys();
+        let before_dirs = self.dir_keys();
+        let mut found: HashMap<InodeKey, SecretEntry> = HashMap::new();
+        let mut dirs: HashMap<InodeKey, PathBuf> = HashMap::new();
+        for (root, depth) in self.roots.clone() {
+            self.scan_tree(&root, depth, &mut found, &mut dirs);
+        }
+        for d in &self.explicit_dirs {
+            if let Some(k) = dir_key(d) {
+                dirs.insert(k, d.clone());
+            }
+        }
+        self.by_inode = found;
+        self.watched_dirs = dirs;
+        before_files != self.file_keys() || before_dirs != self.dir_keys()
+    }
+
+    /// Rescans one watched directory after the kernel saw an unknown file open in it.
+    /// Returns true when the inventory changed.
+    pub fn rescan_dir(&mut self, dir: &Path) -> bool {
+        let before = self.file_keys();
+        let mut found = HashMap::new();
+        let mut dirs = HashMap::new();
+        self.scan_tree(dir, 3, &mut found, &mut dirs);
+        // Entries under `dir` that no longer resolve to the same inode are gone (rotation).
+        self.by_inode
+            .retain(|k, e| !Path::new(&e.path).starts_with(dir) || found.contains_key(k));
+        self.by_inode.extend(found);
+        self.watched_dirs.extend(dirs);
+        before != self.file_keys()
+    }
+
+    fn scan_tree(
+        &self,
+        root: &Path,
+        depth: usize,
+        found: &mut HashMap<InodeKey, SecretEntry>,
+        dirs: &mut HashMap<InodeKey, PathBuf>,
+    ) {
+        if !root.exists() {
+            return;
+        }
+        let walker = walkdir::WalkDir::new(root)
+            .follow_links(false)
+            .max_depth(depth);
+        for entry in walker.into_iter().filter_map(|e| e.ok()) {
+            let path = entry.path();
+            if !self.globs.is_match(path) || self.exclude.is_match(path) {
+                continue;
+            }
+            // Follow symlinks: kubelet's `token` → `..data/token` → `..<ts>/token`.
+            let Ok(meta) = fs::metadata(path) else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            let key = inode_key(&meta);
+            let path_str = path.to_string_lossy().into_owned();
+            let owner_pod_uid = self.kubelet_pod_uid(&path_str);
+            if let Some(vol) = self.kubelet_volume_dir(path) {
+                if let Some(k) = dir_key(&vol) {
+                    dirs.insert(k, vol);
+                }
+            }
+            let entry = match self.by_inode.get(&key) {
+                Some(old)
+                    if old.size == meta.len()
+                        && old.mtime_ns == mtime_ns(&meta)
+                        && old.path == path_str =>
+                {
+                    old.clone()
+                }
+                _ => self.describe(path, &path_str, key, &meta, owner_pod_uid),
+            };
+            found.insert(key, entry);
+        }
+    }
+
+    fn describe(
+        &self,
+        path: &Path,
+        path_str: &str,
+        key: InodeKey,
+        meta: &fs::Metadata,
+        owner_pod_uid: Option<String>,
+    ) -> SecretEntry {
+        let mut credential = CredentialRef::default();
+        match read_bounded(path, self.max_read) {
+            Ok((bytes, truncated)) => {
+                let an = analyze(path_str, &bytes);
+                credential.fingerprint = self.fp.fingerprint(&bytes);
+                credential.kind = an.kind.to_owned();
+                credential.labels = an.labels;
+                if truncated {
+                    credential.labels.insert(
+                        "fingerprint_of_first_bytes".into(),
+                        self.max_read.to_string(),
+                    );
+                }
+            }
+            Err(e) => {
+                debug!("cannot read secret {path_str}: {e}");
+                credential.kind = "unreadable".into();
+                credential
+                    .labels
+                    .insert("read_error".into(), e.kind().to_string());
+            }
+        }
+        credential.owner = owner_pod_uid.as_ref().map(|uid| Owner {
+            kind: WorkloadKind::Pod,
+            id: format!("pod:uid/{uid}"),
+            pod_uid: Some(uid.clone()),
+            source: "kubelet_volume".into(),
+            ..Default::default()
+        });
+        SecretEntry {
+            path: path_str.to_owned(),
+            key,
+            credential,
+            owner_pod_uid,
+            size: meta.len(),
+            mtime_ns: mtime_ns(meta),
+        }
+    }
+
+    /// `{kubelet}/pods/<uid>/volumes/...` → uid.
+    fn kubelet_pod_uid(&self, path: &str) -> Option<String> {
+        let rest = path
+            .strip_prefix(&self.kubelet_root)?
+            .strip_prefix("/pods/")?;
+        let (uid, tail) = rest.split_once('/')?;
+        tail.starts_with("volumes/").then(|| uid.to_owned())
+    }
+
+    /// `{kubelet}/pods/<uid>/volumes/<plugin>/<volume>`: where rotated files appear.
+    fn kubelet_volume_dir(&self, path: &Path) -> Option<PathBuf> {
+        let rel = path.strip_prefix(&self.kubelet_root).ok()?;
+        let comps: Vec<_> = rel.components().collect();
+        if comps.len() >= 6 && comps[0].as_os_str() == "pods" && comps[2].as_os_str() == "volumes" {
+            let mut p = PathBuf::from(&self.kubelet_root);
+            for c in &comps[..5] {
+                p.push(c);
+            }
+            return Some(p);
+        }
+        None
+    }
+}
+
+fn mtime_ns(m: &fs::Metadata) -> i64 {
+    m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec())
+}
+
+pub fn inode_key(meta: &fs::Metadata) -> InodeKey {
+    let dev = meta.dev();
+    InodeKey {
+        dev: InodeKey::kernel_dev(libc::major(dev), libc::minor(dev)),
+        ino: meta.ino(),
+    }
+}
+
+fn dir_key(p: &Path) -> Option<InodeKey> {
+    let m = fs::metadata(p).ok()?;
+    m.is_dir().then(|| inode_key(&m))
+}
+
+fn read_bounded(path: &Path, max: u64) -> std::io::Result<(Vec<u8>, bool)> {
+    let f = fs::File::open(path)?;
+    let mut buf = Vec::new();
+    f.take(max + 1).read_to_end(&mut buf)?;
+    let truncated = buf.len() as u64 > max;
+    buf.truncate(max as usize);
+    Ok((buf, truncated))
+}
+
+/// The literal directory a glob starts at, and how deep below it matches can be.
+fn walk_root(glob: &str) -> (PathBuf, usize) {
+    let comps: Vec<&str> = glob.split('/').collect();
+    let is_meta = |c: &str| c.contains(['*', '?', '[', '{']);
+    let lit = comps.iter().take_while(|c| !is_meta(c)).count();
+    let root = comps[..lit.min(comps.len().saturating_sub(1))].join("/");
+    let root = if root.is_empty() {
+        "/".to_owned()
+    } else {
+        root
+    };
+    let rest = &comps[lit.min(comps.len().saturating_sub(1))..];
+    let depth = if rest.iter().any(|c| c.contains("**")) {
+        16
+    } else {
+        rest.len()
+    };
+    (PathBuf::from(root), depth)
+}
+
+/// Drops roots that another root already covers.
+fn merge_roots(mut roots: Vec<(PathBuf, usize)>) -> Vec<(PathBuf, usize)> {
+    roots.sort();
+    let mut out: Vec<(PathBuf, usize)> = Vec::new();
+    for (r, d) in roots {
+        if let Some(last) = out.iter_mut().find(|(p, _)| *p == r) {
+            last.1 = last.1.max(d);
+            continue;
+        }
+        let covered = out.iter().any(|(p, pd)| {
+            r.strip_prefix(p)
+                .is_ok_and(|rel| rel.components().count() + d <= *pd)
+        });
+        if !covered {
+            out.push((r, d));
+        }
+    }
+    if out.len() > 64 {
+        warn!(
+            "{} secret glob roots; consider fewer, broader globs",
+            out.len()
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walk_roots_from_globs() {
+        assert_eq!(
+            walk_root("/root/.aws/credentials"),
+            (PathBuf::from("/root/.aws"), 1)
+        );
+        assert_eq!(
+            walk_root("/home/*/.aws/credentials"),
+            (PathBuf::from("/home"), 3)
+        );
+        assert_eq!(
+            walk_root("/var/run/secrets/**"),
+            (PathBuf::from("/var/run/secrets"), 16)
+        );
+        let merged = merge_roots(vec![
+            (PathBuf::from("/a"), 3),
+            (PathBuf::from("/a/b"), 1),
+            (PathBuf::from("/c"), 1),
+        ]);
+        assert_eq!(
+            merged,
+            vec![(PathBuf::from("/a"), 3), (PathBuf::from("/c"), 1)]
+        );
+    }
+
+    #[test]
+    fn scans_fingerprints_and_tracks_rotation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let kubelet = tmp.path().join("kubelet");
+        let vol = kubelet.join("pods/0a1b2c3d-4e5f-6789-abcd-ef0123456789/volumes/kubernetes.io~projected/kube-api-access-x");
+        let ts1 = vol.join("..2026_11_22_10_00_00.1");
+        fs::create_dir_all(&ts1).unwrap();
+        fs::write(ts1.join("token"), "fake-token-1").unwrap();
+        std::os::unix::fs::symlink("..2026_11_22_10_00_00.1", vol.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/token", vol.join("token")).unwrap();
+        let fp = Fingerprinter::new(b"k");
+        let mut inv =
+            Inventory::new(&[], true, &[], kubelet.to_str().unwrap(), 1024, fp.clone()).unwrap();
+        assert!(inv.rescan());
+        assert_eq!(inv.len(), 1);
+        let e = inv.entries().next().unwrap().clone();
+        assert_eq!(e.credential.fingerprint, fp.fingerprint(b"fake-token-1"));
+        assert_eq!(
+            e.owner_pod_uid.as_deref(),
+            Some("0a1b2c3d-4e5f-6789-abcd-ef0123456789")
+        );
+        assert!(inv.dir_keys().contains(&dir_key(&vol).unwrap()));
+
+        // Rotation: new timestamped dir, ..data swapped, old dir removed.
+        let ts2 = vol.join("..2026_11_22_11_00_00.2");
+        fs::create_dir_all(&ts2).unwrap();
+        fs::write(ts2.join("token"), "fake-token-2").unwrap();
+        std::os::unix::fs::symlink("..2026_11_22_11_00_00.2", vol.join("..data_tmp")).unwrap();
+        fs::rename(vol.join("..data_tmp"), vol.join("..data")).unwrap();
+        fs::remove_dir_all(&ts1).unwrap();
+        assert!(inv.rescan_dir(&vol));
+        assert_eq!(inv.len(), 1);
+        let e2 = inv.entries().next().unwrap();
+        assert_ne!(e2.key, e.key);
+        assert_eq!(e2.credential.fingerprint, fp.fingerprint(b"fake-token-2"));
+    }
+}

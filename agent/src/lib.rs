@@ -1,0 +1,21 @@
+//! credwatch agent: probe records in, enriched events and alerts out.
+//!
+//! Stages, in data-flow order: [`probes`] → [`decode`] → [`enrich`] (using [`process`],
+//! [`workload`]/[`kubelet`], [`inventory`]/[`credential`], [`dns`]) → [`pipeline`]
+//! ([`correlate`], sinks). `replay` enters at the pipeline.
+
+pub mod agent;
+pub mod config;
+pub mod correlate;
+pub mod credential;
+pub mod decode;
+pub mod dns;
+pub mod enrich;
+pub mod event;
+pub mod inventory;
+pub mod kubelet;
+pub mod pipeline;
+pub mod probes;
+pub mod process;
+pub mod replay;
+pub mod workload;

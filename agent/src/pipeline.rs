@@ -1,0 +1,135 @@
+//! Everything after enrichment, shared by `run` and `replay`: correlation, then the event
+//! sinks. Detectors plug in here.
+
+use std::{
+    collections::BTreeMap,
+    fs::OpenOptions,
+    io::{self, BufWriter, Write},
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+use tracing::error;
+
+use crate::{
+    correlate::Correlator,
+    enrich::IdGen,
+    event::{Event, EventKind},
+};
+
+/// NDJSON writer that never takes the agent down: write failures (full disk, closed pipe)
+/// are counted and logged once per burst, and the pipeline keeps running.
+pub struct NdjsonSink {
+    out: BufWriter<Box<dyn Write + Send>>,
+    pub written: u64,
+    pub failed: u64,
+    failing: bool,
+}
+
+impl NdjsonSink {
+    pub fn open(path: &Path) -> Result<Self> {
+        let w: Box<dyn Write + Send> = if path == Path::new("-") {
+            Box::new(io::stdout())
+        } else {
+            Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening events file {}", path.display()))?,
+            )
+        };
+        Ok(Self::new(w))
+    }
+
+    pub fn new(w: Box<dyn Write + Send>) -> Self {
+        NdjsonSink {
+            out: BufWriter::with_capacity(1 << 16, w),
+            written: 0,
+            failed: 0,
+            failing: false,
+        }
+    }
+
+    pub fn write<T: serde::Serialize>(&mut self, v: &T) {
+        let r = serde_json::to_writer(&mut self.out, v)
+            .map_err(io::Error::other)
+            .and_then(|_| self.out.write_all(b"\n"));
+        self.note(r);
+    }
+
+    pub fn flush(&mut self) {
+        let r = self.out.flush();
+        self.note(r);
+    }
+
+    fn note(&mut self, r: io::Result<()>) {
+        match r {
+            Ok(()) => {
+                self.written += 1;
+                self.failing = false;
+            }
+            Err(e) => {
+                self.failed += 1;
+                if !self.failing {
+                    error!("event output failing: {e}; counting dropped lines");
+                    self.failing = true;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct PipelineStats {
+    pub events: BTreeMap<&'static str, u64>,
+    pub events_write_failures: u64,
+}
+
+pub struct Pipeline {
+    correlator: Correlator,
+    events: Option<NdjsonSink>,
+    counts: BTreeMap<&'static str, u64>,
+}
+
+impl Pipeline {
+    pub fn new(correlator: Correlator, events: Option<NdjsonSink>) -> Self {
+        Pipeline {
+            correlator,
+            events,
+            counts: BTreeMap::new(),
+        }
+    }
+
+    pub fn handle(&mut self, ev: Event, ids: &mut IdGen) {
+        let uses = self.correlator.observe(&ev, || ids.next_id());
+        self.emit(&ev);
+        for u in &uses {
+            self.emit(u);
+        }
+    }
+
+    fn emit(&mut self, ev: &Event) {
+        *self.counts.entry(ev.kind.as_str()).or_default() += 1;
+        if let Some(sink) = self.events.as_mut() {
+            sink.write(ev);
+        }
+    }
+
+    pub fn flush(&mut self) {
+        if let Some(s) = self.events.as_mut() {
+            s.flush();
+        }
+    }
+
+    pub fn count(&self, kind: EventKind) -> u64 {
+        self.counts.get(kind.as_str()).copied().unwrap_or(0)
+    }
+
+    pub fn stats(&self) -> PipelineStats {
+        PipelineStats {
+            events: self.counts.clone(),
+            events_write_failures: self.events.as_ref().map(|s| s.failed).unwrap_or(0),
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! Loads the kernel probes, keeps their inode maps in sync with the secret inventory, drains
+//! the ring buffer and surfaces per-probe drop counters.
+
+pub mod btf;
+pub mod host;
+
+use std::{
+    collections::HashSet,
+    fs::File,
+    os::fd::{AsRawFd, RawFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, TracePoint},
+};
+use credwatch_common::{InodeKey, KernelConfig, PROBE_COUNT, PROBE_NAMES};
+use tracing::{debug, info, warn};
+
+/// The probe object, built from `ebpf/` by build.rs.
+static PROBES_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/credwatch-probes"));
+
+/// Syscalls whose successful return changes credentials.
+const PRIV_SYSCALLS: &[&str] = &[
+    "setuid",
+    "setgid",
+    "setreuid",
+    "setregid",
+    "setresuid",
+    "setresgid",
+    "setfsuid",
+    "setfsgid",
+    "capset",
+];
+const OPEN_SYSCALLS: &[&str] = &["open", "openat", "openat2", "creat", "open_by_handle_at"];
+
+#[derive(Clone, Debug)]
+pub struct SensorOptions {
+    pub ring_bytes: u32,
+    /// Wake the agent when this much is waiting (otherwise it drains on its timer).
+    pub wake_bytes: u32,
+    pub sendmsg_dedup_ns: u64,
+    pub btf_path: PathBuf,
+    /// Where to mount cgroup2 if the host has none.
+    pub cgroup2_fallback: PathBuf,
+}
+
+impl Default for SensorOptions {
+    fn default() -> Self {
+        SensorOptions {
+            ring_bytes: 8 << 20,
+            wake_bytes: 256 << 10,
+            sendmsg_dedup_ns: 1_000_000_000,
+            btf_path: PathBuf::from(btf::VMLINUX_BTF),
+            cgroup2_fallback: PathBuf::from("/run/credwatch/cgroup2"),
+        }
+    }
+}
+
+/// Loaded and attached probes. Dropping it detaches everything (links are owned fds).
+pub struct Sensors {
+    ebpf: Ebpf,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    ring: Option<RingBuf<MapData>>,
+    secret_inodes: BpfHashMap<MapData, InodeKey, u32>,
+    watched_dirs: BpfHashMap<MapData, InodeKey, u32>,
+    drops: PerCpuArray<MapData, u64>,
+    in_map: HashSet<InodeKey>,
+    dirs_in_map: HashSet<InodeKey>,
+    pub cgroup2_root: PathBuf,
+    pub attached: Vec<String>,
+}
+
+impl Sensors {
+    pub fn load(opts: &SensorOptions) -> Result<Self> {
+        host::check_privileges()?;
+        if !opts.btf_path.exists() {
+            return Err(anyhow!(
+                "kernel BTF not found at {}: credwatch needs a kernel built with \
+                 CONFIG_DEBUG_INFO_BTF=y",
+                opts.btf_path.display()
+            ));
+        }
+        host::ensure_tracefs()?;
+        let cgroup2_root = host::cgroup2_root(&opts.cgroup2_fallback)?;
+        host::raise_memlock();
+
+        let kbtf = btf::KernelBtf::open(&opts.btf_path)?;
+        let mut kcfg: KernelConfig = kbtf.kernel_config()?;
+        kcfg.agent_tgid = std::process::id();
+        kcfg.wake_bytes = opts.wake_bytes;
+        kcfg.sendmsg_dedup_ns = opts.sendmsg_dedup_ns;
+
+        let mut loader = EbpfLoader::new();
+        loader.override_global("CW_CONFIG", &kcfg, true);
+        loader.map_max_entries("EVENTS", opts.ring_bytes);
+        let mut ebpf = loader
+            .load(PROBES_OBJ)
+            .context("loading the probe object")?;
+        // Diagnostics from rare probe paths; the map must stay open while programs load.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!("probe diagnostics unavailable: {e}");
+                None
+            }
+        };
+
+        let mut attached = Vec::new();
+        attach_tracepoint(
+            &mut ebpf,
+            "sched_process_exec",
+            "sched",
+            &["sched_process_exec"],
+            &mut attached,
+        )?;
+        attach_tracepoint(
+            &mut ebpf,
+            "sched_process_exit",
+            "sched",
+            &["sched_process_exit"],
+            &mut attached,
+        )?;
+        for sc in OPEN_SYSCALLS {
+            let prog = format!("sys_enter_{sc}");
+            attach_tracepoint(&mut ebpf, &prog, "syscalls", &[&prog], &mut attached)?;
+        }
+        let exits: Vec<String> = OPEN_SYSCALLS
+            .iter()
+            .map(|s| format!("sys_exit_{s}"))
+            .collect();
+        let exits: Vec<&str> = exits.iter().map(String::as_str).collect();
+        attach_tracepoint(
+            &mut ebpf,
+            "sys_exit_open_family",
+            "syscalls",
+            &exits,
+            &mut attached,
+        )?;
+        attach_tracepoint(
+            &mut ebpf,
+            "sys_enter_connect",
+            "syscalls",
+            &["sys_enter_connect"],
+            &mut attached,
+        )?;
+        attach_tracepoint(
+            &mut ebpf,
+            "sys_exit_connect",
+            "syscalls",
+            &["sys_exit_connect"],
+            &mut attached,
+        )?;
+        let privs: Vec<String> = PRIV_SYSCALLS
+            .iter()
+            .map(|s| format!("sys_exit_{s}"))
+            .collect();
+        let privs: Vec<&str> = privs.iter().map(String::as_str).collect();
+        attach_tracepoint(
+            &mut ebpf,
+            "sys_exit_priv",
+            "syscalls",
+            &privs,
+            &mut attached,
+        )?;
+
+        let cgroup = File::open(&cgroup2_root)
+            .with_context(|| format!("opening cgroup2 root {}", cgroup2_root.display()))?;
+        for name in ["sendmsg4", "sendmsg6"] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().with_context(|| format!("loading {name}"))?;
+            prog.attach(&cgroup, cgroup_mode())
+                .with_context(|| format!("attaching {name} to {}", cgroup2_root.display()))?;
+            attached.push(format!("cgroup/{name}"));
+        }
+        {
+            let prog: &mut CgroupSkb = program(&mut ebpf, "dns_ingress")?;
+            prog.load().context("loading dns_ingress")?;
+            prog.attach(&cgroup, CgroupSkbAttachType::Ingress, cgroup_mode())
+                .with_context(|| format!("attaching dns_ingress to {}", cgroup2_root.display()))?;
+            attached.push("cgroup_skb/ingress".into());
+        }
+
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
+        let secret_inodes = BpfHashMap::try_from(
+            ebpf.take_map("SECRET_INODES")
+                .context("map SECRET_INODES")?,
+        )?;
+        let watched_dirs =
+            BpfHashMap::try_from(ebpf.take_map("WATCHED_DIRS").context("map WATCHED_DIRS")?)?;
+        let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").context("map DROPS")?)?;
+        info!(programs = attached.len(), cgroup2 = %cgroup2_root.display(), "probes attached");
+        Ok(Sensors {
+            ebpf,
+            logger,
+            ring: Some(ring),
+            secret_inodes,
+            watched_dirs,
+            drops,
+            in_map: HashSet::new(),
+            dirs_in_map: HashSet::new(),
+            cgroup2_root,
+            attached,
+        })
+    }
+
+    /// The ring buffer, handed to the reader once.
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    /// Makes the kernel's file and directory maps equal to the inventory: adds new inodes,
+    /// removes ones that disappeared (a rotated token's old inode).
+    pub fn sync_inodes(
+        &mut self,
+        files: &HashSet<InodeKey>,
+        dirs: &HashSet<InodeKey>,
+    ) -> Result<()> {
+        sync_map(
+            &mut self.secret_inodes,
+            &mut self.in_map,
+            files,
+            "SECRET_INODES",
+        )?;
+        sync_map(
+            &mut self.watched_dirs,
+            &mut self.dirs_in_map,
+            dirs,
+            "WATCHED_DIRS",
+        )
+    }
+
+    /// Drops per probe since load, summed over CPUs.
+    pub fn drops(&self) -> Result<[u64; PROBE_COUNT as usize]> {
+        let mut out = [0u64; PROBE_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self.drops.get(&(i as u32), 0)?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Forwards probe diagnostics (aya-log) to the agent's log.
+    pub fn flush_probe_logs(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
+    pub fn probe_names() -> &'static [&'static str] {
+        &PROBE_NAMES
+    }
+
+    pub fn program_count(&self) -> usize {
+        self.ebpf.programs().count()
+    }
+}
+
+/// On 5.7+ aya attaches through BPF links, which always coexist with other programs and
+/// require zero flags; older kernels need BPF_F_ALLOW_MULTI to avoid evicting other tools.
+fn cgroup_mode() -> CgroupAttachMode {
+    match aya::util::KernelVersion::current() {
+        Ok(v) if v >= aya::util::KernelVersion::new(5, 7, 0) => CgroupAttachMode::Single,
+        _ => CgroupAttachMode::AllowMultiple,
+    }
+}
+
+fn sync_map(
+    map: &mut BpfHashMap<MapData, InodeKey, u32>,
+    current: &mut HashSet<InodeKey>,
+    wanted: &HashSet<InodeKey>,
+    name: &str,
+) -> Result<()> {
+    for key in current.difference(wanted).copied().collect::<Vec<_>>() {
+        if let Err(e) = map.remove(&key) {
+            debug!("{name}: removing {key:?}: {e}");
+        }
+        current.remove(&key);
+    }
+    for key in wanted.difference(current).copied().collect::<Vec<_>>() {
+        map.insert(key, 1, 0)
+            .with_context(|| format!("{name} is full ({} entries)", current.len()))?;
+        current.insert(key);
+    }
+    Ok(())
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("probe object has no program {name}"))?
+        .try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+/// Loads `prog` once and attaches it to every tracepoint in `names` that this kernel has
+/// (e.g. `open` and `creat` do not exist on arm64).
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    prog: &str,
+    category: &str,
+    names: &[&str],
+    attached: &mut Vec<String>,
+) -> Result<()> {
+    let tp: &mut TracePoint = program(ebpf, prog)?;
+    tp.load()
+        .with_context(|| format!("the kernel rejected probe {prog}"))?;
+    let mut any = false;
+    for name in names {
+        if !Path::new(host::TRACEFS)
+            .join("events")
+            .join(category)
+            .join(name)
+            .exists()
+        {
+            debug!("tracepoint {category}/{name} not present on this kernel");
+            continue;
+        }
+        tp.attach(category, name)
+            .with_context(|| format!("attaching {prog} to tracepoint {category}/{name}"))?;
+        attached.push(format!("{category}/{name}"));
+        any = true;
+    }
+    if !any {
+        warn!("no tracepoint for {prog} exists on this kernel");
+    }
+    Ok(())
+}
+
+/// Raw fd of the ring buffer, for readiness polling.
+pub fn ring_fd(ring: &RingBuf<MapData>) -> RawFd {
+    ring.as_raw_fd()
+}

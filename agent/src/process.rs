@@ -1,0 +1,272 @@
+//! Process table: who each tgid is (executable, lineage, terminal, credentials), kept from
+//! exec/exit records and filled lazily from /proc for processes that predate the agent.
+//!
+//! Forks are not traced: every record carries the parent's tgid, and a child that never
+//! exec'd inherits its parent's executable and terminal here.
+
+use std::{collections::HashMap, fs, path::PathBuf};
+
+use crate::event::{ProcessInfo, sanitize};
+
+#[derive(Clone, Debug, Default)]
+pub struct ProcEntry {
+    pub tgid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    pub euid: u32,
+    pub comm: String,
+    pub exe: String,
+    pub tty: Option<String>,
+    pub cap_effective: u64,
+    /// Boot-time ns of the exit, once seen; the entry is evicted a grace period later.
+    pub exited_ns: Option<u64>,
+}
+
+pub struct ProcessTable {
+    procs: HashMap<u32, ProcEntry>,
+    proc_root: PathBuf,
+    max_entries: usize,
+}
+
+/// How long an exited process stays resolvable (late records from the same drain batch).
+const EXIT_GRACE_NS: u64 = 5_000_000_000;
+
+impl ProcessTable {
+    pub fn new(proc_root: impl Into<PathBuf>, max_entries: usize) -> Self {
+        ProcessTable {
+            procs: HashMap::new(),
+            proc_root: proc_root.into(),
+            max_entries,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.procs.is_empty()
+    }
+
+    pub fn get(&self, tgid: u32) -> Option<&ProcEntry> {
+        self.procs.get(&tgid)
+    }
+
+    /// The entry for `tgid`, created from /proc or from its parent's entry when unknown.
+    pub fn lookup(&mut self, tgid: u32, ppid: u32, comm: &str) -> &mut ProcEntry {
+        if !self.procs.contains_key(&tgid) {
+            let entry = self
+                .from_proc(tgid)
+                .or_else(|| self.inherit(tgid, ppid, comm))
+                .unwrap_or_else(|| ProcEntry {
+                    tgid,
+                    ppid,
+                    comm: comm.to_owned(),
+                    ..Default::default()
+                });
+            self.insert(entry);
+        }
+        let e = self.procs.get_mut(&tgid).expect("inserted above");
+        if e.ppid == 0 {
+            e.ppid = ppid;
+        }
+        e
+    }
+
+    fn insert(&mut self, entry: ProcEntry) {
+        if self.procs.len() >= self.max_entries {
+            self.evict_exited(u64::MAX);
+        }
+        if self.procs.len() < self.max_entries {
+            self.procs.insert(entry.tgid, entry);
+        }
+    }
+
+    /// A forked child that has not exec'd runs its parent's image.
+    fn inherit(&mut self, tgid: u32, ppid: u32, comm: &str) -> Option<ProcEntry> {
+        if ppid == 0 {
+            return None;
+        }
+        let parent = match self.procs.get(&ppid) {
+            Some(p) => p.clone(),
+            None => {
+                let p = self.from_proc(ppid)?;
+                self.insert(p.clone());
+                p
+            }
+        };
+        Some(ProcEntry {
+            tgid,
+            ppid,
+            uid: parent.uid,
+            euid: parent.euid,
+            comm: comm.to_owned(),
+            exe: parent.exe,
+            tty: parent.tty,
+            cap_effective: parent.cap_effective,
+            exited_ns: None,
+        })
+    }
+
+    fn from_proc(&self, tgid: u32) -> Option<ProcEntry> {
+        let dir = self.proc_root.join(tgid.to_string());
+        let stat = fs::read(dir.join("stat")).ok()?;
+        let (comm, ppid, tty_nr) = parse_stat(&stat)?;
+        let status = fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let ids = |key: &str| -> Option<(u32, u32)> {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            let mut it = line[key.len()..]
+                .split_whitespace()
+                .map(|v| v.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        };
+        let (uid, euid) = ids("Uid:").unwrap_or((u32::MAX, u32::MAX));
+        let cap_effective = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0);
+        let exe = fs::read_link(dir.join("exe"))
+            .map(|p| sanitize(p.as_os_str().as_encoded_bytes()))
+            .unwrap_or_default();
+        Some(ProcEntry {
+            tgid,
+            ppid,
+            uid,
+            euid,
+            comm,
+            exe,
+            tty: tty_name(tty_nr),
+            cap_effective,
+            exited_ns: None,
+        })
+    }
+
+    pub fn mark_exited(&mut self, tgid: u32, now_ns: u64) {
+        if let Some(e) = self.procs.get_mut(&tgid) {
+            e.exited_ns = Some(now_ns);
+        }
+    }
+
+    /// Drops processes that exited more than the grace period before `now_ns`.
+    pub fn evict_exited(&mut self, now_ns: u64) {
+        self.procs.retain(|_, e| {
+            e.exited_ns
+                .is_none_or(|t| now_ns.saturating_sub(t) < EXIT_GRACE_NS)
+        });
+    }
+
+    /// Ancestors of `tgid`, nearest first, at most `depth`.
+    pub fn ancestry(&mut self, tgid: u32, depth: usize) -> Vec<ProcEntry> {
+        let mut out = Vec::new();
+        let mut cur = self.procs.get(&tgid).map(|e| e.ppid).unwrap_or(0);
+        while cur > 1 && out.len() < depth {
+            let e = match self.procs.get(&cur) {
+                Some(e) => e.clone(),
+                None => match self.from_proc(cur) {
+                    Some(e) => {
+                        self.insert(e.clone());
+                        e
+                    }
+                    None => break,
+                },
+            };
+            cur = e.ppid;
+            out.push(e);
+        }
+        out
+    }
+
+    pub fn info(e: &ProcEntry, pid: u32, gid: u32, egid: u32) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            tgid: e.tgid,
+            ppid: e.ppid,
+            uid: e.uid,
+            euid: e.euid,
+            gid,
+            egid,
+            comm: e.comm.clone(),
+            exe: e.exe.clone(),
+            tty: e.tty.clone(),
+        }
+    }
+}
+
+/// (comm, ppid, tty_nr) from /proc/<pid>/stat. comm is parenthesised and may itself contain
+/// spaces and parentheses, so split at the last ')'.
+pub fn parse_stat(stat: &[u8]) -> Option<(String, u32, u32)> {
+    let open = stat.iter().position(|&b| b == b'(')?;
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    if close < open {
+        return None;
+    }
+    let comm = sanitize(&stat[open + 1..close]);
+    let rest = std::str::from_utf8(stat.get(close + 1..)?).ok()?;
+    let mut f = rest.split_whitespace();
+    let _state = f.next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let _pgrp = f.next()?;
+    let _session = f.next()?;
+    let tty_nr: u32 = f.next()?.parse::<i64>().ok()? as u32;
+    Some((comm, ppid, tty_nr))
+}
+
+/// Device number → terminal name, for the common terminal majors.
+pub fn tty_name(tty_nr: u32) -> Option<String> {
+    if tty_nr == 0 {
+        return None;
+    }
+    let major = (tty_nr >> 8) & 0xfff;
+    let minor = (tty_nr & 0xff) | ((tty_nr >> 12) & 0xfff00);
+    Some(match major {
+        136..=143 => format!("pts/{}", (major - 136) * 256 + minor),
+        4 if minor < 64 => format!("tty{minor}"),
+        4 => format!("ttyS{}", minor - 64),
+        _ => format!("tty({major}:{minor})"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_hostile_comm() {
+        let stat = b"4711 (a) b (c)) S 1 4711 4711 34816 4711 4194304 ...";
+        let (comm, ppid, tty) = parse_stat(stat).unwrap();
+        assert_eq!(comm, "a) b (c)");
+        assert_eq!(ppid, 1);
+        assert_eq!(tty_name(tty).as_deref(), Some("pts/0"));
+        assert!(parse_stat(b"garbage").is_none());
+        assert!(parse_stat(b"1 )( S").is_none());
+    }
+
+    #[test]
+    fn unknown_child_inherits_parent_image() {
+        let mut t = ProcessTable::new("/nonexistent-proc", 16);
+        t.insert(ProcEntry {
+            tgid: 100,
+            ppid: 1,
+            exe: "/usr/bin/python3".into(),
+            tty: Some("pts/1".into()),
+            ..Default::default()
+        });
+        let child = t.lookup(101, 100, "worker").clone();
+        assert_eq!(child.exe, "/usr/bin/python3");
+        assert_eq!(child.tty.as_deref(), Some("pts/1"));
+        assert_eq!(child.comm, "worker");
+        assert_eq!(t.ancestry(101, 4).len(), 1);
+    }
+
+    #[test]
+    fn exited_processes_are_evicted_after_grace() {
+        let mut t = ProcessTable::new("/nonexistent-proc", 16);
+        t.lookup(5, 1, "x");
+        t.mark_exited(5, 1_000);
+        t.evict_exited(1_000 + EXIT_GRACE_NS / 2);
+        assert!(t.get(5).is_some());
+        t.evict_exited(1_000 + EXIT_GRACE_NS);
+        assert!(t.get(5).is_none());
+    }
+}

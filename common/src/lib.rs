@@ -1,0 +1,245 @@
+//! Fixed-layout records and map types shared by the eBPF probes and the agent.
+//!
+//! Every record starts with a [`Header`]; its `kind` says which struct follows. The layouts
+//! are `#[repr(C)]` with explicit padding so both sides agree without a serialisation step.
+#![no_std]
+
+pub const COMM_LEN: usize = 16;
+/// Longest user-supplied path or exec filename carried in a record (longer ones are cut and
+/// flagged with [`FLAG_TRUNCATED`]).
+pub const PATH_LEN: usize = 256;
+/// DNS payload bytes captured from one UDP/53 answer.
+pub const DNS_PAYLOAD_LEN: usize = 512;
+pub const TTY_LEN: usize = 16;
+
+// Record kinds (Header::kind).
+pub const KIND_EXEC: u32 = 1;
+pub const KIND_EXIT: u32 = 2;
+pub const KIND_SECRET_OPEN: u32 = 3;
+pub const KIND_CONNECT: u32 = 4;
+pub const KIND_PRIV_CHANGE: u32 = 5;
+pub const KIND_DNS: u32 = 6;
+
+// Probe ids: index into the per-CPU DROPS map, one slot per probe family.
+pub const PROBE_EXEC: u32 = 0;
+pub const PROBE_EXIT: u32 = 1;
+pub const PROBE_OPEN: u32 = 2;
+pub const PROBE_CONNECT: u32 = 3;
+pub const PROBE_SENDMSG: u32 = 4;
+pub const PROBE_PRIV: u32 = 5;
+pub const PROBE_DNS: u32 = 6;
+pub const PROBE_COUNT: u32 = 7;
+pub const PROBE_NAMES: [&str; PROBE_COUNT as usize] =
+    ["exec", "exit", "open", "connect", "sendmsg", "priv", "dns"];
+
+// Which open syscall produced a SecretOpen record.
+pub const OPEN_SYS_OPEN: u32 = 1;
+pub const OPEN_SYS_OPENAT: u32 = 2;
+pub const OPEN_SYS_OPENAT2: u32 = 3;
+pub const OPEN_SYS_CREAT: u32 = 4;
+pub const OPEN_SYS_BY_HANDLE: u32 = 5;
+
+// How a SecretOpen matched.
+pub const MATCH_FILE: u32 = 1;
+pub const MATCH_PARENT_DIR: u32 = 2;
+pub const MATCH_GRANDPARENT_DIR: u32 = 3;
+
+// Connect::op
+pub const OP_CONNECT: u32 = 1;
+pub const OP_SENDMSG: u32 = 2;
+
+/// Set in a record's `flags` when a string was longer than its buffer.
+pub const FLAG_TRUNCATED: u32 = 1;
+
+/// Common prefix of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Header {
+    pub kind: u32,
+    /// Thread id (kernel `pid`).
+    pub pid: u32,
+    /// Process id (kernel `tgid`).
+    pub tgid: u32,
+    /// Parent's process id (`real_parent->tgid`).
+    pub ppid: u32,
+    pub uid: u32,
+    pub euid: u32,
+    pub gid: u32,
+    pub egid: u32,
+    /// CLOCK_BOOTTIME nanoseconds.
+    pub ts_ns: u64,
+    /// cgroup v2 id (the cgroup directory's inode number).
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Exec {
+    pub hdr: Header,
+    pub cap_effective: u64,
+    pub flags: u32,
+    /// Controlling terminal name (`pts/3`), empty when none.
+    pub tty: [u8; TTY_LEN],
+    pub _pad: u32,
+    pub filename: [u8; PATH_LEN],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Exit {
+    pub hdr: Header,
+    pub exit_code: i32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SecretOpen {
+    pub hdr: Header,
+    /// Kernel-encoded dev_t of the opened file's superblock (MAJOR << 20 | MINOR).
+    pub dev: u64,
+    pub ino: u64,
+    /// Inode of the watched directory that matched (0 for a direct file match).
+    pub dir_ino: u64,
+    pub matched: u32,
+    pub syscall: u32,
+    /// Returned file descriptor.
+    pub fd: i32,
+    pub open_flags: i32,
+    pub dfd: i32,
+    pub flags: u32,
+    pub name: [u8; PATH_LEN],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Connect {
+    pub hdr: Header,
+    /// AF_INET or AF_INET6.
+    pub family: u16,
+    /// SOCK_STREAM / SOCK_DGRAM (0 when unknown).
+    pub sock_type: u16,
+    /// Destination port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// IPv4 in the first 4 bytes, or the IPv6 address; network order.
+    pub addr: [u8; 16],
+    /// Syscall result (0 or -errno); 0 for sendmsg, which the hook sees before sending.
+    pub ret: i32,
+    pub op: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PrivChange {
+    pub hdr: Header,
+    pub syscall_nr: u32,
+    pub ret: i32,
+    pub cap_effective: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Dns {
+    /// Only `kind`, `ts_ns` and `cgroup_id` (the receiving socket's cgroup) are meaningful:
+    /// the packet is seen in softirq context, not in the receiving process.
+    pub hdr: Header,
+    pub family: u16,
+    pub server_port: u16,
+    pub len: u32,
+    pub server: [u8; 16],
+    pub payload: [u8; DNS_PAYLOAD_LEN],
+}
+
+/// Key of the SECRET_INODES and WATCHED_DIRS maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InodeKey {
+    /// Kernel-encoded dev_t (MAJOR << 20 | MINOR), as `super_block.s_dev` holds it.
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl InodeKey {
+    /// Converts a userspace `st_dev` (glibc encoding) to the kernel's internal encoding.
+    pub const fn kernel_dev(major: u32, minor: u32) -> u64 {
+        ((major as u64) << 20) | (minor as u64 & 0xfffff)
+    }
+}
+
+/// Offsets into kernel structs, resolved from the running kernel's BTF by the agent and
+/// written into the probes' read-only global before load. A zero offset for a pointer
+/// field means "not available on this kernel"; probes then leave the dependent field empty.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelConfig {
+    /// Agent's own tgid: its reads of secrets (fingerprinting) are not events.
+    pub agent_tgid: u32,
+    /// Force a consumer wake-up once this many bytes are waiting in the ring.
+    pub wake_bytes: u32,
+    /// Emit at most one sendmsg record per (process, destination) per this many ns.
+    pub sendmsg_dedup_ns: u64,
+    pub task_real_parent: u32,
+    pub task_tgid: u32,
+    pub task_cred: u32,
+    pub task_files: u32,
+    pub task_signal: u32,
+    pub task_exit_code: u32,
+    pub cred_uid: u32,
+    pub cred_gid: u32,
+    pub cred_euid: u32,
+    pub cred_egid: u32,
+    pub cred_cap_effective: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_f_inode: u32,
+    pub file_f_path_dentry: u32,
+    pub file_private_data: u32,
+    pub inode_i_ino: u32,
+    pub inode_i_sb: u32,
+    pub sb_s_dev: u32,
+    pub dentry_d_parent: u32,
+    pub dentry_d_inode: u32,
+    pub socket_type: u32,
+    pub signal_tty: u32,
+    pub tty_name: u32,
+    pub _pad: u32,
+}
+
+/// Per-thread stash between a syscall's enter and exit tracepoints.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenArgs {
+    pub filename: u64,
+    pub flags: i32,
+    pub dfd: i32,
+    pub syscall: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnectArgs {
+    pub uaddr: u64,
+    pub fd: i32,
+    pub addrlen: i32,
+}
+
+/// Key of the sendmsg de-duplication map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SendKey {
+    pub tgid: u32,
+    pub port: u16,
+    pub family: u16,
+    pub addr: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data, #[repr(C)] with explicit padding, valid for any bit pattern.
+    unsafe impl aya::Pod for super::InodeKey {}
+    unsafe impl aya::Pod for super::KernelConfig {}
+}

@@ -1,0 +1,644 @@
+//! credwatch kernel probes.
+//!
+//! Capture, filter in the kernel, emit fixed records; nothing else. Every judgement (which
+//! workload, which credential, is it suspicious) happens in the agent.
+//!
+//! Only the tracepoint family and cgroup hooks are used, so the probes load on kernels
+//! without kprobes, fentry or BPF LSM. Kernel structs are read through offsets the agent
+//! resolves from the running kernel's BTF and writes into `CW_CONFIG` before load.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_sock_addr},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_probe_read_user_str_bytes,
+        generated::{bpf_skb_cgroup_id, bpf_skb_load_bytes},
+    },
+    macros::{cgroup_skb, cgroup_sock_addr, map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{SkBuffContext, SockAddrContext, TracePointContext},
+};
+use aya_log_ebpf::warn;
+use credwatch_common::*;
+
+/// BPF_RB_AVAIL_DATA: bytes waiting in the ring (`bpf_ringbuf_query`).
+const RB_AVAIL_DATA: u64 = 0;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const O_PATH: i32 = 0o10000000;
+
+#[unsafe(no_mangle)]
+static CW_CONFIG: KernelConfig = unsafe { core::mem::zeroed() };
+
+/// Reads one field of CW_CONFIG. Volatile so the compiler cannot fold the zero initialiser:
+/// the loader rewrites the value before the program is loaded.
+macro_rules! conf {
+    ($f:ident) => {{
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(&raw const CW_CONFIG.$f) };
+        v
+    }};
+}
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROBE_COUNT, 0);
+
+#[map]
+static SECRET_INODES: HashMap<InodeKey, u32> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+static WATCHED_DIRS: HashMap<InodeKey, u32> = HashMap::with_max_entries(16384, 0);
+
+// LRU: a thread killed inside the syscall never reaches the exit tracepoint, and its stash
+// must not pin a slot forever.
+#[map]
+static OPEN_ARGS: LruHashMap<u64, OpenArgs> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+static CONNECT_ARGS: LruHashMap<u64, ConnectArgs> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+static SEND_SEEN: LruHashMap<SendKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+fn count_drop(probe: u32) {
+    if let Some(slot) = DROPS.get_ptr_mut(probe) {
+        // Per-CPU slot: no other writer.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Wake the agent only when enough is waiting; otherwise it drains on its own timer.
+/// A wake-up per event costs more than the probe itself.
+#[inline(always)]
+fn submit_flags() -> u64 {
+    if EVENTS.query(RB_AVAIL_DATA) >= conf!(wake_bytes) as u64 {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+#[inline(always)]
+unsafe fn rd<T>(base: u64, off: u32) -> Result<T, i32> {
+    if base == 0 {
+        return Err(-1);
+    }
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
+}
+
+#[inline(always)]
+fn is_self(pid_tgid: u64) -> bool {
+    (pid_tgid >> 32) as u32 == conf!(agent_tgid)
+}
+
+/// Fills the process part of a record from the current task.
+#[inline(always)]
+unsafe fn fill_header(h: *mut Header, kind: u32, task: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let hdr = unsafe { &mut *h };
+    hdr.kind = kind;
+    hdr.pid = pid_tgid as u32;
+    hdr.tgid = (pid_tgid >> 32) as u32;
+    hdr.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
+    hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    hdr.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    let parent: u64 = unsafe { rd(task, conf!(task_real_parent)) }.unwrap_or(0);
+    hdr.ppid = unsafe { rd(parent, conf!(task_tgid)) }.unwrap_or(0);
+    let cred: u64 = unsafe { rd(task, conf!(task_cred)) }.unwrap_or(0);
+    hdr.uid = unsafe { rd(cred, conf!(cred_uid)) }.unwrap_or(u32::MAX);
+    hdr.euid = unsafe { rd(cred, conf!(cred_euid)) }.unwrap_or(u32::MAX);
+    hdr.gid = unsafe { rd(cred, conf!(cred_gid)) }.unwrap_or(u32::MAX);
+    hdr.egid = unsafe { rd(cred, conf!(cred_egid)) }.unwrap_or(u32::MAX);
+}
+
+#[inline(always)]
+unsafe fn cap_effective(task: u64) -> u64 {
+    let cred: u64 = unsafe { rd(task, conf!(task_cred)) }.unwrap_or(0);
+    unsafe { rd(cred, conf!(cred_cap_effective)) }.unwrap_or(0)
+}
+
+// ---------------------------------------------------------------- process lifecycle
+
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    let Some(mut entry) = EVENTS.reserve::<Exec>(0) else {
+        count_drop(PROBE_EXEC);
+        return 0;
+    };
+    let rec = entry.as_mut_ptr();
+    let task = unsafe { bpf_get_current_task() };
+    unsafe {
+        fill_header(&raw mut (*rec).hdr, KIND_EXEC, task);
+        (*rec).cap_effective = cap_effective(task);
+        (*rec).flags = 0;
+        (*rec)._pad = 0;
+        (*rec).tty[0] = 0;
+        let signal: u64 = rd(task, conf!(task_signal)).unwrap_or(0);
+        let tty: u64 = rd(signal, conf!(signal_tty)).unwrap_or(0);
+        if tty != 0 {
+            let name = (tty + conf!(tty_name) as u64) as *const u8;
+            let _ = bpf_probe_read_kernel_str_bytes(name, &mut (*rec).tty);
+        }
+        (*rec).filename[0] = 0;
+        // __data_loc: low 16 bits are the string's offset from the start of the record.
+        if let Ok(loc) = ctx.read_at::<u32>(8) {
+            let src = ctx.as_ptr().cast::<u8>().add((loc & 0xffff) as usize);
+            if let Ok(s) = bpf_probe_read_kernel_str_bytes(src, &mut (*rec).filename)
+                && s.len() >= PATH_LEN - 1
+            {
+                (*rec).flags |= FLAG_TRUNCATED;
+            }
+        }
+    }
+    entry.submit(submit_flags());
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // Threads exiting are not process exits.
+    if pid_tgid as u32 != (pid_tgid >> 32) as u32 {
+        return 0;
+    }
+    let Some(mut entry) = EVENTS.reserve::<Exit>(0) else {
+        count_drop(PROBE_EXIT);
+        return 0;
+    };
+    let rec = entry.as_mut_ptr();
+    let task = unsafe { bpf_get_current_task() };
+    unsafe {
+        fill_header(&raw mut (*rec).hdr, KIND_EXIT, task);
+        (*rec).exit_code = rd(task, conf!(task_exit_code)).unwrap_or(0);
+        (*rec)._pad = 0;
+    }
+    entry.submit(submit_flags());
+    0
+}
+
+// ---------------------------------------------------------------- secret opens
+
+#[inline(always)]
+fn stash_open(
+    ctx: &TracePointContext,
+    syscall: u32,
+    dfd_at: Option<usize>,
+    name_at: usize,
+    flags: i32,
+) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    if is_self(id) {
+        return 0;
+    }
+    let filename: u64 = unsafe { ctx.read_at(name_at) }.unwrap_or(0);
+    let dfd = match dfd_at {
+        Some(at) => unsafe { ctx.read_at::<i64>(at) }.unwrap_or(-100) as i32,
+        None => -100, // AT_FDCWD
+    };
+    let args = OpenArgs {
+        filename,
+        flags,
+        dfd,
+        syscall,
+        _pad: 0,
+    };
+    if OPEN_ARGS.insert(&id, &args, 0).is_err() {
+        count_drop(PROBE_OPEN);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_enter_openat(ctx: TracePointContext) -> u32 {
+    let flags = unsafe { ctx.read_at::<i64>(32) }.unwrap_or(0) as i32;
+    stash_open(&ctx, OPEN_SYS_OPENAT, Some(16), 24, flags)
+}
+
+#[tracepoint]
+pub fn sys_enter_open(ctx: TracePointContext) -> u32 {
+    let flags = unsafe { ctx.read_at::<i64>(24) }.unwrap_or(0) as i32;
+    stash_open(&ctx, OPEN_SYS_OPEN, None, 16, flags)
+}
+
+#[tracepoint]
+pub fn sys_enter_creat(ctx: TracePointContext) -> u32 {
+    // creat(2) is open(O_CREAT|O_WRONLY|O_TRUNC).
+    stash_open(&ctx, OPEN_SYS_CREAT, None, 16, 0o1101)
+}
+
+#[tracepoint]
+pub fn sys_enter_openat2(ctx: TracePointContext) -> u32 {
+    let how: u64 = unsafe { ctx.read_at(32) }.unwrap_or(0);
+    // struct open_how starts with `__u64 flags`.
+    let flags = if how != 0 {
+        unsafe { bpf_probe_read_user(how as *const u64) }.unwrap_or(0) as i32
+    } else {
+        0
+    };
+    stash_open(&ctx, OPEN_SYS_OPENAT2, Some(16), 24, flags)
+}
+
+#[tracepoint]
+pub fn sys_enter_open_by_handle_at(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    if is_self(id) {
+        return 0;
+    }
+    let flags = unsafe { ctx.read_at::<i64>(32) }.unwrap_or(0) as i32;
+    let dfd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-100) as i32;
+    // No path: the handle names the file.
+    let args = OpenArgs {
+        filename: 0,
+        flags,
+        dfd,
+        syscall: OPEN_SYS_BY_HANDLE,
+        _pad: 0,
+    };
+    if OPEN_ARGS.insert(&id, &args, 0).is_err() {
+        count_drop(PROBE_OPEN);
+    }
+    0
+}
+
+/// Shared by the exit tracepoints of every open syscall: resolve the returned fd to its
+/// (dev, inode) and emit only if that inode, or its parent or grandparent directory, is
+/// watched.
+#[tracepoint]
+pub fn sys_exit_open_family(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(args) = (unsafe { OPEN_ARGS.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = OPEN_ARGS.remove(&id);
+    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
+    if ret < 0 || args.flags & O_PATH != 0 {
+        return 0;
+    }
+    let _ = unsafe { try_open_exit(ret as u32, &args) };
+    0
+}
+
+#[inline(always)]
+unsafe fn try_open_exit(fd: u32, args: &OpenArgs) -> Result<(), i32> {
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = unsafe { rd(task, conf!(task_files)) }?;
+    let fdt: u64 = unsafe { rd(files, conf!(files_fdt)) }?;
+    let max_fds: u32 = unsafe { rd(fdt, conf!(fdtable_max_fds)) }?;
+    if fd >= max_fds {
+        return Err(-1);
+    }
+    let fd_array: u64 = unsafe { rd(fdt, conf!(fdtable_fd)) }?;
+    let file: u64 = unsafe { rd(fd_array, fd * 8) }?;
+    let inode: u64 = unsafe { rd(file, conf!(file_f_inode)) }?;
+    let ino: u64 = unsafe { rd(inode, conf!(inode_i_ino)) }?;
+    let sb: u64 = unsafe { rd(inode, conf!(inode_i_sb)) }?;
+    let dev: u32 = unsafe { rd(sb, conf!(sb_s_dev)) }?;
+    let dev = dev as u64;
+
+    let mut matched = 0;
+    let mut dir_ino = 0;
+    if unsafe { SECRET_INODES.get(&InodeKey { dev, ino }) }.is_some() {
+        matched = MATCH_FILE;
+    } else {
+        // A file that appeared in a watched directory since the agent's last rescan (a
+        // rotated token lands in a new `..<timestamp>` dir, hence the grandparent too).
+        let dentry: u64 = unsafe { rd(file, conf!(file_f_path_dentry)) }?;
+        let mut d = dentry;
+        let mut level = MATCH_PARENT_DIR;
+        while level <= MATCH_GRANDPARENT_DIR {
+            let parent: u64 = unsafe { rd(d, conf!(dentry_d_parent)) }?;
+            if parent == d {
+                break;
+            }
+            let pinode: u64 = unsafe { rd(parent, conf!(dentry_d_inode)) }?;
+            let pino: u64 = unsafe { rd(pinode, conf!(inode_i_ino)) }?;
+            if unsafe { WATCHED_DIRS.get(&InodeKey { dev, ino: pino }) }.is_some() {
+                matched = level;
+                dir_ino = pino;
+                break;
+            }
+            d = parent;
+            level += 1;
+        }
+    }
+    if matched == 0 {
+        return Ok(());
+    }
+
+    let Some(mut entry) = EVENTS.reserve::<SecretOpen>(0) else {
+        count_drop(PROBE_OPEN);
+        return Ok(());
+    };
+    let rec = entry.as_mut_ptr();
+    unsafe {
+        fill_header(&raw mut (*rec).hdr, KIND_SECRET_OPEN, task);
+        (*rec).dev = dev;
+        (*rec).ino = ino;
+        (*rec).dir_ino = dir_ino;
+        (*rec).matched = matched;
+        (*rec).syscall = args.syscall;
+        (*rec).fd = fd as i32;
+        (*rec).open_flags = args.flags;
+        (*rec).dfd = args.dfd;
+        (*rec).flags = 0;
+        (*rec).name[0] = 0;
+        if args.filename != 0 {
+            match bpf_probe_read_user_str_bytes(args.filename as *const u8, &mut (*rec).name) {
+                Ok(s) if s.len() >= PATH_LEN - 1 => (*rec).flags |= FLAG_TRUNCATED,
+                _ => {}
+            }
+        }
+    }
+    entry.submit(submit_flags());
+    Ok(())
+}
+
+// ---------------------------------------------------------------- connects
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    if is_self(id) {
+        return 0;
+    }
+    let fd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1) as i32;
+    let uaddr: u64 = unsafe { ctx.read_at(24) }.unwrap_or(0);
+    let addrlen = unsafe { ctx.read_at::<i64>(32) }.unwrap_or(0) as i32;
+    if uaddr == 0 {
+        return 0;
+    }
+    // Cheap pre-filter: only internet sockets are destinations (not AF_UNIX, netlink...).
+    let family = unsafe { bpf_probe_read_user(uaddr as *const u16) }.unwrap_or(0);
+    if family != AF_INET && family != AF_INET6 {
+        return 0;
+    }
+    if CONNECT_ARGS
+        .insert(&id, &ConnectArgs { uaddr, fd, addrlen }, 0)
+        .is_err()
+    {
+        count_drop(PROBE_CONNECT);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(args) = (unsafe { CONNECT_ARGS.get(&id) }).copied() else {
+        return 0;
+    };
+    let _ = CONNECT_ARGS.remove(&id);
+    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(0);
+    let _ = unsafe { try_connect_exit(&args, ret) };
+    0
+}
+
+#[inline(always)]
+unsafe fn try_connect_exit(args: &ConnectArgs, ret: i64) -> Result<(), i32> {
+    let family: u16 = unsafe { bpf_probe_read_user(args.uaddr as *const u16) }?;
+    let port_be: u16 = unsafe { bpf_probe_read_user((args.uaddr + 2) as *const u16) }?;
+    let task = unsafe { bpf_get_current_task() };
+    let Some(mut entry) = EVENTS.reserve::<Connect>(0) else {
+        count_drop(PROBE_CONNECT);
+        return Ok(());
+    };
+    let rec = entry.as_mut_ptr();
+    unsafe {
+        fill_header(&raw mut (*rec).hdr, KIND_CONNECT, task);
+        (*rec).family = family;
+        (*rec).port = u16::from_be(port_be);
+        (*rec)._pad = 0;
+        (*rec).addr = [0; 16];
+        (*rec).op = OP_CONNECT;
+        // A non-blocking connect returns -EINPROGRESS: started, outcome not yet known.
+        (*rec).ret = ret as i32;
+        let src = if family == AF_INET6 {
+            args.uaddr + 8
+        } else {
+            args.uaddr + 4
+        };
+        let n = if family == AF_INET6 { 16 } else { 4 };
+        let _ = bpf_probe_read_user_buf(src as *const u8, &mut (&mut (*rec).addr)[..n]);
+        (*rec).sock_type = socket_type(task, args.fd);
+    }
+    entry.submit(submit_flags());
+    Ok(())
+}
+
+/// fd → struct file → struct socket → type (SOCK_STREAM/SOCK_DGRAM); 0 if unreadable.
+#[inline(always)]
+unsafe fn socket_type(task: u64, fd: i32) -> u16 {
+    let read = || -> Result<u16, i32> {
+        if fd < 0 {
+            return Err(-1);
+        }
+        let files: u64 = unsafe { rd(task, conf!(task_files)) }?;
+        let fdt: u64 = unsafe { rd(files, conf!(files_fdt)) }?;
+        let max_fds: u32 = unsafe { rd(fdt, conf!(fdtable_max_fds)) }?;
+        if fd as u32 >= max_fds {
+            return Err(-1);
+        }
+        let fd_array: u64 = unsafe { rd(fdt, conf!(fdtable_fd)) }?;
+        let file: u64 = unsafe { rd(fd_array, fd as u32 * 8) }?;
+        let sock: u64 = unsafe { rd(file, conf!(file_private_data)) }?;
+        unsafe { rd::<u16>(sock, conf!(socket_type)) }
+    };
+    read().unwrap_or(0)
+}
+
+/// Unconnected UDP (sendto/sendmsg with an address) never calls connect(2); the cgroup hook
+/// sees the destination. De-duplicated per (process, destination) in the kernel so a busy
+/// UDP client does not flood the ring.
+#[inline(always)]
+fn on_sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    if is_self(id) {
+        return 1;
+    }
+    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+    let mut key = SendKey {
+        tgid: (id >> 32) as u32,
+        port: u16::from_be(sa.user_port as u16),
+        family: if v6 { AF_INET6 } else { AF_INET },
+        addr: [0; 16],
+    };
+    if v6 {
+        let words = [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ];
+        for (i, w) in words.iter().enumerate() {
+            key.addr[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+    } else {
+        key.addr[..4].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+    }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if let Some(last) = unsafe { SEND_SEEN.get(&key) }
+        && now.wrapping_sub(*last) < conf!(sendmsg_dedup_ns)
+    {
+        return 1;
+    }
+    let _ = SEND_SEEN.insert(&key, &now, 0);
+    let Some(mut entry) = EVENTS.reserve::<Connect>(0) else {
+        count_drop(PROBE_SENDMSG);
+        return 1;
+    };
+    let rec = entry.as_mut_ptr();
+    let task = unsafe { bpf_get_current_task() };
+    unsafe {
+        fill_header(&raw mut (*rec).hdr, KIND_CONNECT, task);
+        (*rec).family = key.family;
+        (*rec).sock_type = sa.type_ as u16;
+        (*rec).port = key.port;
+        (*rec)._pad = 0;
+        (*rec).addr = key.addr;
+        (*rec).ret = 0;
+        (*rec).op = OP_SENDMSG;
+    }
+    entry.submit(submit_flags());
+    1
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    on_sendmsg(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    on_sendmsg(&ctx, true)
+}
+
+// ---------------------------------------------------------------- privilege changes
+
+/// Attached to the exit tracepoint of every set*id / capset syscall. Emits the credentials
+/// in force after a successful call.
+#[tracepoint]
+pub fn sys_exit_priv(ctx: TracePointContext) -> u32 {
+    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
+    if ret != 0 {
+        return 0;
+    }
+    let id = bpf_get_current_pid_tgid();
+    if is_self(id) {
+        return 0;
+    }
+    let Some(mut entry) = EVENTS.reserve::<PrivChange>(0) else {
+        count_drop(PROBE_PRIV);
+        return 0;
+    };
+    let rec = entry.as_mut_ptr();
+    let task = unsafe { bpf_get_current_task() };
+    unsafe {
+        fill_header(&raw mut (*rec).hdr, KIND_PRIV_CHANGE, task);
+        (*rec).syscall_nr = ctx.read_at::<i32>(8).unwrap_or(-1) as u32;
+        (*rec).ret = 0;
+        (*rec).cap_effective = cap_effective(task);
+    }
+    entry.submit(submit_flags());
+    0
+}
+
+// ---------------------------------------------------------------- DNS answers
+
+/// UDP datagrams from port 53 arriving at any socket: the answer names the addresses the
+/// process will connect to next. Always lets the packet through.
+#[cgroup_skb]
+pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
+    let _ = try_dns(&ctx);
+    1
+}
+
+#[inline(always)]
+fn try_dns(ctx: &SkBuffContext) -> Result<(), i64> {
+    let first: u8 = ctx.load(0)?;
+    let (family, l4) = match first >> 4 {
+        4 => {
+            let proto: u8 = ctx.load(9)?;
+            if proto != 17 {
+                return Ok(());
+            }
+            (AF_INET, ((first & 0x0f) as usize) * 4)
+        }
+        6 => {
+            let next: u8 = ctx.load(6)?;
+            if next != 17 {
+                return Ok(());
+            }
+            (AF_INET6, 40)
+        }
+        _ => return Ok(()),
+    };
+    if l4 < 20 || l4 > 60 {
+        return Ok(());
+    }
+    let sport: u16 = u16::from_be(ctx.load(l4)?);
+    if sport != 53 {
+        return Ok(());
+    }
+    let Some(mut entry) = EVENTS.reserve::<Dns>(0) else {
+        count_drop(PROBE_DNS);
+        return Ok(());
+    };
+    let rec = entry.as_mut_ptr();
+    unsafe {
+        let hdr = &mut (*rec).hdr;
+        *hdr = Header::default();
+        hdr.kind = KIND_DNS;
+        hdr.ts_ns = bpf_ktime_get_boot_ns();
+        hdr.cgroup_id = bpf_skb_cgroup_id(ctx.skb.skb as *mut _);
+        (*rec).family = family;
+        (*rec).server_port = sport;
+        (*rec).server = [0; 16];
+        if family == AF_INET {
+            if let Ok(a) = ctx.load::<[u8; 4]>(12) {
+                (&mut (*rec).server)[..4].copy_from_slice(&a);
+            }
+        } else if let Ok(a) = ctx.load::<[u8; 16]>(8) {
+            (*rec).server = a;
+        }
+        let payload = l4 + 8;
+        let avail = (ctx.len() as usize).saturating_sub(payload);
+        let mut n = 0usize;
+        if avail > 0 {
+            // (x - 1) & 0x1ff + 1 keeps the length provably in 1..=512 for the verifier.
+            let len = ((avail.min(DNS_PAYLOAD_LEN) - 1) & (DNS_PAYLOAD_LEN - 1)) + 1;
+            let ret = bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                payload as u32,
+                (&raw mut (*rec).payload).cast(),
+                len as u32,
+            );
+            if ret == 0 {
+                n = len;
+            } else {
+                warn!(ctx, "dns: could not copy {} payload bytes", len);
+            }
+        }
+        (*rec).len = n as u32;
+    }
+    entry.submit(submit_flags());
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
