@@ -84,10 +84,10 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
                 labels,
             };
         }
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(t) {
-            if let Some(kind) = json_labels(&v, &mut labels) {
-                return Analysis { kind, labels };
-            }
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(t)
+            && let Some(kind) = json_labels(&v, &mut labels)
+        {
+            return Analysis { kind, labels };
         }
         if file == ".vault-token" || file == "vault-token" {
             let prefix = trimmed

@@ -4,14 +4,15 @@ use std::mem::size_of;
 
 use credwatch_common as c;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Record {
     Exec(c::Exec),
     Exit(c::Exit),
     SecretOpen(c::SecretOpen),
     Connect(c::Connect),
     PrivChange(c::PrivChange),
-    Dns(c::Dns),
+    /// Boxed: a DNS payload dwarfs the other records, and answers are rare.
+    Dns(Box<c::Dns>),
 }
 
 impl Record {
@@ -72,7 +73,7 @@ pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
         c::KIND_SECRET_OPEN => Record::SecretOpen(read(buf, kind)?),
         c::KIND_CONNECT => Record::Connect(read(buf, kind)?),
         c::KIND_PRIV_CHANGE => Record::PrivChange(read(buf, kind)?),
-        c::KIND_DNS => Record::Dns(read(buf, kind)?),
+        c::KIND_DNS => Record::Dns(Box::new(read(buf, kind)?)),
         other => return Err(DecodeError::UnknownKind(other)),
     })
 }

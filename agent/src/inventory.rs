@@ -221,10 +221,10 @@ impl Inventory {
             let key = inode_key(&meta);
             let path_str = path.to_string_lossy().into_owned();
             let owner_pod_uid = self.kubelet_pod_uid(&path_str);
-            if let Some(vol) = self.kubelet_volume_dir(path) {
-                if let Some(k) = dir_key(&vol) {
-                    dirs.insert(k, vol);
-                }
+            if let Some(vol) = self.kubelet_volume_dir(path)
+                && let Some(k) = dir_key(&vol)
+            {
+                dirs.insert(k, vol);
             }
             let entry = match self.by_inode.get(&key) {
                 Some(old)

@@ -56,7 +56,7 @@ impl ProcessTable {
     pub fn lookup(&mut self, tgid: u32, ppid: u32, comm: &str) -> &mut ProcEntry {
         if !self.procs.contains_key(&tgid) {
             let entry = self
-                .from_proc(tgid)
+                .read_proc(tgid)
                 .or_else(|| self.inherit(tgid, ppid, comm))
                 .unwrap_or_else(|| ProcEntry {
                     tgid,
@@ -90,7 +90,7 @@ impl ProcessTable {
         let parent = match self.procs.get(&ppid) {
             Some(p) => p.clone(),
             None => {
-                let p = self.from_proc(ppid)?;
+                let p = self.read_proc(ppid)?;
                 self.insert(p.clone());
                 p
             }
@@ -108,7 +108,7 @@ impl ProcessTable {
         })
     }
 
-    fn from_proc(&self, tgid: u32) -> Option<ProcEntry> {
+    fn read_proc(&self, tgid: u32) -> Option<ProcEntry> {
         let dir = self.proc_root.join(tgid.to_string());
         let stat = fs::read(dir.join("stat")).ok()?;
         let (comm, ppid, tty_nr) = parse_stat(&stat)?;
@@ -163,7 +163,7 @@ impl ProcessTable {
         while cur > 1 && out.len() < depth {
             let e = match self.procs.get(&cur) {
                 Some(e) => e.clone(),
-                None => match self.from_proc(cur) {
+                None => match self.read_proc(cur) {
                     Some(e) => {
                         self.insert(e.clone());
                         e

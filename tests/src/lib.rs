@@ -1,1 +1,281 @@
-//! placeholder
+//! Harness for the privileged integration tests: starts the real `credwatch` binary with a
+//! test config, lets the test drive real processes (`cw-actor`), then stops the agent and
+//! hands back the NDJSON events it wrote.
+//!
+//! Privileged tests call [`bpf_available`] first. Off a root machine they skip with a reason;
+//! with `CREDWATCH_REQUIRE_BPF=1` (set by `cargo xtask test` under `CI=true`) they fail.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub fn credwatch_bin() -> PathBuf {
+    std::env::var_os("CREDWATCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/credwatch"))
+}
+
+/// True when this process can load BPF programs. Panics (fails the test) instead of
+/// skipping when `CREDWATCH_REQUIRE_BPF=1`.
+pub fn bpf_available(test: &str) -> bool {
+    let required = std::env::var("CREDWATCH_REQUIRE_BPF").is_ok_and(|v| v == "1");
+    let reason = if unsafe { libc::geteuid() } != 0 {
+        Some("not running as root".to_owned())
+    } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Some("kernel has no BTF (/sys/kernel/btf/vmlinux)".to_owned())
+    } else if !credwatch_bin().exists() {
+        Some(format!(
+            "agent binary {} not built (run `cargo xtask test`)",
+            credwatch_bin().display()
+        ))
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(r) if required => panic!("{test}: BPF tests are required here but cannot run: {r}"),
+        Some(r) => {
+            eprintln!("SKIPPED {test}: {r}");
+            false
+        }
+    }
+}
+
+pub struct Agent {
+    child: Child,
+    pub dir: Option<tempfile::TempDir>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Starts `credwatch run` with `config` and waits until its probes are attached.
+    pub fn start(config: &str) -> Agent {
+        Self::start_with(config, &[])
+    }
+
+    pub fn start_with(config: &str, extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("credwatch.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut child = Command::new(credwatch_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--events")
+            .arg(dir.path().join("events.ndjson"))
+            .arg("--stats-file")
+            .arg(dir.path().join("stats.json"))
+            .args(extra)
+            .env("CREDWATCH_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning credwatch");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("credwatch ready") {
+                    let _ = tx.send(());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let agent = Agent {
+            child,
+            dir: Some(dir),
+            stderr: lines,
+        };
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            panic!(
+                "credwatch did not become ready; stderr:\n{}",
+                agent.stderr_text()
+            );
+        }
+        agent
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().expect("agent running").path()
+    }
+
+    pub fn events_path(&self) -> PathBuf {
+        self.path().join("events.ndjson")
+    }
+
+    /// SIGTERM, wait for a clean exit, return every event written.
+    pub fn stop(mut self) -> Stopped {
+        // Let the drain timer pick up the last records before asking it to stop.
+        std::thread::sleep(Duration::from_millis(300));
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "credwatch did not exit on SIGTERM; stderr:\n{}",
+                    self.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "credwatch exited with {status}; stderr:\n{}",
+            self.stderr_text()
+        );
+        let events = read_ndjson(&self.events_path());
+        let stats = std::fs::read(self.path().join("stats.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
+        let mut stdout = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            use std::io::Read;
+            let _ = o.read_to_string(&mut stdout);
+        }
+        Stopped {
+            events,
+            stats,
+            stderr: self.stderr_text(),
+            stdout,
+            dir: self.dir.take().expect("agent running"),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Stopped {
+    pub events: Vec<Value>,
+    pub stats: Value,
+    pub stderr: String,
+    pub stdout: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stopped {
+    /// Events of `kind` from process `tgid`.
+    pub fn of(&self, kind: &str, tgid: u32) -> Vec<&Value> {
+        self.events
+            .iter()
+            .filter(|e| e["kind"] == kind && e["process"]["tgid"] == tgid)
+            .collect()
+    }
+
+    pub fn kind(&self, kind: &str) -> Vec<&Value> {
+        self.events.iter().filter(|e| e["kind"] == kind).collect()
+    }
+}
+
+pub fn read_ndjson(path: &Path) -> Vec<Value> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad NDJSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// Runs the actor (built alongside these tests) and returns (pid, stdout).
+pub fn actor(bin: &str, args: &[&str]) -> (u32, String) {
+    let child = Command::new(bin)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn actor");
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "actor {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A cgroup v2 directory created for a test, removed on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+    /// Path relative to the cgroup2 mount, as the agent reports it.
+    pub rel: String,
+}
+
+impl TestCgroup {
+    /// Creates `<cgroup2>/<rel>` (intermediate directories too).
+    pub fn create(rel: &str) -> TestCgroup {
+        let root = cgroup2_root();
+        let path = root.join(rel.trim_start_matches('/'));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        TestCgroup {
+            path,
+            rel: format!("/{}", rel.trim_start_matches('/')),
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path).unwrap().ino()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Remove leaf-first; processes have exited by now.
+        let root = cgroup2_root();
+        let mut p = self.path.clone();
+        while p != root && p.starts_with(&root) {
+            if std::fs::remove_dir(&p).is_err() {
+                break;
+            }
+            p.pop();
+        }
+    }
+}
+
+pub fn cgroup2_root() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for line in info.lines() {
+        if let Some((left, right)) = line.split_once(" - ")
+            && right.starts_with("cgroup2 ")
+        {
+            return PathBuf::from(left.split_whitespace().nth(4).unwrap());
+        }
+    }
+    panic!("no cgroup2 mount")
+}
+
+/// A unique name for per-test cgroups, files and ports.
+pub fn unique(tag: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}

@@ -1,1 +1,255 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup|build|run|test|lint`.
+//!
+//! `setup` installs what building the probes and running the tests needs, idempotently and
+//! quickly when already done; every other task runs it first.
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the nightly toolchain pieces and bpf-linker needed to build the probes.
+    Setup,
+    /// Build the agent (release) with its embedded probes.
+    Build,
+    /// Build and run the agent on this host (needs root); extra args go to `credwatch run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Formatting, lints, unit and integration tests (privileged ones need root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// `cargo fmt --check` and clippy with warnings denied.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match cli.cmd {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            cargo(&["build", "--release", "-p", "credwatch"])
+        }
+        Task::Run { args } => {
+            setup()?;
+            cargo(&["build", "--release", "-p", "credwatch"])?;
+            let bin = root.join("target/release/credwatch");
+            let status = Command::new(&bin)
+                .arg("run")
+                .args(args)
+                .status()
+                .with_context(|| format!("running {}", bin.display()))?;
+            if !status.success() {
+                bail!("credwatch exited with {status}");
+            }
+            Ok(())
+        }
+        Task::Test { args } => {
+            setup()?;
+            lint()?;
+            test(&root, &args)
+        }
+        Task::Lint => {
+            setup()?;
+            lint()
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(args))
+}
+
+fn setup() -> Result<()> {
+    // 1. Nightly with rust-src: the probes build core for the bpf target.
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("xtask: installing the nightly toolchain");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let comps = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    if !comps.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to nightly");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    // 2. bpf-linker linked against the same LLVM major as nightly's rustc, using the
+    //    libLLVM nightly ships (no system LLVM of that version exists here).
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let llvm = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc +nightly -vV does not report an LLVM version")?;
+    let major = llvm.split('.').next().unwrap_or_default().to_owned();
+    // Persistent prefix: bpf-linker keeps a runpath to it, so it must outlive this build.
+    let home = env::var_os("HOME").context("HOME is not set")?;
+    let prefix = Path::new(&home).join(format!(".local/share/credwatch/llvm-{major}"));
+    let stamp = prefix.join("bpf-linker.stamp");
+    let want = format!("bpf-linker {BPF_LINKER_VERSION} llvm {llvm}\n");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) && bpf_linker_runs() {
+        return Ok(());
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let lib = std::fs::read_dir(&libdir)
+        .with_context(|| format!("listing {}", libdir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        // The real library is libLLVM.so.<major>.<minor>-rust-…; libLLVM-<major>-rust-….so is
+        // a linker script.
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{major}")))
+        })
+        .with_context(|| {
+            format!(
+                "nightly ships no libLLVM.so.{major}* in {}",
+                libdir.display()
+            )
+        })?;
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    // `libLLVM.so` for the build to link against, the soname for the loader at run time.
+    for name in [
+        OsString::from("libLLVM.so"),
+        lib.file_name().unwrap_or_default().to_owned(),
+    ] {
+        let link = prefix.join("lib").join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)
+            .with_context(|| format!("linking {} → {}", link.display(), lib.display()))?;
+    }
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (one time, ~2 min)"
+    );
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--locked", "--force", "--version"])
+        .arg(format!("={BPF_LINKER_VERSION}"))
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{major}"))
+        .env("LLVM_PREFIX", &prefix))?;
+    if !bpf_linker_runs() {
+        bail!(
+            "bpf-linker was installed but does not run (missing libLLVM in {}?)",
+            prefix.display()
+        );
+    }
+    std::fs::write(&stamp, want)?;
+    Ok(())
+}
+
+fn bpf_linker_runs() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+}
+
+fn lint() -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn test(root: &Path, extra: &[OsString]) -> Result<()> {
+    cargo(&["build", "-p", "credwatch", "--bins"])?;
+    let bin = root.join("target/debug/credwatch");
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["test", "--workspace", "--"])
+        .args(extra)
+        .env("CREDWATCH_BIN", &bin);
+    let ci = env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if ci {
+        // In CI the privileged tests must run: a host where BPF is unusable fails them.
+        cmd.env("CREDWATCH_REQUIRE_BPF", "1");
+        if !is_root() {
+            bail!("CI=true but not running as root: the privileged probe tests cannot run");
+        }
+    }
+    run(&mut cmd)
+}
