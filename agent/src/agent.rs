@@ -159,6 +159,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         names: NameCache::new(1 << 16),
         inventory,
         inventory_dirty: false,
+        pod_miss: None,
         stats: EnrichStats::default(),
     };
 

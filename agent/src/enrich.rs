@@ -105,6 +105,8 @@ pub struct Enricher {
     pub inventory: Inventory,
     /// Set when a directory rescan changed the inventory: the kernel maps need a sync.
     pub inventory_dirty: bool,
+    /// Poked when a pod uid is not in the pod list yet (a pod newer than the last refresh).
+    pub pod_miss: Option<std::sync::Arc<tokio::sync::Notify>>,
     pub stats: EnrichStats,
 }
 
@@ -290,6 +292,12 @@ impl Enricher {
         ev.workload = self
             .workloads
             .resolve(h.cgroup_id, h.uid, &info.exe, &self.pods);
+        if ev.workload.pod_uid.is_some()
+            && ev.workload.pod.is_none()
+            && let Some(n) = &self.pod_miss
+        {
+            n.notify_one();
+        }
         ev.process = info;
         ev
     }

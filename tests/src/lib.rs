@@ -279,3 +279,141 @@ pub fn unique(tag: &str) -> String {
         N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     )
 }
+
+/// Serves `body` as the answer to every HTTP request on 127.0.0.1 (the kubelet's `/pods`
+/// in tests). Returns the port; the server lives as long as the process.
+pub fn serve_http(body: Vec<u8>) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn
+                .write_all(head.as_bytes())
+                .and_then(|_| conn.write_all(&body));
+        }
+    });
+    port
+}
+
+/// An obviously fake, unsigned service-account token shaped like the kubelet's projected
+/// ones (bound to a pod).
+pub fn fake_sa_token(ns: &str, sa: &str, pod: &str, pod_uid: &str, serial: u32) -> String {
+    use base64::Engine as _;
+    let e = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let claims = serde_json::json!({
+        "aud": ["https://kubernetes.default.svc.cluster.local"],
+        "exp": 1795000000 + serial,
+        "iat": 1794996400 + serial,
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "jti": format!("fake-{serial}"),
+        "kubernetes.io": {
+            "namespace": ns,
+            "node": {"name": "node-1", "uid": "00000000-0000-4000-8000-00000000000a"},
+            "pod": {"name": pod, "uid": pod_uid},
+            "serviceaccount": {"name": sa, "uid": "00000000-0000-4000-8000-00000000000b"}
+        },
+        "nbf": 1794996400 + serial,
+        "sub": format!("system:serviceaccount:{ns}:{sa}")
+    });
+    format!(
+        "{}.{}.{}",
+        e(r#"{"alg":"RS256","kid":"fake-test-key"}"#),
+        e(&claims.to_string()),
+        e("FAKE-SIGNATURE-NOT-REAL")
+    )
+}
+
+/// A kubelet projected volume laid out exactly as the kubelet's atomic writer does:
+/// `..<timestamp>/token`, `..data → ..<timestamp>`, `token → ..data/token`.
+pub struct PodVolume {
+    pub dir: PathBuf,
+    generation: u32,
+}
+
+impl PodVolume {
+    pub fn create(kubelet_root: &Path, pod_uid: &str, volume: &str, token: &str) -> PodVolume {
+        let dir = kubelet_root
+            .join("pods")
+            .join(pod_uid)
+            .join("volumes/kubernetes.io~projected")
+            .join(volume);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut v = PodVolume { dir, generation: 0 };
+        v.write_generation(token);
+        std::os::unix::fs::symlink("..data/token", v.dir.join("token")).unwrap();
+        std::os::unix::fs::symlink("..data/ca.crt", v.dir.join("ca.crt")).unwrap();
+        std::os::unix::fs::symlink("..data/namespace", v.dir.join("namespace")).unwrap();
+        v
+    }
+
+    fn ts_dir(&self) -> PathBuf {
+        self.dir.join(format!(
+            "..2026_11_22_10_00_{:02}.{}",
+            self.generation,
+            1000 + self.generation
+        ))
+    }
+
+    fn write_generation(&mut self, token: &str) {
+        self.generation += 1;
+        let ts = self.ts_dir();
+        std::fs::create_dir(&ts).unwrap();
+        std::fs::write(ts.join("token"), token).unwrap();
+        std::fs::write(
+            ts.join("ca.crt"),
+            "-----BEGIN CERTIFICATE-----\nFAKE\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(ts.join("namespace"), "default").unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(ts.file_name().unwrap(), &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+
+    /// Token rotation: a new timestamped directory, `..data` swapped atomically, the old
+    /// directory removed. Returns the old directory's path (already deleted).
+    pub fn rotate(&mut self, token: &str) -> PathBuf {
+        let old = self.ts_dir();
+        self.write_generation(token);
+        std::fs::remove_dir_all(&old).unwrap();
+        old
+    }
+
+    /// Path of the current real token file.
+    pub fn current_token(&self) -> PathBuf {
+        self.ts_dir().join("token")
+    }
+}
+
+/// `hmac-sha256:<hex>` of `value` under `key`: what the agent must report.
+pub fn expected_fingerprint(key: &str, value: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(value);
+    format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A temporary directory on the root filesystem (setuid-capable, bind-mountable, reachable
+/// by unprivileged uids), unlike a tmpfs /tmp.
+pub fn workdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+    std::fs::create_dir_all(&base).unwrap();
+    let d = tempfile::tempdir_in(base).unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}

@@ -7,18 +7,10 @@ use std::{
     process::Command,
 };
 
-use credwatch_tests::{Agent, TestCgroup, actor, bpf_available, unique};
+use credwatch_tests::{Agent, TestCgroup, actor, bpf_available, unique, workdir};
 use serde_json::Value;
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_cw-actor");
-
-fn workdir() -> tempfile::TempDir {
-    // Under the target dir (not /tmp): on the root filesystem, setuid-capable, and reachable by
-    // an unprivileged uid.
-    let d = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    d
-}
 
 fn config_watching(path: &Path) -> String {
     format!(

@@ -36,10 +36,13 @@ fn read_close(fd: i32) {
     }
 }
 
+/// Steps are separated by `+`: `cw-actor join-cgroup DIR + open PATH + connect tcp ADDR`.
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    run(&a);
+    for step in a.split(|s| *s == "+") {
+        run(step);
+    }
 }
 
 fn run(a: &[&str]) {
@@ -131,7 +134,7 @@ fn run(a: &[&str]) {
                 Err(e) => println!("error {e}"),
             }
         }
-        ["dns", server, name, then @ ..] => {
+        ["dns", server, name] => {
             let server: SocketAddr = server
                 .parse()
                 .unwrap_or_else(|e| fail(format!("bad server: {e}")));
@@ -152,15 +155,11 @@ fn run(a: &[&str]) {
                 .recv(&mut buf)
                 .unwrap_or_else(|e| fail(format!("no DNS answer: {e}")));
             println!("answer {n} bytes");
-            if !then.is_empty() {
-                run(then);
-            }
         }
-        ["join-cgroup", dir, rest @ ..] => {
+        ["join-cgroup", dir] => {
             let procs = Path::new(dir).join("cgroup.procs");
             std::fs::write(&procs, std::process::id().to_string())
                 .unwrap_or_else(|e| fail(format!("joining {}: {e}", procs.display())));
-            run(rest);
         }
         ["as-user", uid, prog, rest @ ..] => {
             let uid: u32 = uid.parse().unwrap_or_else(|_| fail("bad uid".into()));
@@ -182,10 +181,7 @@ fn run(a: &[&str]) {
             let (u, e) = unsafe { (libc::getuid(), libc::geteuid()) };
             println!("uid={u} euid={e}");
         }
-        ["sleep-then", ms, rest @ ..] => {
-            std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
-            run(rest);
-        }
+        ["sleep", ms] => std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0))),
         ["open-hex", hexpath] => {
             // A path given as hex bytes, so tests can use non-UTF-8 names.
             let bytes = hex_decode(hexpath);
