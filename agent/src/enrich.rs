@@ -90,8 +90,8 @@ impl BootClock {
 pub struct EnrichStats {
     /// Opens matched by a watched directory whose file turned out not to be a secret.
     pub unmatched_dir_opens: u64,
-    /// Write-only opens of secrets (the kubelet refreshing a token), not reads.
-    pub secret_writes: u64,
+    /// Write-only or O_PATH opens of secrets: they read nothing.
+    pub secret_non_reads: u64,
     pub dns_unparsed: u64,
 }
 
@@ -340,8 +340,9 @@ impl Enricher {
             return;
         };
         let access = kind_access(r.open_flags);
-        if access == "write" {
-            self.stats.secret_writes += 1;
+        // Writes (the kubelet refreshing a token) and O_PATH handles read nothing.
+        if access == "write" || r.open_flags & libc::O_PATH != 0 {
+            self.stats.secret_non_reads += 1;
             return;
         }
         let entry = self.procs.lookup(h.tgid, h.ppid, comm).clone();

@@ -323,7 +323,7 @@ mod tests {
     fn timestamp_roundtrips_with_nanoseconds() {
         let t = Timestamp::from_unix_nanos(1_795_000_000_123_456_789);
         let s = serde_json::to_string(&t).unwrap();
-        assert_eq!(s, "\"2026-11-18T09:46:40.123456789Z\"");
+        assert_eq!(s, "\"2026-11-18T11:06:40.123456789Z\"");
         let back: Timestamp = serde_json::from_str(&s).unwrap();
         assert_eq!(back, t);
     }

@@ -425,8 +425,17 @@ mod tests {
         std::os::unix::fs::symlink("..2026_11_22_10_00_00.1", vol.join("..data")).unwrap();
         std::os::unix::fs::symlink("..data/token", vol.join("token")).unwrap();
         let fp = Fingerprinter::new(b"k");
-        let mut inv =
-            Inventory::new(&[], true, &[], kubelet.to_str().unwrap(), 1024, fp.clone()).unwrap();
+        // The catalog's kubelet glob, without the host's own catalog paths.
+        let glob = CATALOG[0].replace("{kubelet}", kubelet.to_str().unwrap());
+        let mut inv = Inventory::new(
+            &[glob],
+            false,
+            &[],
+            kubelet.to_str().unwrap(),
+            1024,
+            fp.clone(),
+        )
+        .unwrap();
         assert!(inv.rescan());
         assert_eq!(inv.len(), 1);
         let e = inv.entries().next().unwrap().clone();

@@ -50,6 +50,14 @@ pub const OP_SENDMSG: u32 = 2;
 
 /// Set in a record's `flags` when a string was longer than its buffer.
 pub const FLAG_TRUNCATED: u32 = 1;
+/// SecretOpen: the user-supplied name could not be read (user memory paged out or
+/// already changed by another thread).
+pub const FLAG_NO_NAME: u32 = 2;
+
+/// Index in the SETTINGS array map: number of watched directories (0 skips the directory
+/// walk on every open).
+pub const SETTING_WATCHED_DIRS: u32 = 0;
+pub const SETTINGS_LEN: u32 = 1;
 
 /// Common prefix of every record.
 #[repr(C)]
@@ -197,6 +205,7 @@ pub struct KernelConfig {
     pub file_f_inode: u32,
     pub file_f_path_dentry: u32,
     pub file_private_data: u32,
+    pub file_f_flags: u32,
     pub inode_i_ino: u32,
     pub inode_i_sb: u32,
     pub sb_s_dev: u32,
@@ -205,17 +214,16 @@ pub struct KernelConfig {
     pub socket_type: u32,
     pub signal_tty: u32,
     pub tty_name: u32,
-    pub _pad: u32,
-}
-
-/// Per-thread stash between a syscall's enter and exit tracepoints.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct OpenArgs {
-    pub filename: u64,
-    pub flags: i32,
-    pub dfd: i32,
-    pub syscall: u32,
+    /// Offsets in `struct pt_regs` of syscall arguments 0 and 1 as saved at entry (still
+    /// intact at exit; arm64 keeps the clobbered x0 in `orig_x0`).
+    pub regs_arg0: u32,
+    pub regs_arg1: u32,
+    /// This architecture's numbers for the open family; -1 where it has none.
+    pub nr_open: i32,
+    pub nr_openat: i32,
+    pub nr_openat2: i32,
+    pub nr_creat: i32,
+    pub nr_open_by_handle_at: i32,
     pub _pad: u32,
 }
 

@@ -17,10 +17,12 @@ use aya_ebpf::{
         bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_probe_read_user_buf,
         bpf_probe_read_user_str_bytes,
-        generated::{bpf_skb_cgroup_id, bpf_skb_load_bytes},
+        generated::{
+            bpf_get_current_task_btf, bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_task_pt_regs,
+        },
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{SkBuffContext, SockAddrContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
@@ -30,7 +32,6 @@ use credwatch_common::*;
 const RB_AVAIL_DATA: u64 = 0;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
-const O_PATH: i32 = 0o10000000;
 
 #[unsafe(no_mangle)]
 static CW_CONFIG: KernelConfig = unsafe { core::mem::zeroed() };
@@ -57,11 +58,12 @@ static SECRET_INODES: HashMap<InodeKey, u32> = HashMap::with_max_entries(65536, 
 #[map]
 static WATCHED_DIRS: HashMap<InodeKey, u32> = HashMap::with_max_entries(16384, 0);
 
-// LRU: a thread killed inside the syscall never reaches the exit tracepoint, and its stash
-// must not pin a slot forever.
 #[map]
-static OPEN_ARGS: LruHashMap<u64, OpenArgs> = LruHashMap::with_max_entries(16384, 0);
+static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_LEN, 0);
 
+// LRU: a thread killed inside connect(2) never reaches the exit tracepoint, and its stash
+// must not pin a slot forever. (Connects may block for a round trip, so a per-CPU slot
+// would lose addresses.)
 #[map]
 static CONNECT_ARGS: LruHashMap<u64, ConnectArgs> = LruHashMap::with_max_entries(16384, 0);
 
@@ -187,108 +189,27 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 
 // ---------------------------------------------------------------- secret opens
 
-#[inline(always)]
-fn stash_open(
-    ctx: &TracePointContext,
-    syscall: u32,
-    dfd_at: Option<usize>,
-    name_at: usize,
-    flags: i32,
-) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    if is_self(id) {
-        return 0;
-    }
-    let filename: u64 = unsafe { ctx.read_at(name_at) }.unwrap_or(0);
-    let dfd = match dfd_at {
-        Some(at) => unsafe { ctx.read_at::<i64>(at) }.unwrap_or(-100) as i32,
-        None => -100, // AT_FDCWD
-    };
-    let args = OpenArgs {
-        filename,
-        flags,
-        dfd,
-        syscall,
-        _pad: 0,
-    };
-    if OPEN_ARGS.insert(&id, &args, 0).is_err() {
-        count_drop(PROBE_OPEN);
-    }
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_openat(ctx: TracePointContext) -> u32 {
-    let flags = unsafe { ctx.read_at::<i64>(32) }.unwrap_or(0) as i32;
-    stash_open(&ctx, OPEN_SYS_OPENAT, Some(16), 24, flags)
-}
-
-#[tracepoint]
-pub fn sys_enter_open(ctx: TracePointContext) -> u32 {
-    let flags = unsafe { ctx.read_at::<i64>(24) }.unwrap_or(0) as i32;
-    stash_open(&ctx, OPEN_SYS_OPEN, None, 16, flags)
-}
-
-#[tracepoint]
-pub fn sys_enter_creat(ctx: TracePointContext) -> u32 {
-    // creat(2) is open(O_CREAT|O_WRONLY|O_TRUNC).
-    stash_open(&ctx, OPEN_SYS_CREAT, None, 16, 0o1101)
-}
-
-#[tracepoint]
-pub fn sys_enter_openat2(ctx: TracePointContext) -> u32 {
-    let how: u64 = unsafe { ctx.read_at(32) }.unwrap_or(0);
-    // struct open_how starts with `__u64 flags`.
-    let flags = if how != 0 {
-        unsafe { bpf_probe_read_user(how as *const u64) }.unwrap_or(0) as i32
-    } else {
-        0
-    };
-    stash_open(&ctx, OPEN_SYS_OPENAT2, Some(16), 24, flags)
-}
-
-#[tracepoint]
-pub fn sys_enter_open_by_handle_at(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    if is_self(id) {
-        return 0;
-    }
-    let flags = unsafe { ctx.read_at::<i64>(32) }.unwrap_or(0) as i32;
-    let dfd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-100) as i32;
-    // No path: the handle names the file.
-    let args = OpenArgs {
-        filename: 0,
-        flags,
-        dfd,
-        syscall: OPEN_SYS_BY_HANDLE,
-        _pad: 0,
-    };
-    if OPEN_ARGS.insert(&id, &args, 0).is_err() {
-        count_drop(PROBE_OPEN);
-    }
-    0
-}
-
 /// Shared by the exit tracepoints of every open syscall: resolve the returned fd to its
 /// (dev, inode) and emit only if that inode, or its parent or grandparent directory, is
-/// watched.
+/// watched. There is no enter probe: on a match the name is read from the syscall
+/// arguments the task saved at entry, so an unrelated open pays for one probe, not two.
 #[tracepoint]
 pub fn sys_exit_open_family(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
-    let Some(args) = (unsafe { OPEN_ARGS.get(&id) }).copied() else {
-        return 0;
-    };
-    let _ = OPEN_ARGS.remove(&id);
-    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
-    if ret < 0 || args.flags & O_PATH != 0 {
+    if is_self(id) {
         return 0;
     }
-    let _ = unsafe { try_open_exit(ret as u32, &args) };
+    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
+    if ret < 0 {
+        return 0;
+    }
+    let nr: i32 = unsafe { ctx.read_at(8) }.unwrap_or(-1);
+    let _ = unsafe { try_open_exit(nr, ret as u32) };
     0
 }
 
 #[inline(always)]
-unsafe fn try_open_exit(fd: u32, args: &OpenArgs) -> Result<(), i32> {
+unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
     let task = unsafe { bpf_get_current_task() };
     let files: u64 = unsafe { rd(task, conf!(task_files)) }?;
     let fdt: u64 = unsafe { rd(files, conf!(files_fdt)) }?;
@@ -308,7 +229,7 @@ unsafe fn try_open_exit(fd: u32, args: &OpenArgs) -> Result<(), i32> {
     let mut dir_ino = 0;
     if unsafe { SECRET_INODES.get(&InodeKey { dev, ino }) }.is_some() {
         matched = MATCH_FILE;
-    } else {
+    } else if SETTINGS.get(SETTING_WATCHED_DIRS).is_some_and(|n| *n > 0) {
         // A file that appeared in a watched directory since the agent's last rescan (a
         // rotated token lands in a new `..<timestamp>` dir, hence the grandparent too).
         let dentry: u64 = unsafe { rd(file, conf!(file_f_path_dentry)) }?;
@@ -339,22 +260,49 @@ unsafe fn try_open_exit(fd: u32, args: &OpenArgs) -> Result<(), i32> {
         return Ok(());
     };
     let rec = entry.as_mut_ptr();
+    // (syscall, argument holding the dirfd, argument holding the path)
+    let (syscall, dfd_arg, name_arg) = if nr == conf!(nr_openat) {
+        (
+            OPEN_SYS_OPENAT,
+            Some(conf!(regs_arg0)),
+            Some(conf!(regs_arg1)),
+        )
+    } else if nr == conf!(nr_openat2) {
+        (
+            OPEN_SYS_OPENAT2,
+            Some(conf!(regs_arg0)),
+            Some(conf!(regs_arg1)),
+        )
+    } else if nr == conf!(nr_open) {
+        (OPEN_SYS_OPEN, None, Some(conf!(regs_arg0)))
+    } else if nr == conf!(nr_creat) {
+        (OPEN_SYS_CREAT, None, Some(conf!(regs_arg0)))
+    } else {
+        (OPEN_SYS_BY_HANDLE, Some(conf!(regs_arg0)), None)
+    };
     unsafe {
         fill_header(&raw mut (*rec).hdr, KIND_SECRET_OPEN, task);
         (*rec).dev = dev;
         (*rec).ino = ino;
         (*rec).dir_ino = dir_ino;
         (*rec).matched = matched;
-        (*rec).syscall = args.syscall;
+        (*rec).syscall = syscall;
         (*rec).fd = fd as i32;
-        (*rec).open_flags = args.flags;
-        (*rec).dfd = args.dfd;
+        // The kernel's own view of the open flags, whichever syscall opened it.
+        (*rec).open_flags = rd(file, conf!(file_f_flags)).unwrap_or(0);
         (*rec).flags = 0;
         (*rec).name[0] = 0;
-        if args.filename != 0 {
-            match bpf_probe_read_user_str_bytes(args.filename as *const u8, &mut (*rec).name) {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
+        (*rec).dfd = match dfd_arg {
+            Some(off) => rd::<u64>(regs, off).unwrap_or(0) as i32,
+            None => -100, // AT_FDCWD
+        };
+        if let Some(off) = name_arg {
+            let name: u64 = rd(regs, off).unwrap_or(0);
+            match bpf_probe_read_user_str_bytes(name as *const u8, &mut (*rec).name) {
                 Ok(s) if s.len() >= PATH_LEN - 1 => (*rec).flags |= FLAG_TRUNCATED,
-                _ => {}
+                Ok(_) => {}
+                Err(_) => (*rec).flags |= FLAG_NO_NAME,
             }
         }
     }

@@ -230,6 +230,7 @@ fn exec_lineage_cgroup_and_setuid() {
         &[
             "join-cgroup",
             cg.path.to_str().unwrap(),
+            "+",
             "open",
             token.to_str().unwrap(),
         ],
@@ -332,6 +333,7 @@ fn dns_answer_names_the_next_connect() {
             "dns",
             "127.0.9.53:53",
             "api.credwatch.test",
+            "+",
             "connect",
             "tcp",
             &format!("127.0.0.1:{port}"),

@@ -13,7 +13,20 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Fuzz targets under agent/fuzz, run briefly by `test` (longer runs: `cargo xtask fuzz`).
+const FUZZ_TARGETS: &[&str] = &[
+    "cgroup_path",
+    "credential",
+    "pod_list",
+    "dns_answer",
+    "config",
+    "record",
+    "event_json",
+];
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -41,6 +54,13 @@ enum Task {
     },
     /// `cargo fmt --check` and clippy with warnings denied.
     Lint,
+    /// Overhead and throughput side by side: no monitor, credwatch, auditd, bpftrace.
+    Bench,
+    /// Run every fuzz target for SECONDS each (default 300).
+    Fuzz {
+        #[arg(default_value_t = 300)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,11 +100,20 @@ fn real_main() -> Result<()> {
         Task::Test { args } => {
             setup()?;
             lint()?;
-            test(&root, &args)
+            test(&root, &args)?;
+            fuzz(&root, 8)
         }
         Task::Lint => {
             setup()?;
             lint()
+        }
+        Task::Bench => {
+            setup()?;
+            bench::bench(&root)
+        }
+        Task::Fuzz { seconds } => {
+            setup()?;
+            fuzz(&root, seconds)
         }
     }
 }
@@ -224,6 +253,28 @@ fn bpf_linker_runs() -> bool {
         })
 }
 
+/// Each parser of outside input under libFuzzer for `seconds`; any panic fails.
+fn fuzz(root: &Path, seconds: u64) -> Result<()> {
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION));
+    if !have {
+        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        run(Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked", "--version"])
+            .arg(format!("={CARGO_FUZZ_VERSION}")))?;
+    }
+    for target in FUZZ_TARGETS {
+        eprintln!("xtask: fuzzing {target} for {seconds} s");
+        run(Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .current_dir(root.join("agent")))?;
+    }
+    Ok(())
+}
+
 fn lint() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
@@ -240,7 +291,7 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     cargo(&["build", "-p", "credwatch", "--bins"])?;
     let bin = root.join("target/debug/credwatch");
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args(["test", "--workspace", "--"])
+    cmd.args(["test", "--"])
         .args(extra)
         .env("CREDWATCH_BIN", &bin);
     let ci = env::var("CI").is_ok_and(|v| v == "true" || v == "1");

@@ -9,6 +9,14 @@ use credwatch_common::KernelConfig;
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// (open, openat, openat2, creat, open_by_handle_at) syscall numbers; -1 where absent.
+#[cfg(target_arch = "x86_64")]
+const OPEN_NRS: (i32, i32, i32, i32, i32) = (2, 257, 437, 85, 304);
+#[cfg(target_arch = "aarch64")]
+const OPEN_NRS: (i32, i32, i32, i32, i32) = (-1, 56, 437, -1, 265);
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const OPEN_NRS: (i32, i32, i32, i32, i32) = (-1, -1, -1, -1, -1);
+
 pub struct KernelBtf {
     btf: Btf,
 }
@@ -114,6 +122,7 @@ impl KernelBtf {
             file_f_inode: o("file", "f_inode")?,
             file_f_path_dentry: o("file", "f_path.dentry")?,
             file_private_data: o("file", "private_data")?,
+            file_f_flags: o("file", "f_flags")?,
             inode_i_ino: o("inode", "i_ino")?,
             inode_i_sb: o("inode", "i_sb")?,
             sb_s_dev: o("super_block", "s_dev")?,
@@ -122,8 +131,37 @@ impl KernelBtf {
             socket_type: o("socket", "type")?,
             signal_tty: o("signal_struct", "tty")?,
             tty_name: o("tty_struct", "name")?,
+            regs_arg0: self.syscall_arg_offset(0)?,
+            regs_arg1: self.syscall_arg_offset(1)?,
+            nr_open: OPEN_NRS.0,
+            nr_openat: OPEN_NRS.1,
+            nr_openat2: OPEN_NRS.2,
+            nr_creat: OPEN_NRS.3,
+            nr_open_by_handle_at: OPEN_NRS.4,
             ..KernelConfig::default()
         })
+    }
+
+    /// Where syscall argument `n` sits in the `pt_regs` saved at syscall entry.
+    fn syscall_arg_offset(&self, n: u32) -> Result<u32> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.offset("pt_regs", ["di", "si"][n as usize])
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            // x0 is overwritten by the return value; the kernel keeps the original.
+            if n == 0 {
+                self.offset("pt_regs", "orig_x0")
+            } else {
+                Ok(self.offset("pt_regs", "regs")? + 8 * n)
+            }
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            let _ = n;
+            bail!("syscall argument registers are not mapped for this architecture")
+        }
     }
 }
 

@@ -14,10 +14,10 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, TracePoint},
 };
-use credwatch_common::{InodeKey, KernelConfig, PROBE_COUNT, PROBE_NAMES};
+use credwatch_common::{InodeKey, KernelConfig, PROBE_COUNT, PROBE_NAMES, SETTING_WATCHED_DIRS};
 use tracing::{debug, info, warn};
 
 /// The probe object, built from `ebpf/` by build.rs.
@@ -69,6 +69,7 @@ pub struct Sensors {
     secret_inodes: BpfHashMap<MapData, InodeKey, u32>,
     watched_dirs: BpfHashMap<MapData, InodeKey, u32>,
     drops: PerCpuArray<MapData, u64>,
+    settings: Array<MapData, u32>,
     in_map: HashSet<InodeKey>,
     dirs_in_map: HashSet<InodeKey>,
     pub cgroup2_root: PathBuf,
@@ -125,10 +126,6 @@ impl Sensors {
             &["sched_process_exit"],
             &mut attached,
         )?;
-        for sc in OPEN_SYSCALLS {
-            let prog = format!("sys_enter_{sc}");
-            attach_tracepoint(&mut ebpf, &prog, "syscalls", &[&prog], &mut attached)?;
-        }
         let exits: Vec<String> = OPEN_SYSCALLS
             .iter()
             .map(|s| format!("sys_exit_{s}"))
@@ -193,6 +190,7 @@ impl Sensors {
         let watched_dirs =
             BpfHashMap::try_from(ebpf.take_map("WATCHED_DIRS").context("map WATCHED_DIRS")?)?;
         let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").context("map DROPS")?)?;
+        let settings = Array::try_from(ebpf.take_map("SETTINGS").context("map SETTINGS")?)?;
         info!(programs = attached.len(), cgroup2 = %cgroup2_root.display(), "probes attached");
         Ok(Sensors {
             ebpf,
@@ -201,6 +199,7 @@ impl Sensors {
             secret_inodes,
             watched_dirs,
             drops,
+            settings,
             in_map: HashSet::new(),
             dirs_in_map: HashSet::new(),
             cgroup2_root,
@@ -231,7 +230,11 @@ impl Sensors {
             &mut self.dirs_in_map,
             dirs,
             "WATCHED_DIRS",
-        )
+        )?;
+        // Lets the probes skip the directory walk entirely when nothing is watched.
+        self.settings
+            .set(SETTING_WATCHED_DIRS, self.dirs_in_map.len() as u32, 0)
+            .context("updating probe settings")
     }
 
     /// Drops per probe since load, summed over CPUs.

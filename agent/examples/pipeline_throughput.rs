@@ -1,0 +1,148 @@
+//! Throughput of the live path after the ring buffer, on one thread: decode → enrichment
+//! (process table, workload resolver, inventory, DNS names) → correlation. Synthetic probe
+//! records stand in for the kernel; everything they pass through is the agent's real code.
+//! Used by `cargo xtask bench`; prints `events_per_second records`.
+
+use std::{mem::size_of, time::Instant};
+
+use credwatch::{
+    correlate::Correlator,
+    credential::Fingerprinter,
+    decode::decode,
+    dns::NameCache,
+    enrich::{BootClock, EnrichStats, Enricher, IdGen},
+    inventory::{Inventory, inode_key},
+    kubelet::PodDirectory,
+    pipeline::Pipeline,
+    process::ProcessTable,
+    workload::WorkloadResolver,
+};
+use credwatch_common as c;
+
+fn bytes_of<T>(v: &T) -> Vec<u8> {
+    // SAFETY: POD record.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+}
+
+fn header(kind: u32, tgid: u32, ts: u64) -> c::Header {
+    let mut comm = [0u8; 16];
+    comm[..3].copy_from_slice(b"api");
+    c::Header {
+        kind,
+        pid: tgid,
+        tgid,
+        ppid: 1,
+        uid: 1000,
+        euid: 1000,
+        gid: 1000,
+        egid: 1000,
+        ts_ns: ts,
+        cgroup_id: 1,
+        comm,
+    }
+}
+
+fn main() {
+    let n: u64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let tmp = std::env::temp_dir().join(format!("credwatch-throughput-{}", std::process::id()));
+    std::fs::create_dir_all(tmp.join("cgroup")).unwrap();
+    let secret = tmp.join("token");
+    std::fs::write(&secret, "fake-throughput-token").unwrap();
+    let key = inode_key(&std::fs::metadata(&secret).unwrap());
+    let fp = Fingerprinter::new(b"bench");
+    let mut inv = Inventory::new(
+        &[secret.display().to_string()],
+        false,
+        &[],
+        "/nonexistent",
+        4096,
+        fp,
+    )
+    .unwrap();
+    inv.rescan();
+
+    let mut enricher = Enricher {
+        node: "bench".into(),
+        clock: BootClock::now(),
+        procs: ProcessTable::new(tmp.join("proc"), 1 << 20),
+        workloads: WorkloadResolver::new(tmp.join("cgroup"), "cluster.local"),
+        pods: PodDirectory::default(),
+        names: NameCache::new(1 << 16),
+        inventory: inv,
+        inventory_dirty: false,
+        pod_miss: None,
+        stats: EnrichStats::default(),
+    };
+    let mut pipeline = Pipeline::new(Correlator::new(std::time::Duration::from_secs(30)), None);
+    let mut ids = IdGen::new();
+
+    // One process lifecycle = exec, secret read, connect, exit.
+    let mut records = Vec::with_capacity(4096);
+    for i in 0..1024u32 {
+        let tgid = 10_000 + i;
+        let mut exec = c::Exec {
+            hdr: header(c::KIND_EXEC, tgid, 0),
+            cap_effective: 0,
+            flags: 0,
+            tty: [0; 16],
+            _pad: 0,
+            filename: [0; 256],
+        };
+        exec.filename[..8].copy_from_slice(b"/app/api");
+        let mut open = c::SecretOpen {
+            hdr: header(c::KIND_SECRET_OPEN, tgid, 0),
+            dev: key.dev,
+            ino: key.ino,
+            dir_ino: 0,
+            matched: c::MATCH_FILE,
+            syscall: c::OPEN_SYS_OPENAT,
+            fd: 3,
+            open_flags: 0,
+            dfd: -100,
+            flags: 0,
+            name: [0; 256],
+        };
+        open.name[..5].copy_from_slice(b"token");
+        let conn = c::Connect {
+            hdr: header(c::KIND_CONNECT, tgid, 0),
+            family: libc::AF_INET as u16,
+            sock_type: libc::SOCK_STREAM as u16,
+            port: 443,
+            _pad: 0,
+            addr: [10, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ret: 0,
+            op: c::OP_CONNECT,
+        };
+        let exit = c::Exit {
+            hdr: header(c::KIND_EXIT, tgid, 0),
+            exit_code: 0,
+            _pad: 0,
+        };
+        records.push(bytes_of(&exec));
+        records.push(bytes_of(&open));
+        records.push(bytes_of(&conn));
+        records.push(bytes_of(&exit));
+    }
+
+    let mut batch = Vec::new();
+    let t = Instant::now();
+    let mut events = 0u64;
+    for i in 0..n {
+        let raw = &records[(i % records.len() as u64) as usize];
+        let rec = decode(raw).expect("valid record");
+        enricher.enrich(&rec, &mut ids, &mut batch);
+        for ev in batch.drain(..) {
+            events += 1;
+            pipeline.handle(ev, &mut ids);
+        }
+        if i % 4096 == 4095 {
+            enricher.procs.evict_exited(u64::MAX);
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!("{:.0} {n} {events}", n as f64 / secs);
+}

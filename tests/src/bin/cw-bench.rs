@@ -1,0 +1,117 @@
+//! Load generator for `cargo xtask bench`: runs one syscall pattern N times and prints
+//! `<ns per op>` on stdout, so the harness can compare monitors on identical work. Also
+//! writes synthetic NDJSON event streams for pipeline throughput runs.
+
+use std::{
+    ffi::CString,
+    io::{BufWriter, Write},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    time::Instant,
+};
+
+fn fail(msg: String) -> ! {
+    eprintln!("cw-bench: {msg}");
+    std::process::exit(1)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["open", path, n] => {
+            let n = count(n);
+            let p = CString::new(*path).unwrap();
+            let t = Instant::now();
+            for _ in 0..n {
+                // SAFETY: valid C string; fd closed right away.
+                let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDONLY) };
+                if fd < 0 {
+                    fail(format!("open {path}: {}", std::io::Error::last_os_error()));
+                }
+                unsafe { libc::close(fd) };
+            }
+            report(t, n);
+        }
+        ["udp-connect", addr, n] => {
+            let n = count(n);
+            let addr: SocketAddr = addr.parse().unwrap_or_else(|e| fail(format!("{e}")));
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let t = Instant::now();
+            for _ in 0..n {
+                s.connect(addr)
+                    .unwrap_or_else(|e| fail(format!("connect: {e}")));
+            }
+            report(t, n);
+        }
+        ["tcp-connect", n] => {
+            let n = count(n);
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            std::thread::spawn(move || {
+                for c in l.incoming() {
+                    drop(c);
+                }
+            });
+            let t = Instant::now();
+            for _ in 0..n {
+                drop(
+                    std::net::TcpStream::connect(addr)
+                        .unwrap_or_else(|e| fail(format!("connect: {e}"))),
+                );
+            }
+            report(t, n);
+        }
+        ["gen-events", n, out] => gen_events(count(n), out),
+        _ => fail(format!(
+            "usage: open PATH N | udp-connect ADDR N | tcp-connect N | gen-events N FILE (got {a:?})"
+        )),
+    }
+}
+
+fn count(n: &str) -> u64 {
+    n.parse().unwrap_or_else(|_| fail(format!("bad count {n}")))
+}
+
+fn report(t: Instant, n: u64) {
+    println!("{:.1}", t.elapsed().as_nanos() as f64 / n as f64);
+}
+
+/// A realistic mix for replay: many processes each reading a token and connecting, plus the
+/// exec/exit noise around them. Roughly 1 secret read and 1 connect per 4 events.
+fn gen_events(n: u64, out: &str) {
+    let f = std::fs::File::create(out).unwrap_or_else(|e| fail(format!("{out}: {e}")));
+    let mut w = BufWriter::new(f);
+    let base = 1_795_000_000_000_000_000i64;
+    for i in 0..n {
+        let pid = 1000 + (i / 4) % 50_000;
+        let pod = (i / 4) % 200;
+        let ts = base + i as i64 * 1_000;
+        let t = chrono::DateTime::from_timestamp_nanos(ts)
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        let proc_ = format!(
+            r#"{{"pid":{pid},"tgid":{pid},"ppid":1,"uid":1000,"euid":1000,"gid":1000,"egid":1000,"comm":"api","exe":"/app/api"}}"#
+        );
+        let wl = format!(
+            r#"{{"kind":"pod","id":"pod:ns{pod}/api-{pod}","namespace":"ns{pod}","pod":"api-{pod}","pod_uid":"00000000-0000-4000-8000-{pod:012}","service_account":"sa{pod}","spiffe_id":"spiffe://cluster.local/ns/ns{pod}/sa/sa{pod}","cgroup_id":{}}}"#,
+            10_000 + pod
+        );
+        let line = match i % 4 {
+            0 => format!(
+                r#"{{"id":"bench-{i}","ts":"{t}","node":"bench","kind":"exec","process":{proc_},"workload":{wl},"exec":{{"filename":"/app/api"}}}}"#
+            ),
+            1 => format!(
+                r#"{{"id":"bench-{i}","ts":"{t}","node":"bench","kind":"secret_read","process":{proc_},"workload":{wl},"secret":{{"path":"/var/lib/kubelet/pods/x/volumes/kubernetes.io~projected/kube-api-access/token","opened_as":"/var/run/secrets/kubernetes.io/serviceaccount/token","dev":2049,"inode":{},"syscall":"openat","access":"read","matched":"file"}},"credential":{{"fingerprint":"hmac-sha256:{:064x}","type":"k8s_sa_token","labels":{{"namespace":"ns{pod}","service_account":"sa{pod}"}}}}}}"#,
+                100_000 + pod,
+                pod
+            ),
+            2 => format!(
+                r#"{{"id":"bench-{i}","ts":"{t}","node":"bench","kind":"connect","process":{proc_},"workload":{wl},"dst":{{"ip":"10.96.0.1","port":443,"proto":"tcp","name":"kubernetes.default.svc.cluster.local"}},"result":"ok"}}"#
+            ),
+            _ => format!(
+                r#"{{"id":"bench-{i}","ts":"{t}","node":"bench","kind":"exit","process":{proc_},"workload":{wl},"exit_code":0}}"#
+            ),
+        };
+        writeln!(w, "{line}").unwrap_or_else(|e| fail(format!("{out}: {e}")));
+    }
+    w.flush().unwrap_or_else(|e| fail(format!("{out}: {e}")));
+}

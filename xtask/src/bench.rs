@@ -1,0 +1,619 @@
+//! `cargo xtask bench`: the same syscall load with no monitor, credwatch, auditd and
+//! bpftrace, alternated round by round (A B C D, A B C D…) on this machine, medians and
+//! ratios printed and written to target/bench/. Leaves no audit rule or daemon behind.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+const ROUNDS: usize = 5;
+const AUDIT_KEY: &str = "credwatch_bench";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Monitor {
+    Baseline,
+    Credwatch,
+    Auditd,
+    Bpftrace,
+}
+
+impl Monitor {
+    fn name(self) -> &'static str {
+        match self {
+            Monitor::Baseline => "baseline",
+            Monitor::Credwatch => "credwatch",
+            Monitor::Auditd => "auditd",
+            Monitor::Bpftrace => "bpftrace",
+        }
+    }
+}
+
+struct Workload {
+    name: &'static str,
+    what: &'static str,
+    ops: u64,
+    args: Vec<String>,
+}
+
+/// A running monitor; `stop` returns the events it lost.
+enum Running {
+    None,
+    Credwatch {
+        child: Child,
+        stats: PathBuf,
+    },
+    Auditd {
+        started_daemon: bool,
+        secret: String,
+        lost_before: u64,
+    },
+    Bpftrace {
+        child: Child,
+        out: PathBuf,
+    },
+}
+
+pub fn bench(root: &Path) -> Result<()> {
+    let t0 = Instant::now();
+    crate::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "credwatch",
+        "-p",
+        "credwatch-tests",
+        "--bins",
+    ])?;
+    crate::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "credwatch",
+        "--example",
+        "pipeline_throughput",
+    ])?;
+    let agent = root.join("target/release/credwatch");
+    let load = root.join("target/release/cw-bench");
+    let out_dir = root.join("target/bench");
+    let work = out_dir.join("work");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let secret = work.join("bench-secret-token");
+    fs::write(&secret, "fake-bench-token-not-a-secret")?;
+    let unrelated = work.join("unrelated.txt");
+    fs::write(&unrelated, "public")?;
+    let udp_peer = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let udp_addr = udp_peer.local_addr()?.to_string();
+
+    let mut monitors = vec![Monitor::Baseline, Monitor::Credwatch];
+    let mut unavailable = BTreeMap::new();
+    match ensure_tool("auditctl", "auditd") {
+        Ok(()) => monitors.push(Monitor::Auditd),
+        Err(e) => {
+            unavailable.insert("auditd", format!("{e:#}"));
+        }
+    }
+    match ensure_tool("bpftrace", "bpftrace") {
+        Ok(()) => monitors.push(Monitor::Bpftrace),
+        Err(e) => {
+            unavailable.insert("bpftrace", format!("{e:#}"));
+        }
+    }
+
+    let s = secret.display().to_string();
+    let workloads = vec![
+        Workload {
+            name: "open_unrelated",
+            what: "openat+close, unwatched file",
+            ops: 200_000,
+            args: vec![
+                "open".into(),
+                unrelated.display().to_string(),
+                "200000".into(),
+            ],
+        },
+        Workload {
+            name: "open_watched",
+            what: "openat+close, watched secret",
+            ops: 50_000,
+            args: vec!["open".into(), s.clone(), "50000".into()],
+        },
+        Workload {
+            name: "udp_connect",
+            what: "UDP connect",
+            ops: 50_000,
+            args: vec!["udp-connect".into(), udp_addr.clone(), "50000".into()],
+        },
+        Workload {
+            name: "tcp_connect",
+            what: "TCP connect+accept+close",
+            ops: 20_000,
+            args: vec!["tcp-connect".into(), "20000".into()],
+        },
+    ];
+
+    // ns/op samples per (monitor, workload); lost events per monitor.
+    let mut samples: BTreeMap<(Monitor, &str), Vec<f64>> = BTreeMap::new();
+    let mut lost: BTreeMap<Monitor, u64> = BTreeMap::new();
+    let guard = AuditGuard::capture();
+    for round in 0..ROUNDS {
+        // Rotate the order each round so no monitor always runs on a warm or cold machine.
+        let mut order = monitors.clone();
+        order.rotate_left(round % monitors.len());
+        for m in order {
+            let running = start(m, &agent, &work, &s)?;
+            for w in &workloads {
+                let ns = run_load(&load, &w.args)?;
+                samples.entry((m, w.name)).or_default().push(ns);
+            }
+            *lost.entry(m).or_default() += stop(running)?;
+        }
+        eprintln!(
+            "bench: round {}/{ROUNDS} done ({:.0?})",
+            round + 1,
+            t0.elapsed()
+        );
+    }
+    drop(guard);
+
+    let pipeline = pipeline_throughput(&agent, &load, &work)?;
+    let live_path =
+        live_path_throughput(&root.join("target/release/examples/pipeline_throughput"))?;
+
+    // Report.
+    let med = |m: Monitor, w: &str| samples.get(&(m, w)).map(|v| median(v));
+    let mut md = String::new();
+    md.push_str(&format!(
+        "# credwatch bench ({} rounds, medians, ns per operation)\n\n",
+        ROUNDS
+    ));
+    md.push_str("| workload | baseline ns/op |");
+    for m in &monitors[1..] {
+        md.push_str(&format!(" {} +ns |", m.name()));
+    }
+    for m in &monitors[2..] {
+        md.push_str(&format!(" {} ÷ credwatch |", m.name()));
+    }
+    md.push('\n');
+    md.push_str(&format!(
+        "|---|---|{}\n",
+        "---|".repeat(monitors.len() - 1 + monitors.len() - 2)
+    ));
+    let mut json_rows: Vec<serde_json::Value> = Vec::new();
+    for w in &workloads {
+        let base = med(Monitor::Baseline, w.name).unwrap_or(f64::NAN);
+        md.push_str(&format!("| {} ({}) | {:.0} |", w.name, w.what, base));
+        let mut row =
+            serde_json::json!({"name": w.name, "what": w.what, "ops": w.ops, "baseline_ns": base});
+        let cw_added = med(Monitor::Credwatch, w.name)
+            .map(|v| v - base)
+            .unwrap_or(f64::NAN);
+        for m in &monitors[1..] {
+            let added = med(*m, w.name).map(|v| v - base).unwrap_or(f64::NAN);
+            md.push_str(&format!(" {added:+.0} |"));
+            row[format!("{}_added_ns", m.name())] = finite(added);
+        }
+        for m in &monitors[2..] {
+            let added = med(*m, w.name).map(|v| v - base).unwrap_or(f64::NAN);
+            let ratio = added / cw_added;
+            md.push_str(&format!(" {ratio:.1}× |"));
+            row[format!("{}_vs_credwatch", m.name())] = finite(ratio);
+        }
+        md.push('\n');
+        json_rows.push(row);
+    }
+    md.push_str("\nEvents lost over all rounds: ");
+    md.push_str(
+        &monitors[1..]
+            .iter()
+            .map(|m| format!("{} {}", m.name(), lost.get(m).copied().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    md.push('\n');
+    for (m, why) in &unavailable {
+        md.push_str(&format!("\n{m}: not measured ({why})\n"));
+    }
+    md.push_str(&format!(
+        "\nPipeline (replay, one thread): {:.0} events/s over {} events, {:.2} s, max RSS {} MiB\n",
+        pipeline.events_per_s,
+        pipeline.events,
+        pipeline.seconds,
+        pipeline.max_rss_kib / 1024
+    ));
+    md.push_str(&format!(
+        "Live path (decode → enrichment → correlation, one thread, synthetic records): {live_path:.0} records/s\n"
+    ));
+    md.push_str(&format!("\nTotal bench time {:.0?}.\n", t0.elapsed()));
+
+    let json = serde_json::json!({
+        "rounds": ROUNDS,
+        "workloads": json_rows,
+        "lost": monitors[1..].iter().map(|m| (m.name(), lost.get(m).copied().unwrap_or(0))).collect::<BTreeMap<_, _>>(),
+        "unavailable": unavailable,
+        "pipeline": {
+            "events": pipeline.events,
+            "seconds": pipeline.seconds,
+            "events_per_s": pipeline.events_per_s,
+            "max_rss_kib": pipeline.max_rss_kib,
+        },
+        "live_path_records_per_s": live_path,
+    });
+    fs::write(out_dir.join("results.md"), &md)?;
+    fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&json)? + "\n",
+    )?;
+    println!("{md}");
+    println!("written: {}/results.md, results.json", out_dir.display());
+    drop(udp_peer);
+    Ok(())
+}
+
+fn finite(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        serde_json::json!((v * 10.0).round() / 10.0)
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn run_load(load: &Path, args: &[String]) -> Result<f64> {
+    let out = Command::new(load)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", load.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {args:?}: {}",
+            load.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("load generator output")
+}
+
+/// Installs a Debian package when its command is missing.
+fn ensure_tool(cmd: &str, package: &str) -> Result<()> {
+    if which(cmd) {
+        return Ok(());
+    }
+    eprintln!("bench: installing {package} for the side-by-side comparison");
+    let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "-qq", package])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok || !which(cmd) {
+        bail!("could not install {package}");
+    }
+    Ok(())
+}
+
+fn which(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn start(m: Monitor, agent: &Path, work: &Path, secret: &str) -> Result<Running> {
+    Ok(match m {
+        Monitor::Baseline => Running::None,
+        Monitor::Credwatch => {
+            let cfg = work.join("credwatch.toml");
+            fs::write(&cfg, format!("[secrets]\npaths = [\"{secret}\"]\n"))?;
+            let stats = work.join("credwatch-stats.json");
+            let mut child = Command::new(agent)
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .arg("--state-dir")
+                .arg(work.join("state"))
+                .arg("--stats-file")
+                .arg(&stats)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("starting credwatch")?;
+            let err = child.stderr.take().unwrap();
+            let mut lines = BufReader::new(err).lines();
+            let ready = lines
+                .by_ref()
+                .map_while(Result::ok)
+                .any(|l| l.contains("credwatch ready"));
+            if !ready {
+                let _ = child.kill();
+                bail!("credwatch did not start");
+            }
+            // Keep draining stderr so the agent never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+            Running::Credwatch { child, stats }
+        }
+        Monitor::Auditd => {
+            let started_daemon = !Command::new("pidof")
+                .arg("auditd")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if started_daemon {
+                crate::run(&mut Command::new("auditd"))?;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            crate::run(
+                Command::new("auditctl")
+                    .args(["-e", "1"])
+                    .stdout(Stdio::null()),
+            )?;
+            crate::run(
+                Command::new("auditctl")
+                    .args(["-w", secret, "-p", "r", "-k", AUDIT_KEY])
+                    .stdout(Stdio::null()),
+            )?;
+            crate::run(
+                Command::new("auditctl")
+                    .args([
+                        "-a",
+                        "always,exit",
+                        "-F",
+                        "arch=b64",
+                        "-S",
+                        "connect",
+                        "-k",
+                        AUDIT_KEY,
+                    ])
+                    .stdout(Stdio::null()),
+            )?;
+            Running::Auditd {
+                started_daemon,
+                secret: secret.to_owned(),
+                lost_before: audit_lost(),
+            }
+        }
+        Monitor::Bpftrace => {
+            let out = work.join("bpftrace.out");
+            let script = format!(
+                "tracepoint:syscalls:sys_enter_openat /str(args->filename) == \"{secret}\"/ {{ printf(\"open %d %s\\n\", pid, comm); }}\n\
+                 tracepoint:syscalls:sys_exit_connect {{ printf(\"connect %d %s %d\\n\", pid, comm, args->ret); }}\n"
+            );
+            let child = Command::new("bpftrace")
+                .args(["-e", &script])
+                .stdout(fs::File::create(&out)?)
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting bpftrace")?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !fs::read_to_string(&out)
+                .unwrap_or_default()
+                .contains("Attaching")
+            {
+                if Instant::now() > deadline {
+                    bail!("bpftrace did not attach within 60 s");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            Running::Bpftrace { child, out }
+        }
+    })
+}
+
+fn stop(r: Running) -> Result<u64> {
+    Ok(match r {
+        Running::None => 0,
+        Running::Credwatch { mut child, stats } => {
+            signal(child.id(), libc::SIGTERM);
+            child.wait()?;
+            let stats: serde_json::Value =
+                serde_json::from_slice(&fs::read(&stats).unwrap_or_default()).unwrap_or_default();
+            // Sum of the per-probe drop counters.
+            stats["drops"]
+                .as_object()
+                .map(|d| d.values().filter_map(|v| v.as_u64()).sum())
+                .unwrap_or(0)
+        }
+        Running::Auditd {
+            started_daemon,
+            secret,
+            lost_before,
+        } => {
+            let lost = audit_lost().saturating_sub(lost_before);
+            remove_audit_rules(&secret);
+            if started_daemon {
+                let _ = Command::new("auditctl")
+                    .args(["--signal", "TERM"])
+                    .stdout(Stdio::null())
+                    .status();
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            lost
+        }
+        Running::Bpftrace { mut child, out } => {
+            signal(child.id(), libc::SIGINT);
+            child.wait()?;
+            fs::read_to_string(&out)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix("Lost ")?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .sum()
+        }
+    })
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain kill(2) on a child we spawned.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+fn audit_lost() -> u64 {
+    let out = Command::new("auditctl")
+        .arg("-s")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines()
+        .find_map(|l| l.strip_prefix("lost ")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn remove_audit_rules(secret: &str) {
+    let _ = Command::new("auditctl")
+        .args(["-W", secret, "-p", "r", "-k", AUDIT_KEY])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let _ = Command::new("auditctl")
+        .args([
+            "-d",
+            "always,exit",
+            "-F",
+            "arch=b64",
+            "-S",
+            "connect",
+            "-k",
+            AUDIT_KEY,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Restores the audit subsystem's enabled flag even when the bench fails midway, and removes
+/// any rule carrying the bench key.
+struct AuditGuard {
+    enabled: Option<String>,
+}
+
+impl AuditGuard {
+    fn capture() -> Self {
+        let enabled = Command::new("auditctl")
+            .arg("-s")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .find_map(|l| l.strip_prefix("enabled ").map(|v| v.trim().to_owned()))
+            });
+        AuditGuard { enabled }
+    }
+}
+
+impl Drop for AuditGuard {
+    fn drop(&mut self) {
+        if let Ok(o) = Command::new("auditctl").arg("-l").output() {
+            for rule in String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains(AUDIT_KEY))
+            {
+                // `-w PATH -p r -k KEY` / `-a always,exit … -k KEY`: delete by the same spec.
+                let spec: Vec<&str> = rule.split_whitespace().collect();
+                let mut del: Vec<String> = spec.iter().map(|s| s.to_string()).collect();
+                if let Some(first) = del.first_mut() {
+                    *first = match first.as_str() {
+                        "-w" => "-W".into(),
+                        "-a" => "-d".into(),
+                        other => other.into(),
+                    };
+                }
+                let _ = Command::new("auditctl")
+                    .args(&del)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        if let Some(e) = &self.enabled {
+            let _ = Command::new("auditctl")
+                .args(["-e", e])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+struct Pipeline {
+    events: u64,
+    seconds: f64,
+    events_per_s: f64,
+    max_rss_kib: i64,
+}
+
+fn live_path_throughput(example: &Path) -> Result<f64> {
+    let out = Command::new(example)
+        .arg("2000000")
+        .output()
+        .context("running pipeline_throughput")?;
+    if !out.status.success() {
+        bail!(
+            "pipeline_throughput: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .context("pipeline_throughput output")
+}
+
+/// Replay of a synthetic stream through correlation and every detector, on one thread.
+fn pipeline_throughput(agent: &Path, load: &Path, work: &Path) -> Result<Pipeline> {
+    const EVENTS: u64 = 1_000_000;
+    let file = work.join("replay.ndjson");
+    crate::run(
+        Command::new(load)
+            .args(["gen-events", &EVENTS.to_string()])
+            .arg(&file),
+    )?;
+    let t = Instant::now();
+    let out = Command::new(agent)
+        .arg("replay")
+        .arg(&file)
+        .env("CREDWATCH_LOG", "warn")
+        .output()?;
+    let seconds = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("replay failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // RUSAGE_CHILDREN: the largest RSS of any waited-for child; the replay is the largest.
+    // SAFETY: getrusage fills the zeroed struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let _ = fs::remove_file(&file);
+    Ok(Pipeline {
+        events: EVENTS,
+        seconds,
+        events_per_s: EVENTS as f64 / seconds,
+        max_rss_kib: ru.ru_maxrss,
+    })
+}
