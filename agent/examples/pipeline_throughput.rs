@@ -1,5 +1,5 @@
 //! Throughput of the live path after the ring buffer, on one thread: decode → enrichment
-//! (process table, workload resolver, inventory, DNS names) → correlation. Synthetic probe
+//! (process table, workload resolver, inventory, DNS names) → correlation → detectors. Synthetic probe
 //! records stand in for the kernel; everything they pass through is the agent's real code.
 //! Used by `cargo xtask bench`; prints `events_per_second records`.
 
@@ -9,6 +9,7 @@ use credwatch::{
     correlate::Correlator,
     credential::Fingerprinter,
     decode::decode,
+    detect::{DetectOptions, Detectors},
     dns::NameCache,
     enrich::{BootClock, EnrichStats, Enricher, IdGen},
     inventory::{Inventory, inode_key},
@@ -76,7 +77,12 @@ fn main() {
         pod_miss: None,
         stats: EnrichStats::default(),
     };
-    let mut pipeline = Pipeline::new(Correlator::new(std::time::Duration::from_secs(30)), None);
+    let mut pipeline = Pipeline::new(
+        Correlator::new(std::time::Duration::from_secs(30)),
+        Detectors::new(&DetectOptions::default()),
+        None,
+        None,
+    );
     let mut ids = IdGen::new();
 
     // One process lifecycle = exec, secret read, connect, exit.

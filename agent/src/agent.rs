@@ -23,6 +23,7 @@ use crate::{
     correlate::Correlator,
     credential::Fingerprinter,
     decode::decode,
+    detect::Detectors,
     dns::NameCache,
     enrich::{BootClock, EnrichStats, Enricher, IdGen},
     inventory::Inventory,
@@ -40,6 +41,8 @@ pub struct RunOptions {
     pub events: Option<PathBuf>,
     /// Counters (events, drops) written here periodically and at exit.
     pub stats_file: Option<PathBuf>,
+    /// Alerts as JSON lines (`-` for stdout, the default).
+    pub alerts: PathBuf,
 }
 
 #[derive(serde::Serialize)]
@@ -145,7 +148,13 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
 
     let events = opts.events.as_deref().map(NdjsonSink::open).transpose()?;
-    let pipeline = Pipeline::new(Correlator::new(cfg.correlate.window), events);
+    let alerts = NdjsonSink::open(&opts.alerts)?;
+    let pipeline = Pipeline::new(
+        Correlator::new(cfg.correlate.window),
+        Detectors::new(&cfg.detect.options()),
+        events,
+        Some(alerts),
+    );
     let ids = IdGen::new();
     let enricher = Enricher {
         node: node_name(&cfg),
@@ -206,7 +215,12 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut drain_tick = tokio::time::interval(cfg.sensors.drain_interval);
-    let mut rescan_tick = tokio::time::interval(cfg.secrets.rescan_interval);
+    // The inventory was scanned just before attaching: the first periodic rescan is one
+    // period from now, not immediately.
+    let mut rescan_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + cfg.secrets.rescan_interval,
+        cfg.secrets.rescan_interval,
+    );
     let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_drops = [0u64; PROBE_NAMES.len()];
 
@@ -229,6 +243,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
                 live.pipeline.flush();
             }
             _ = rescan_tick.tick() => {
+                // Records already in the ring refer to the inventory as it was.
+                live.drain(ring.get_mut());
                 if live.enricher.inventory.rescan() {
                     live.enricher.inventory_dirty = true;
                 }
@@ -271,7 +287,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
 
     // Flush what the probes already produced before detaching.
     live.drain(ring.get_mut());
-    live.pipeline.flush();
+    live.pipeline.finish();
     let drops = sensors.drops().unwrap_or(last_drops);
     if let Some(path) = &opts.stats_file {
         write_stats(path, &live, drops);

@@ -21,6 +21,8 @@ pub struct Config {
     #[serde(default)]
     pub correlate: Correlate,
     #[serde(default)]
+    pub detect: Detect,
+    #[serde(default)]
     pub sensors: Sensors,
 }
 
@@ -112,6 +114,39 @@ impl Default for Correlate {
             window: default_window(),
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Detect {
+    /// One credential used by two workloads within this window is token reuse.
+    #[serde(default = "default_hour", with = "humantime_serde")]
+    pub reuse_window: Duration,
+    /// Repeats of one finding within this window raise its count instead of a new alert.
+    #[serde(default = "default_hour", with = "humantime_serde")]
+    pub suppression_window: Duration,
+}
+
+impl Default for Detect {
+    fn default() -> Self {
+        Detect {
+            reuse_window: default_hour(),
+            suppression_window: default_hour(),
+        }
+    }
+}
+
+impl Detect {
+    pub fn options(&self) -> crate::detect::DetectOptions {
+        crate::detect::DetectOptions {
+            reuse_window: self.reuse_window,
+            suppression_window: self.suppression_window,
+        }
+    }
+}
+
+fn default_hour() -> Duration {
+    Duration::from_secs(3600)
 }
 
 #[derive(Debug, Deserialize)]

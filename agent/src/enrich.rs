@@ -180,7 +180,7 @@ impl Enricher {
                 entry.euid = h.euid;
                 entry.cap_effective = r.cap_effective;
                 let tty = sanitize(cstr(&r.tty));
-                entry.tty = (!tty.is_empty()).then_some(tty);
+                entry.tty = (!tty.is_empty()).then(|| crate::process::kernel_tty_name(&tty));
                 let entry = entry.clone();
                 let mut ev = self.base(ids, ts, EventKind::Exec, &h, &entry);
                 ev.exec = Some(ExecInfo {

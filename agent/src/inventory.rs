@@ -7,6 +7,7 @@ use std::{
     io::Read,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -86,8 +87,13 @@ pub struct Inventory {
     max_read: u64,
     fp: Fingerprinter,
     by_inode: HashMap<InodeKey, SecretEntry>,
+    retired: HashMap<InodeKey, (SecretEntry, Instant)>,
     watched_dirs: HashMap<InodeKey, PathBuf>,
 }
+
+/// How long a rotated-out secret still names late records (it is out of the kernel map
+/// at once, so no new read of it matches).
+const RETIRED_GRACE: Duration = Duration::from_secs(60);
 
 impl Inventory {
     pub fn new(
@@ -127,6 +133,7 @@ impl Inventory {
             max_read,
             fp,
             by_inode: HashMap::new(),
+            retired: HashMap::new(),
             watched_dirs: HashMap::new(),
         })
     }
@@ -139,8 +146,25 @@ impl Inventory {
         self.by_inode.is_empty()
     }
 
+    /// The secret at `key`, including one rotated out less than [`RETIRED_GRACE`] ago: a
+    /// read that happened just before a rotation is still in the ring when the rescan that
+    /// notices the rotation runs.
     pub fn get(&self, key: &InodeKey) -> Option<&SecretEntry> {
-        self.by_inode.get(key)
+        self.by_inode
+            .get(key)
+            .or_else(|| self.retired.get(key).map(|(e, _)| e))
+    }
+
+    /// Moves entries that disappeared to the retired set (and forgets old retirees).
+    fn retire(&mut self, old: HashMap<InodeKey, SecretEntry>) {
+        let now = Instant::now();
+        self.retired
+            .retain(|_, (_, t)| now.duration_since(*t) < RETIRED_GRACE);
+        for (k, e) in old {
+            if !self.by_inode.contains_key(&k) {
+                self.retired.insert(k, (e, now));
+            }
+        }
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &SecretEntry> {
@@ -173,7 +197,8 @@ impl Inventory {
                 dirs.insert(k, d.clone());
             }
         }
-        self.by_inode = found;
+        let old = std::mem::replace(&mut self.by_inode, found);
+        self.retire(old);
         self.watched_dirs = dirs;
         before_files != self.file_keys() || before_dirs != self.dir_keys()
     }
@@ -186,9 +211,12 @@ impl Inventory {
         let mut dirs = HashMap::new();
         self.scan_tree(dir, 3, &mut found, &mut dirs);
         // Entries under `dir` that no longer resolve to the same inode are gone (rotation).
-        self.by_inode
-            .retain(|k, e| !Path::new(&e.path).starts_with(dir) || found.contains_key(k));
+        let (gone, kept): (HashMap<_, _>, HashMap<_, _>) = std::mem::take(&mut self.by_inode)
+            .into_iter()
+            .partition(|(k, e)| Path::new(&e.path).starts_with(dir) && !found.contains_key(k));
+        self.by_inode = kept;
         self.by_inode.extend(found);
+        self.retire(gone);
         self.watched_dirs.extend(dirs);
         before != self.file_keys()
     }
@@ -457,6 +485,15 @@ mod tests {
         assert_eq!(inv.len(), 1);
         let e2 = inv.entries().next().unwrap();
         assert_ne!(e2.key, e.key);
+        assert!(
+            !inv.file_keys().contains(&e.key),
+            "old inode leaves the kernel map"
+        );
+        assert_eq!(
+            inv.get(&e.key).map(|r| r.credential.fingerprint.clone()),
+            Some(e.credential.fingerprint.clone()),
+            "late records still resolve"
+        );
         assert_eq!(e2.credential.fingerprint, fp.fingerprint(b"fake-token-2"));
     }
 }

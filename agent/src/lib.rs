@@ -2,13 +2,15 @@
 //!
 //! Stages, in data-flow order: [`probes`] → [`decode`] → [`enrich`] (using [`process`],
 //! [`workload`]/[`kubelet`], [`inventory`]/[`credential`], [`dns`]) → [`pipeline`]
-//! ([`correlate`], sinks). `replay` enters at the pipeline.
+//! ([`correlate`], [`detect`] → [`alert`], sinks). `replay` enters at the pipeline.
 
 pub mod agent;
+pub mod alert;
 pub mod config;
 pub mod correlate;
 pub mod credential;
 pub mod decode;
+pub mod detect;
 pub mod dns;
 pub mod enrich;
 pub mod event;

@@ -32,6 +32,9 @@ enum Cmd {
         /// Write counters (events, probe drops) as JSON here every second and at exit.
         #[arg(long)]
         stats_file: Option<PathBuf>,
+        /// Where alerts go as JSON lines (`-` for stdout).
+        #[arg(long, default_value = "-")]
+        alerts: PathBuf,
     },
     /// Feed recorded NDJSON events (the `--events` format) through the pipeline.
     Replay {
@@ -42,6 +45,9 @@ enum Cmd {
         /// Write the pipeline's events (including derived credential uses) here.
         #[arg(long)]
         events: Option<PathBuf>,
+        /// Where alerts go as JSON lines (`-` for stdout).
+        #[arg(long, default_value = "-")]
+        alerts: PathBuf,
     },
     /// Validate a config file; errors name the line.
     CheckConfig { file: PathBuf },
@@ -77,6 +83,7 @@ fn real_main(cli: Cli) -> Result<()> {
             state_dir,
             events,
             stats_file,
+            alerts,
         } => {
             let cfg = load_config(config.as_ref())?;
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -88,6 +95,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     state_dir,
                     events,
                     stats_file,
+                    alerts,
                 },
             ))
         }
@@ -95,10 +103,12 @@ fn real_main(cli: Cli) -> Result<()> {
             files,
             config,
             events,
+            alerts,
         } => {
             let cfg = load_config(config.as_ref())?;
             let sink = events.as_deref().map(NdjsonSink::open).transpose()?;
-            let s = replay::replay(&cfg, &files, sink)?;
+            let alerts = NdjsonSink::open(&alerts)?;
+            let s = replay::replay(&cfg, &files, sink, Some(alerts))?;
             tracing::info!(
                 lines = s.lines,
                 events = s.events,

@@ -1,5 +1,5 @@
-//! Everything after enrichment, shared by `run` and `replay`: correlation, then the event
-//! sinks. Detectors plug in here.
+//! Everything after enrichment, shared by `run` and `replay`: correlation, detectors, then
+//! the event and alert sinks.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +12,9 @@ use anyhow::{Context, Result};
 use tracing::error;
 
 use crate::{
+    alert::Alert,
     correlate::Correlator,
+    detect::Detectors,
     enrich::IdGen,
     event::{Event, EventKind},
 };
@@ -83,21 +85,36 @@ impl NdjsonSink {
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct PipelineStats {
     pub events: BTreeMap<&'static str, u64>,
+    pub alerts: BTreeMap<&'static str, u64>,
     pub events_write_failures: u64,
+    pub alerts_write_failures: u64,
 }
 
 pub struct Pipeline {
     correlator: Correlator,
+    detectors: Detectors,
     events: Option<NdjsonSink>,
+    alerts: Option<NdjsonSink>,
     counts: BTreeMap<&'static str, u64>,
+    alert_counts: BTreeMap<&'static str, u64>,
+    fired: Vec<Alert>,
 }
 
 impl Pipeline {
-    pub fn new(correlator: Correlator, events: Option<NdjsonSink>) -> Self {
+    pub fn new(
+        correlator: Correlator,
+        detectors: Detectors,
+        events: Option<NdjsonSink>,
+        alerts: Option<NdjsonSink>,
+    ) -> Self {
         Pipeline {
             correlator,
+            detectors,
             events,
+            alerts,
             counts: BTreeMap::new(),
+            alert_counts: BTreeMap::new(),
+            fired: Vec::new(),
         }
     }
 
@@ -114,12 +131,32 @@ impl Pipeline {
         if let Some(sink) = self.events.as_mut() {
             sink.write(ev);
         }
+        self.detectors.observe(ev, &mut self.fired);
+        for a in self.fired.drain(..) {
+            *self.alert_counts.entry(a.alert.as_str()).or_default() += 1;
+            if let Some(sink) = self.alerts.as_mut() {
+                sink.write(&a);
+            }
+        }
     }
 
     pub fn flush(&mut self) {
         if let Some(s) = self.events.as_mut() {
             s.flush();
         }
+        if let Some(s) = self.alerts.as_mut() {
+            s.flush();
+        }
+    }
+
+    /// End of input: the final counts of alerts that grew since last emitted, then flush.
+    pub fn finish(&mut self) {
+        for a in self.detectors.finish() {
+            if let Some(sink) = self.alerts.as_mut() {
+                sink.write(&a);
+            }
+        }
+        self.flush();
     }
 
     pub fn count(&self, kind: EventKind) -> u64 {
@@ -129,7 +166,9 @@ impl Pipeline {
     pub fn stats(&self) -> PipelineStats {
         PipelineStats {
             events: self.counts.clone(),
+            alerts: self.alert_counts.clone(),
             events_write_failures: self.events.as_ref().map(|s| s.failed).unwrap_or(0),
+            alerts_write_failures: self.alerts.as_ref().map(|s| s.failed).unwrap_or(0),
         }
     }
 }

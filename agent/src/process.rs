@@ -212,6 +212,14 @@ pub fn parse_stat(stat: &[u8]) -> Option<(String, u32, u32)> {
     Some((comm, ppid, tty_nr))
 }
 
+/// The kernel names pseudo-terminals `pts0` (tty_struct.name); /proc and users say `pts/0`.
+pub fn kernel_tty_name(name: &str) -> String {
+    match name.strip_prefix("pts") {
+        Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => format!("pts/{n}"),
+        _ => name.to_owned(),
+    }
+}
+
 /// Device number → terminal name, for the common terminal majors.
 pub fn tty_name(tty_nr: u32) -> Option<String> {
     if tty_nr == 0 {
@@ -238,6 +246,8 @@ mod tests {
         assert_eq!(comm, "a) b (c)");
         assert_eq!(ppid, 1);
         assert_eq!(tty_name(tty).as_deref(), Some("pts/0"));
+        assert_eq!(kernel_tty_name("pts12"), "pts/12");
+        assert_eq!(kernel_tty_name("tty1"), "tty1");
         assert!(parse_stat(b"garbage").is_none());
         assert!(parse_stat(b"1 )( S").is_none());
     }

@@ -13,6 +13,7 @@ use tracing::warn;
 use crate::{
     config::Config,
     correlate::Correlator,
+    detect::Detectors,
     enrich::IdGen,
     event::{Event, EventKind},
     pipeline::{NdjsonSink, Pipeline},
@@ -29,8 +30,14 @@ pub fn replay(
     cfg: &Config,
     files: &[PathBuf],
     events_out: Option<NdjsonSink>,
+    alerts_out: Option<NdjsonSink>,
 ) -> Result<ReplaySummary> {
-    let mut pipeline = Pipeline::new(Correlator::new(cfg.correlate.window), events_out);
+    let mut pipeline = Pipeline::new(
+        Correlator::new(cfg.correlate.window),
+        Detectors::new(&cfg.detect.options()),
+        events_out,
+        alerts_out,
+    );
     let mut ids = IdGen::new();
     let mut summary = ReplaySummary::default();
     for path in files {
@@ -64,6 +71,6 @@ pub fn replay(
             pipeline.handle(ev, &mut ids);
         }
     }
-    pipeline.flush();
+    pipeline.finish();
     Ok(summary)
 }

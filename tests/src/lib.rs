@@ -74,7 +74,10 @@ impl Agent {
             .arg("--stats-file")
             .arg(dir.path().join("stats.json"))
             .args(extra)
-            .env("CREDWATCH_LOG", "info")
+            .env(
+                "CREDWATCH_LOG",
+                std::env::var("CREDWATCH_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -268,7 +268,14 @@ fn rotated_token_is_caught_and_old_inode_forgotten() {
 
     let one = |pid: u32| {
         let r = s.of("secret_read", pid);
-        assert_eq!(r.len(), 1, "pid {pid}: {r:#?}");
+        assert_eq!(
+            r.len(),
+            1,
+            "pid {pid} (before {before}, after {after}, again {again}): {r:#?}\n{:#?}\n{}\n{}",
+            s.kind("secret_read"),
+            s.stats,
+            s.stderr
+        );
         r[0].clone()
     };
     let b = one(before);
@@ -282,9 +289,12 @@ fn rotated_token_is_caught_and_old_inode_forgotten() {
         a["credential"]["fingerprint"],
         expected_fingerprint(KEY, t2.as_bytes())
     );
-    assert_eq!(
-        a["secret"]["matched"], "watched_dir",
-        "caught through the watched volume directory"
+    // Caught through the watched volume directory, not the (1 h) periodic rescan: either
+    // this read matched the directory, or the rotation's own write of the new token did
+    // and the agent had already added the new inode to the kernel map.
+    assert!(
+        a["secret"]["matched"] == "watched_dir" || a["secret"]["matched"] == "file",
+        "{a:#}"
     );
     assert_ne!(a["secret"]["inode"], b["secret"]["inode"]);
     assert!(

@@ -1,0 +1,213 @@
+//! Alerts: what detectors conclude, with the evidence that proves it, de-duplicated so a
+//! repeating finding grows a `count` instead of flooding the SOC.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{CredentialRef, Event, Timestamp, Workload};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    TokenReuse,
+    OwnerMismatch,
+    OffSchedule,
+    PrivilegeExpansion,
+    DormantCredential,
+    HumanUse,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::TokenReuse => "token_reuse",
+            AlertKind::OwnerMismatch => "owner_mismatch",
+            AlertKind::OffSchedule => "off_schedule",
+            AlertKind::PrivilegeExpansion => "privilege_expansion",
+            AlertKind::DormantCredential => "dormant_credential",
+            AlertKind::HumanUse => "human_use",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+/// One event an alert rests on, reduced to what an analyst needs to act.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub event_id: String,
+    pub ts: Timestamp,
+    pub kind: String,
+    pub workload: String,
+    pub pid: u32,
+    pub comm: String,
+    pub exe: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Evidence {
+    pub fn of(ev: &Event) -> Self {
+        Evidence {
+            event_id: ev.id.clone(),
+            ts: ev.ts,
+            kind: ev.kind.as_str().to_owned(),
+            workload: ev.workload.id.clone(),
+            pid: ev.process.tgid,
+            comm: ev.process.comm.clone(),
+            exe: ev.process.exe.clone(),
+            tty: ev.process.tty.clone(),
+            secret_path: ev.secret.as_ref().and_then(|s| s.path.clone()),
+            detail: None,
+        }
+    }
+
+    pub fn with_detail(mut self, d: impl Into<String>) -> Self {
+        self.detail = Some(d.into());
+        self
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub alert: AlertKind,
+    pub severity: Severity,
+    /// Time of the latest occurrence.
+    pub ts: Timestamp,
+    pub first_seen: Timestamp,
+    pub last_seen: Timestamp,
+    pub node: String,
+    /// One line an analyst can read in a queue.
+    pub summary: String,
+    pub workload: Workload,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialRef>,
+    pub evidence: Vec<Evidence>,
+    /// Occurrences folded into this alert within the suppression window.
+    pub count: u64,
+    /// `new` for the first occurrence, `update` when a repeat raised `count`.
+    pub status: AlertStatus,
+    /// What makes two occurrences "the same" alert (stable across restarts and nodes).
+    pub dedup_key: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertStatus {
+    New,
+    Update,
+}
+
+/// Folds repeats of the same finding (same dedup key) within `window` into one alert whose
+/// `count` and `last_seen` grow. The first occurrence is emitted at once; repeats are
+/// emitted again when the count doubles (1, 2, 4, 8…) so a growing incident stays visible
+/// without one line per occurrence.
+pub struct Dedup {
+    window_ns: i64,
+    seen: HashMap<String, Alert>,
+}
+
+impl Dedup {
+    pub fn new(window: std::time::Duration) -> Self {
+        Dedup {
+            window_ns: window.as_nanos().min(i64::MAX as u128) as i64,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Returns the alert to emit now, if any.
+    pub fn admit(&mut self, mut a: Alert) -> Option<Alert> {
+        let now = a.ts.unix_nanos();
+        if let Some(prev) = self.seen.get_mut(&a.dedup_key)
+            && now.saturating_sub(prev.last_seen.unix_nanos()) <= self.window_ns
+        {
+            prev.count += 1;
+            prev.last_seen = a.ts;
+            prev.ts = a.ts;
+            // Keep the first evidence and add what is new (bounded).
+            for e in a.evidence {
+                if prev.evidence.len() < 16
+                    && !prev.evidence.iter().any(|p| p.event_id == e.event_id)
+                {
+                    prev.evidence.push(e);
+                }
+            }
+            prev.status = AlertStatus::Update;
+            return prev.count.is_power_of_two().then(|| prev.clone());
+        }
+        a.count = 1;
+        a.status = AlertStatus::New;
+        a.first_seen = a.ts;
+        a.last_seen = a.ts;
+        if self.seen.len() >= 100_000 {
+            let w = self.window_ns;
+            self.seen
+                .retain(|_, p| now.saturating_sub(p.last_seen.unix_nanos()) <= w);
+        }
+        self.seen.insert(a.dedup_key.clone(), a.clone());
+        Some(a)
+    }
+
+    /// Final counts of alerts that grew since they were last emitted (at shutdown, so the
+    /// SOC sees the true count).
+    pub fn pending_updates(&self) -> Vec<Alert> {
+        let mut v: Vec<Alert> = self
+            .seen
+            .values()
+            .filter(|a| a.count > 1 && !a.count.is_power_of_two())
+            .cloned()
+            .collect();
+        v.sort_by_key(|a| a.first_seen);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert(key: &str, ts_s: i64) -> Alert {
+        Alert {
+            alert: AlertKind::TokenReuse,
+            severity: Severity::High,
+            ts: Timestamp::from_unix_nanos(ts_s * 1_000_000_000),
+            first_seen: Timestamp::from_unix_nanos(0),
+            last_seen: Timestamp::from_unix_nanos(0),
+            node: "n".into(),
+            summary: String::new(),
+            workload: Workload::default(),
+            credential: None,
+            evidence: Vec::new(),
+            count: 0,
+            status: AlertStatus::New,
+            dedup_key: key.into(),
+        }
+    }
+
+    #[test]
+    fn repeats_grow_count_instead_of_new_alerts() {
+        let mut d = Dedup::new(std::time::Duration::from_secs(60));
+        let first = d.admit(alert("k", 0)).unwrap();
+        assert_eq!((first.count, first.status), (1, AlertStatus::New));
+        let second = d.admit(alert("k", 1)).unwrap();
+        assert_eq!((second.count, second.status), (2, AlertStatus::Update));
+        assert!(d.admit(alert("k", 2)).is_none(), "count 3 is folded");
+        assert_eq!(d.pending_updates()[0].count, 3);
+        assert!(d.admit(alert("other", 2)).is_some());
+        // Outside the window the same key is a new alert again.
+        let again = d.admit(alert("k", 1000)).unwrap();
+        assert_eq!((again.count, again.status), (1, AlertStatus::New));
+    }
+}

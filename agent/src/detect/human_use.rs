@@ -1,0 +1,101 @@
+//! human_use: a machine credential read by a process on a terminal — somebody at a shell,
+//! an ssh session or `kubectl exec -t` — rather than by the workload itself.
+
+use super::{Detector, short_fp};
+use crate::{
+    alert::{Alert, AlertKind, AlertStatus, Evidence, Severity},
+    event::{CredentialRef, Event, EventKind},
+};
+
+pub struct HumanUse;
+
+/// Credential types that identify workloads, not people.
+const MACHINE_TYPES: &[&str] = &[
+    "k8s_sa_token",
+    "gcp_service_account_key",
+    "gcp_workload_identity",
+    "vault_token",
+    "docker_auth",
+    "tls_private_key",
+];
+
+/// A credential belongs to a machine when a workload owns it, when its type is a workload
+/// identity, or when it lives outside people's home directories.
+pub fn is_machine_credential(cred: &CredentialRef, path: Option<&str>) -> bool {
+    if cred.owner.is_some() || MACHINE_TYPES.contains(&cred.kind.as_str()) {
+        return true;
+    }
+    path.is_some_and(|p| !(p.starts_with("/home/") || p.starts_with("/root/")))
+}
+
+impl Detector for HumanUse {
+    fn observe(&mut self, ev: &Event, out: &mut Vec<Alert>) {
+        if ev.kind != EventKind::SecretRead {
+            return;
+        }
+        let Some(cred) = &ev.credential else { return };
+        let Some(tty) = &ev.process.tty else { return };
+        let path = ev.secret.as_ref().and_then(|s| s.path.as_deref());
+        if !is_machine_credential(cred, path) {
+            return;
+        }
+        out.push(Alert {
+            alert: AlertKind::HumanUse,
+            severity: if cred.kind == "k8s_sa_token" {
+                Severity::High
+            } else {
+                Severity::Medium
+            },
+            ts: ev.ts,
+            first_seen: ev.ts,
+            last_seen: ev.ts,
+            node: ev.node.clone(),
+            summary: format!(
+                "{} credential {} read from terminal {tty} by {} (uid {}) in {}",
+                cred.kind,
+                short_fp(&cred.fingerprint),
+                ev.process.comm,
+                ev.process.uid,
+                ev.workload.id
+            ),
+            workload: ev.workload.clone(),
+            credential: Some(cred.clone()),
+            evidence: vec![Evidence::of(ev).with_detail(format!("controlling terminal {tty}"))],
+            count: 1,
+            status: AlertStatus::New,
+            dedup_key: format!(
+                "human_use|{}|{}|{}",
+                ev.workload.id, ev.process.uid, cred.fingerprint
+            ),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::testutil::*;
+
+    #[test]
+    fn token_read_on_a_terminal_is_human_use() {
+        let mut out = Vec::new();
+        let mut e = read("e1", 0, host(1000, "/usr/bin/cat"), "fp", None);
+        e.process.tty = Some("pts/3".into());
+        HumanUse.observe(&e, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].summary.contains("pts/3"));
+    }
+
+    #[test]
+    fn no_terminal_or_personal_credential_is_not() {
+        let mut out = Vec::new();
+        HumanUse.observe(&read("e1", 0, pod("a", "p", "u"), "fp", None), &mut out);
+        let mut own = read("e2", 0, host(1000, "/usr/bin/ssh"), "fp", None);
+        own.process.tty = Some("pts/1".into());
+        let c = own.credential.as_mut().unwrap();
+        c.kind = "ssh_private_key".into();
+        own.secret.as_mut().unwrap().path = Some("/home/alice/.ssh/id_ed25519".into());
+        HumanUse.observe(&own, &mut out);
+        assert!(out.is_empty(), "{out:#?}");
+    }
+}

@@ -1,0 +1,140 @@
+//! Detectors: each turns events into findings on its own; [`Detectors`] runs them in order
+//! and folds repeats through [`Dedup`]. Time comes from event timestamps only, so a replay
+//! reaches the same conclusions as the live run.
+
+mod human_use;
+mod owner_mismatch;
+mod token_reuse;
+
+use std::time::Duration;
+
+pub use human_use::HumanUse;
+pub use owner_mismatch::OwnerMismatch;
+pub use token_reuse::TokenReuse;
+
+use crate::{
+    alert::{Alert, Dedup},
+    event::Event,
+};
+
+pub trait Detector {
+    fn observe(&mut self, ev: &Event, out: &mut Vec<Alert>);
+}
+
+#[derive(Clone, Debug)]
+pub struct DetectOptions {
+    /// Two workloads using one credential this close together is reuse.
+    pub reuse_window: Duration,
+    /// Repeats of one finding within this window raise its count instead of a new alert.
+    pub suppression_window: Duration,
+}
+
+impl Default for DetectOptions {
+    fn default() -> Self {
+        DetectOptions {
+            reuse_window: Duration::from_secs(3600),
+            suppression_window: Duration::from_secs(3600),
+        }
+    }
+}
+
+pub struct Detectors {
+    detectors: Vec<Box<dyn Detector + Send>>,
+    dedup: Dedup,
+    scratch: Vec<Alert>,
+}
+
+impl Detectors {
+    pub fn new(opts: &DetectOptions) -> Self {
+        Detectors {
+            detectors: vec![
+                Box::new(TokenReuse::new(opts.reuse_window)),
+                Box::new(OwnerMismatch),
+                Box::new(HumanUse),
+            ],
+            dedup: Dedup::new(opts.suppression_window),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn observe(&mut self, ev: &Event, out: &mut Vec<Alert>) {
+        for d in &mut self.detectors {
+            d.observe(ev, &mut self.scratch);
+        }
+        for a in self.scratch.drain(..) {
+            out.extend(self.dedup.admit(a));
+        }
+    }
+
+    /// Alerts whose count grew since they were last emitted.
+    pub fn finish(&mut self) -> Vec<Alert> {
+        self.dedup.pending_updates()
+    }
+}
+
+/// `hmac-sha256:0123abcd…` → `0123abcd` for summaries.
+pub(crate) fn short_fp(fp: &str) -> &str {
+    let hex = fp.rsplit(':').next().unwrap_or(fp);
+    &hex[..hex.len().min(12)]
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use crate::event::{
+        CredentialRef, Event, EventKind, Owner, SecretRef, Timestamp, Workload, WorkloadKind,
+    };
+
+    pub fn pod(ns: &str, name: &str, uid: &str) -> Workload {
+        Workload {
+            kind: WorkloadKind::Pod,
+            id: format!("pod:{ns}/{name}"),
+            namespace: Some(ns.into()),
+            pod: Some(name.into()),
+            pod_uid: Some(uid.into()),
+            service_account: Some("sa".into()),
+            ..Default::default()
+        }
+    }
+
+    pub fn host(uid: u32, exe: &str) -> Workload {
+        Workload {
+            kind: WorkloadKind::Host,
+            id: format!("host:{uid}:{exe}"),
+            ..Default::default()
+        }
+    }
+
+    pub fn read(id: &str, ts_s: i64, w: Workload, fp: &str, owner: Option<Owner>) -> Event {
+        let mut e = Event::new(
+            id.into(),
+            Timestamp::from_unix_nanos(ts_s * 1_000_000_000),
+            "node-1",
+            EventKind::SecretRead,
+        );
+        e.workload = w;
+        e.process.tgid = 100;
+        e.process.comm = "api".into();
+        e.secret = Some(SecretRef {
+            path: Some(format!("/secrets/{fp}")),
+            ..Default::default()
+        });
+        e.credential = Some(CredentialRef {
+            fingerprint: fp.into(),
+            kind: "k8s_sa_token".into(),
+            owner,
+            ..Default::default()
+        });
+        e
+    }
+
+    pub fn owner_pod(ns: &str, name: &str, uid: &str) -> Owner {
+        Owner {
+            kind: WorkloadKind::Pod,
+            id: format!("pod:{ns}/{name}"),
+            namespace: Some(ns.into()),
+            pod: Some(name.into()),
+            pod_uid: Some(uid.into()),
+            source: "kubelet_volume".into(),
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Detections, live: real probes, kubelet-style pods, the agent's alert stream on stdout.
+//! (Per-detector near misses are unit tests in agent/src/detect; `replay_*` below runs
+//! hand-built NDJSON through `credwatch replay`.)
+
+use std::{path::Path, process::Command};
+
+use credwatch_tests::{
+    Agent, PodVolume, TestCgroup, actor, bpf_available, credwatch_bin, fake_sa_token, serve_http,
+    unique, workdir,
+};
+use serde_json::Value;
+
+const ACTOR: &str = env!("CARGO_BIN_EXE_cw-actor");
+const UID_A: &str = "0a1b2c3d-4e5f-4789-abcd-ef0123456789";
+const CID_A: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
+const UID_B: &str = "9f8e7d6c-5b4a-4321-8fed-cba987654321";
+const CID_B: &str = "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
+
+fn pod_cgroup(pod_uid: &str, container_id: &str) -> TestCgroup {
+    TestCgroup::create(&format!(
+        "{}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{container_id}.scope",
+        unique("cwtest"),
+        pod_uid.replace('-', "_"),
+    ))
+}
+
+fn config(kubelet: &Path) -> String {
+    let port = serve_http(
+        std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/kubelet-pods.json"
+        ))
+        .unwrap(),
+    );
+    format!(
+        "[secrets]\ncatalog = true\n[kubernetes]\nkubelet_url = \"http://127.0.0.1:{port}\"\nkubelet_root = \"{}\"\n[fingerprint]\nkey = \"test-key\"\n",
+        kubelet.display()
+    )
+}
+
+fn alerts(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("alert JSON"))
+        .collect()
+}
+
+fn of_kind<'a>(alerts: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    alerts.iter().filter(|a| a["alert"] == kind).collect()
+}
+
+#[test]
+fn two_pods_with_copies_of_one_token_raise_one_growing_token_reuse() {
+    if !bpf_available("two_pods_with_copies_of_one_token_raise_one_growing_token_reuse") {
+        return;
+    }
+    let w = workdir();
+    let kubelet = w.path().join("kubelet");
+    // The same token value in two pods' volumes (a copied credential).
+    let token = fake_sa_token("payments", "payments-api", "api-7f9c", UID_A, 7);
+    let va = PodVolume::create(&kubelet, UID_A, "kube-api-access-a", &token);
+    let vb = PodVolume::create(&kubelet, UID_B, "kube-api-access-b", &token);
+    let (ca, cb) = (pod_cgroup(UID_A, CID_A), pod_cgroup(UID_B, CID_B));
+    let ta = va.dir.join("token");
+    let tb = vb.dir.join("token");
+
+    let agent = Agent::start(&config(&kubelet));
+    for _ in 0..2 {
+        actor(
+            ACTOR,
+            &[
+                "join-cgroup",
+                ca.path.to_str().unwrap(),
+                "+",
+                "open",
+                ta.to_str().unwrap(),
+            ],
+        );
+        actor(
+            ACTOR,
+            &[
+                "join-cgroup",
+                cb.path.to_str().unwrap(),
+                "+",
+                "open",
+                tb.to_str().unwrap(),
+            ],
+        );
+    }
+    let s = agent.stop();
+    let all = alerts(&s.stdout);
+    let reuse = of_kind(&all, "token_reuse");
+    let new: Vec<_> = reuse.iter().filter(|a| a["status"] == "new").collect();
+    assert_eq!(new.len(), 1, "exactly one new token_reuse: {reuse:#?}");
+    assert!(reuse.iter().all(|a| a["dedup_key"] == new[0]["dedup_key"]));
+    let last = reuse.last().unwrap();
+    assert!(
+        last["count"].as_u64().unwrap() >= 3,
+        "count grows with each further use: {last:#}"
+    );
+    let summary = new[0]["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("pod:payments/api-7f9c") && summary.contains("pod:billing/worker-2"),
+        "{summary}"
+    );
+    assert_eq!(new[0]["credential"]["type"], "k8s_sa_token");
+    assert!(
+        of_kind(&all, "owner_mismatch").is_empty(),
+        "each pod read its own copy: {all:#?}"
+    );
+}
+
+#[test]
+fn pod_reading_another_pods_token_is_owner_mismatch() {
+    if !bpf_available("pod_reading_another_pods_token_is_owner_mismatch") {
+        return;
+    }
+    let w = workdir();
+    let kubelet = w.path().join("kubelet");
+    let _va = PodVolume::create(
+        &kubelet,
+        UID_A,
+        "kube-api-access-a",
+        &fake_sa_token("payments", "payments-api", "api-7f9c", UID_A, 1),
+    );
+    let vb = PodVolume::create(
+        &kubelet,
+        UID_B,
+        "kube-api-access-b",
+        &fake_sa_token("billing", "billing-worker", "worker-2", UID_B, 2),
+    );
+    let ca = pod_cgroup(UID_A, CID_A);
+
+    let agent = Agent::start(&config(&kubelet));
+    let (pid, _) = actor(
+        ACTOR,
+        &[
+            "join-cgroup",
+            ca.path.to_str().unwrap(),
+            "+",
+            "open",
+            vb.dir.join("token").to_str().unwrap(),
+        ],
+    );
+    let s = agent.stop();
+    let all = alerts(&s.stdout);
+    let m = of_kind(&all, "owner_mismatch");
+    assert_eq!(m.len(), 1, "{all:#?}");
+    let a = m[0];
+    assert_eq!(a["workload"]["id"], "pod:payments/api-7f9c");
+    assert_eq!(a["credential"]["owner"]["id"], "pod:billing/worker-2");
+    assert_eq!(a["severity"], "high");
+    assert_eq!(a["evidence"][0]["pid"], pid);
+    let summary = a["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("pod:payments/api-7f9c") && summary.contains("pod:billing/worker-2"),
+        "{summary}"
+    );
+    assert!(of_kind(&all, "token_reuse").is_empty());
+}
+
+#[test]
+fn token_read_through_a_pseudo_terminal_is_human_use() {
+    if !bpf_available("token_read_through_a_pseudo_terminal_is_human_use") {
+        return;
+    }
+    let w = workdir();
+    let kubelet = w.path().join("kubelet");
+    let va = PodVolume::create(
+        &kubelet,
+        UID_A,
+        "kube-api-access-a",
+        &fake_sa_token("payments", "payments-api", "api-7f9c", UID_A, 3),
+    );
+    let token = va.dir.join("token");
+
+    let agent = Agent::start(&config(&kubelet));
+    // `script` gives the command a pseudo-terminal, as an interactive session would.
+    let out = Command::new("script")
+        .args([
+            "-qec",
+            &format!("cat {} > /dev/null", token.display()),
+            "/dev/null",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "script: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = agent.stop();
+    let all = alerts(&s.stdout);
+    let h = of_kind(&all, "human_use");
+    assert_eq!(h.len(), 1, "{all:#?}");
+    assert_eq!(h[0]["evidence"][0]["comm"], "cat");
+    assert!(
+        h[0]["evidence"][0]["tty"]
+            .as_str()
+            .unwrap()
+            .starts_with("pts/"),
+        "{:#}",
+        h[0]
+    );
+    assert_eq!(h[0]["credential"]["type"], "k8s_sa_token");
+}
+
+/// Hand-built NDJSON through `credwatch replay`: the alerts come out on stdout, and the
+/// near misses in the same stream stay silent.
+#[test]
+fn replay_of_hand_built_events_fires_exactly_the_expected_alerts() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/replay-detections.ndjson"
+    );
+    assert!(
+        credwatch_bin().exists(),
+        "agent binary missing: run `cargo xtask test`"
+    );
+    let out = Command::new(credwatch_bin())
+        .arg("replay")
+        .arg(fixture)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = alerts(&String::from_utf8_lossy(&out.stdout));
+    let kinds: Vec<(&str, &str)> = all
+        .iter()
+        .map(|a| {
+            (
+                a["alert"].as_str().unwrap(),
+                a["workload"]["id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("token_reuse", "pod:billing/worker-2"),
+            ("owner_mismatch", "pod:billing/worker-2"),
+            ("owner_mismatch", "host:1000:/usr/bin/cat"),
+            ("human_use", "host:1000:/usr/bin/cat"),
+        ],
+        "{all:#?}"
+    );
+}
