@@ -16,7 +16,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::Config,
@@ -156,7 +156,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         Some(alerts),
     );
     let ids = IdGen::new();
-    let enricher = Enricher {
+    let mut enricher = Enricher {
         node: node_name(&cfg),
         clock: BootClock::now(),
         procs: ProcessTable::new("/proc", 1 << 20),
@@ -172,6 +172,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         stats: EnrichStats::default(),
     };
 
+    // After attaching: processes started from here on are seen by the probes.
+    let procs = enricher.procs.bootstrap();
+    debug!(processes = procs, "process table loaded from /proc");
     let mut live = Live {
         enricher,
         pipeline,

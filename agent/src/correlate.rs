@@ -104,10 +104,6 @@ impl Correlator {
             !l.is_empty()
         });
     }
-
-    pub fn pending(&self) -> usize {
-        self.reads.values().map(Vec::len).sum()
-    }
 }
 
 #[cfg(test)]

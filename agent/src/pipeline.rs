@@ -11,13 +11,7 @@ use std::{
 use anyhow::{Context, Result};
 use tracing::error;
 
-use crate::{
-    alert::Alert,
-    correlate::Correlator,
-    detect::Detectors,
-    enrich::IdGen,
-    event::{Event, EventKind},
-};
+use crate::{alert::Alert, correlate::Correlator, detect::Detectors, enrich::IdGen, event::Event};
 
 /// NDJSON writer that never takes the agent down: write failures (full disk, closed pipe)
 /// are counted and logged once per burst, and the pipeline keeps running.
@@ -157,10 +151,6 @@ impl Pipeline {
             }
         }
         self.flush();
-    }
-
-    pub fn count(&self, kind: EventKind) -> u64 {
-        self.counts.get(kind.as_str()).copied().unwrap_or(0)
     }
 
     pub fn stats(&self) -> PipelineStats {

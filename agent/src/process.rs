@@ -52,15 +52,39 @@ impl ProcessTable {
         self.procs.get(&tgid)
     }
 
-    /// The entry for `tgid`, created from /proc or from its parent's entry when unknown.
+    /// Loads every process that exists now. Run once the probes are attached: anything
+    /// that starts later is seen by them.
+    pub fn bootstrap(&mut self) -> usize {
+        let Ok(dir) = fs::read_dir(&self.proc_root) else {
+            return 0;
+        };
+        let pids: Vec<u32> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        for pid in pids {
+            if !self.procs.contains_key(&pid)
+                && let Some(e) = self.read_proc(pid)
+            {
+                self.insert(e);
+            }
+        }
+        self.procs.len()
+    }
+
+    /// The entry for `tgid`. A process not yet in the table started after the bootstrap:
+    /// fork gave it its parent's credentials, executable and terminal, which is its state
+    /// before the record at hand. Its own /proc entry would show a later state (after the
+    /// exec or setuid being reported), so it is only the fallback for an unknown parent.
     pub fn lookup(&mut self, tgid: u32, ppid: u32, comm: &str) -> &mut ProcEntry {
         if !self.procs.contains_key(&tgid) {
             let entry = self
-                .read_proc(tgid)
-                .or_else(|| self.inherit(tgid, ppid, comm))
+                .inherit(tgid, ppid, comm)
+                .or_else(|| self.read_proc(tgid))
                 .unwrap_or_else(|| ProcEntry {
                     tgid,
                     ppid,
+                    uid: u32::MAX,
+                    euid: u32::MAX,
                     comm: comm.to_owned(),
                     ..Default::default()
                 });
@@ -156,27 +180,6 @@ impl ProcessTable {
         });
     }
 
-    /// Ancestors of `tgid`, nearest first, at most `depth`.
-    pub fn ancestry(&mut self, tgid: u32, depth: usize) -> Vec<ProcEntry> {
-        let mut out = Vec::new();
-        let mut cur = self.procs.get(&tgid).map(|e| e.ppid).unwrap_or(0);
-        while cur > 1 && out.len() < depth {
-            let e = match self.procs.get(&cur) {
-                Some(e) => e.clone(),
-                None => match self.read_proc(cur) {
-                    Some(e) => {
-                        self.insert(e.clone());
-                        e
-                    }
-                    None => break,
-                },
-            };
-            cur = e.ppid;
-            out.push(e);
-        }
-        out
-    }
-
     pub fn info(e: &ProcEntry, pid: u32, gid: u32, egid: u32) -> ProcessInfo {
         ProcessInfo {
             pid,
@@ -266,7 +269,34 @@ mod tests {
         assert_eq!(child.exe, "/usr/bin/python3");
         assert_eq!(child.tty.as_deref(), Some("pts/1"));
         assert_eq!(child.comm, "worker");
-        assert_eq!(t.ancestry(101, 4).len(), 1);
+    }
+
+    /// The record is processed after the process already changed (setuid + set-uid exec):
+    /// its /proc entry shows the later state, the parent's shows the state before.
+    #[test]
+    fn new_process_starts_from_its_parent_not_its_later_proc_state() {
+        let root = tempfile::tempdir().unwrap();
+        let write = |pid: u32, ppid: u32, uid: &str| {
+            let d = root.path().join(pid.to_string());
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("stat"), format!("{pid} (x) S {ppid} 1 1 0 -1")).unwrap();
+            fs::write(d.join("status"), format!("Name:\tx\nUid:\t{uid}\n")).unwrap();
+        };
+        write(10, 1, "0\t0\t0\t0");
+        let mut t = ProcessTable::new(root.path(), 16);
+        assert_eq!(t.bootstrap(), 1);
+        write(11, 10, "1000\t0\t0\t0");
+        let e = t.lookup(11, 10, "child").clone();
+        assert_eq!(
+            (e.uid, e.euid),
+            (0, 0),
+            "state before the change comes from the parent"
+        );
+        // Unknown parent: /proc is the only source left.
+        write(21, 20, "1000\t1000\t1000\t1000");
+        assert_eq!(t.lookup(21, 20, "orphan").uid, 1000);
+        // Nothing anywhere: unknown, not root.
+        assert_eq!(t.lookup(31, 30, "ghost").uid, u32::MAX);
     }
 
     #[test]

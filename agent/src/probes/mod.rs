@@ -7,7 +7,6 @@ pub mod host;
 use std::{
     collections::HashSet,
     fs::File,
-    os::fd::{AsRawFd, RawFd},
     path::{Path, PathBuf},
 };
 
@@ -17,7 +16,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, TracePoint},
 };
-use credwatch_common::{InodeKey, KernelConfig, PROBE_COUNT, PROBE_NAMES, SETTING_WATCHED_DIRS};
+use credwatch_common::{InodeKey, KernelConfig, PROBE_COUNT, SETTING_WATCHED_DIRS};
 use tracing::{debug, info, warn};
 
 /// The probe object, built from `ebpf/` by build.rs.
@@ -63,7 +62,8 @@ impl Default for SensorOptions {
 
 /// Loaded and attached probes. Dropping it detaches everything (links are owned fds).
 pub struct Sensors {
-    ebpf: Ebpf,
+    /// Owns the loaded programs and their links: dropping it detaches every probe.
+    _ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     ring: Option<RingBuf<MapData>>,
     secret_inodes: BpfHashMap<MapData, InodeKey, u32>,
@@ -193,7 +193,7 @@ impl Sensors {
         let settings = Array::try_from(ebpf.take_map("SETTINGS").context("map SETTINGS")?)?;
         info!(programs = attached.len(), cgroup2 = %cgroup2_root.display(), "probes attached");
         Ok(Sensors {
-            ebpf,
+            _ebpf: ebpf,
             logger,
             ring: Some(ring),
             secret_inodes,
@@ -252,14 +252,6 @@ impl Sensors {
         if let Some(l) = self.logger.as_mut() {
             l.flush();
         }
-    }
-
-    pub fn probe_names() -> &'static [&'static str] {
-        &PROBE_NAMES
-    }
-
-    pub fn program_count(&self) -> usize {
-        self.ebpf.programs().count()
     }
 }
 
@@ -334,9 +326,4 @@ fn attach_tracepoint(
         warn!("no tracepoint for {prog} exists on this kernel");
     }
     Ok(())
-}
-
-/// Raw fd of the ring buffer, for readiness polling.
-pub fn ring_fd(ring: &RingBuf<MapData>) -> RawFd {
-    ring.as_raw_fd()
 }
