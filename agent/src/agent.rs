@@ -191,28 +191,22 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
             cfg.kubernetes.ca_file.as_deref(),
             cfg.kubernetes.insecure_skip_tls_verify,
         )?;
-        let every = cfg.kubernetes.refresh_interval;
-        tokio::spawn(async move {
-            let mut failing = false;
-            loop {
-                match client.fetch().await {
-                    Ok(dir) => {
-                        failing = false;
-                        if pods_tx.send(dir).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) if !failing => {
-                        warn!(
-                            "kubelet pod list unavailable, pods are named by uid until it returns: {e:#}"
-                        );
-                        failing = true;
-                    }
-                    Err(_) => {}
-                }
-                tokio::time::sleep(every).await;
+        // First list before "ready", so the first events already carry pod names.
+        match tokio::time::timeout(Duration::from_secs(5), client.fetch()).await {
+            Ok(Ok(dir)) => live.enricher.pods = dir,
+            Ok(Err(e)) => {
+                warn!("kubelet pod list unavailable, pods are named by uid until it returns: {e:#}")
             }
-        });
+            Err(_) => warn!("kubelet pod list timed out; pods are named by uid until it returns"),
+        }
+        let miss = std::sync::Arc::new(tokio::sync::Notify::new());
+        live.enricher.pod_miss = Some(miss.clone());
+        tokio::spawn(refresh_pods(
+            client,
+            cfg.kubernetes.refresh_interval,
+            miss,
+            pods_tx,
+        ));
     }
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -298,6 +292,39 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let total_drops: u64 = drops.iter().sum();
     info!(events = ?live.pipeline.stats().events, drops = total_drops, "credwatch stopped");
     Ok(())
+}
+
+/// Keeps the pod list fresh: every `every`, and at most once a second when a pod uid was
+/// missing from it (a pod newer than the last list).
+async fn refresh_pods(
+    client: KubeletClient,
+    every: Duration,
+    miss: std::sync::Arc<tokio::sync::Notify>,
+    tx: watch::Sender<PodDirectory>,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = miss.notified() => {}
+        }
+        match client.fetch().await {
+            Ok(dir) => {
+                failing = false;
+                if tx.send(dir).is_err() {
+                    return;
+                }
+            }
+            Err(e) if !failing => {
+                warn!(
+                    "kubelet pod list unavailable, pods are named by uid until it returns: {e:#}"
+                );
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// The stages a drained record goes through, owned by the run loop.

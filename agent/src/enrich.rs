@@ -268,6 +268,11 @@ impl Enricher {
                 self.names.insert(&answer, ts.unix_nanos());
                 let mut ev = Event::new(ids.next_id(), ts, &self.node, EventKind::Dns);
                 ev.workload = self.workloads.resolve(h.cgroup_id, 0, "", &self.pods);
+                // Answers arrive in softirq context: the receiving socket's cgroup names
+                // the workload, but no process does.
+                if ev.workload.kind == crate::event::WorkloadKind::Host {
+                    ev.workload.id = "host".into();
+                }
                 ev.dns = Some(answer);
                 out.push(ev);
             }

@@ -286,10 +286,17 @@ pub fn unique(tag: &str) -> String {
 /// Serves `body` as the answer to every HTTP request on 127.0.0.1 (the kubelet's `/pods`
 /// in tests). Returns the port; the server lives as long as the process.
 pub fn serve_http(body: Vec<u8>) -> u16 {
+    serve_http_sequence(vec![body])
+}
+
+/// Like [`serve_http`], but request n gets `bodies[n]`, and every later one the last body
+/// (a pod list that changes after the first fetch).
+pub fn serve_http_sequence(bodies: Vec<Vec<u8>>) -> u16 {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
+        let mut served = 0usize;
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
             let mut req = Vec::new();
@@ -300,13 +307,15 @@ pub fn serve_http(body: Vec<u8>) -> u16 {
                     Ok(n) => req.extend_from_slice(&buf[..n]),
                 }
             }
+            let body = &bodies[served.min(bodies.len() - 1)];
+            served += 1;
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
             let _ = conn
                 .write_all(head.as_bytes())
-                .and_then(|_| conn.write_all(&body));
+                .and_then(|_| conn.write_all(body));
         }
     });
     port

@@ -308,3 +308,57 @@ fn rotated_token_is_caught_and_old_inode_forgotten() {
     );
     assert_eq!(g["secret"]["inode"], a["secret"]["inode"]);
 }
+
+#[test]
+fn pod_newer_than_the_pod_list_is_named_after_a_refresh() {
+    if !bpf_available("pod_newer_than_the_pod_list_is_named_after_a_refresh") {
+        return;
+    }
+    let w = workdir();
+    let kubelet = w.path().join("kubelet");
+    let token = fake_sa_token("payments", "payments-api", "api-7f9c", UID_A, 5);
+    let vol = PodVolume::create(&kubelet, UID_A, "kube-api-access-a", &token);
+    let cg = pod_cgroup(UID_A, CID_A);
+    // The first list predates the pod; every later one has it.
+    let empty = br#"{"kind":"PodList","apiVersion":"v1","metadata":{},"items":[]}"#.to_vec();
+    let full = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/kubelet-pods.json"
+    ))
+    .unwrap();
+    let port = credwatch_tests::serve_http_sequence(vec![empty, full]);
+    // Periodic refresh far away: only the miss can trigger the second list.
+    let cfg = kube_config(port, &kubelet, "").replace(
+        "trust_domain = \"cluster.local\"\n",
+        "trust_domain = \"cluster.local\"\nrefresh_interval = \"1h\"\n",
+    );
+
+    let agent = Agent::start(&cfg);
+    let token_path = vol.dir.join("token");
+    let open = [
+        "join-cgroup",
+        cg.path.to_str().unwrap(),
+        "+",
+        "open",
+        token_path.to_str().unwrap(),
+    ];
+    let first = actor(ACTOR, &open).0;
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let second = actor(ACTOR, &open).0;
+    let s = agent.stop();
+
+    let wl = |pid: u32| s.of("secret_read", pid)[0]["workload"].clone();
+    let before = wl(first);
+    assert_eq!(
+        before["id"],
+        format!("pod:uid/{UID_A}"),
+        "not in the first list yet: named by uid"
+    );
+    assert_eq!(before["pod_uid"], UID_A);
+    let after = wl(second);
+    assert_eq!(
+        after["id"], "pod:payments/api-7f9c",
+        "the miss refreshed the pod list"
+    );
+    assert_eq!(after["service_account"], "payments-api");
+}
