@@ -103,6 +103,35 @@ pub struct Alert {
     pub dedup_key: String,
 }
 
+impl Alert {
+    /// A new finding about the workload of `ev`, at the time of `ev`.
+    pub fn about(
+        alert: AlertKind,
+        severity: Severity,
+        ev: &Event,
+        credential: &CredentialRef,
+        summary: String,
+        evidence: Vec<Evidence>,
+        dedup_key: String,
+    ) -> Self {
+        Alert {
+            alert,
+            severity,
+            ts: ev.ts,
+            first_seen: ev.ts,
+            last_seen: ev.ts,
+            node: ev.node.clone(),
+            summary,
+            workload: ev.workload.clone(),
+            credential: Some(credential.clone()),
+            evidence,
+            count: 1,
+            status: AlertStatus::New,
+            dedup_key,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AlertStatus {

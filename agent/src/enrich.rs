@@ -190,22 +190,20 @@ impl Enricher {
                 });
                 // A set-id binary (or file capabilities) changes credentials at exec.
                 let known = old_uid != u32::MAX;
-                let gained_caps = r.cap_effective & !old_caps != 0 && old_caps != 0;
+                let gained_caps = r.cap_effective & !old_caps != 0;
                 let changed = known && (old_euid != h.euid || old_uid != h.uid || gained_caps);
                 let priv_ev = changed.then(|| {
                     let mut p = ev.clone();
                     p.id = ids.next_id();
                     p.kind = EventKind::PrivChange;
                     p.exec = None;
-                    p.priv_change = Some(PrivChange {
-                        via: "exec".into(),
-                        old_uid,
-                        old_euid,
-                        new_uid: h.uid,
-                        new_euid: h.euid,
-                        old_cap_effective: old_caps,
-                        new_cap_effective: r.cap_effective,
-                    });
+                    p.priv_change = Some(PrivChange::new(
+                        "exec",
+                        (old_uid, old_euid, old_caps),
+                        h.uid,
+                        h.euid,
+                        r.cap_effective,
+                    ));
                     p
                 });
                 out.push(ev);
@@ -247,15 +245,13 @@ impl Enricher {
                 entry.cap_effective = r.cap_effective;
                 let entry = entry.clone();
                 let mut ev = self.base(ids, ts, EventKind::PrivChange, &h, &entry);
-                ev.priv_change = Some(PrivChange {
-                    via: syscall_name(r.syscall_nr).into(),
-                    old_uid,
-                    old_euid,
-                    new_uid: h.uid,
-                    new_euid: h.euid,
-                    old_cap_effective: old_caps,
-                    new_cap_effective: r.cap_effective,
-                });
+                ev.priv_change = Some(PrivChange::new(
+                    syscall_name(r.syscall_nr),
+                    (old_uid, old_euid, old_caps),
+                    h.uid,
+                    h.euid,
+                    r.cap_effective,
+                ));
                 out.push(ev);
             }
             Record::Dns(r) => {

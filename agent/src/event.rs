@@ -219,6 +219,21 @@ pub struct PrivChange {
     pub new_cap_effective: u64,
 }
 
+impl PrivChange {
+    /// `before` is (uid, euid, effective caps) as the process table knew them.
+    pub fn new(via: &str, before: (u32, u32, u64), uid: u32, euid: u32, caps: u64) -> Self {
+        PrivChange {
+            via: via.to_owned(),
+            old_uid: before.0,
+            old_euid: before.1,
+            new_uid: uid,
+            new_euid: euid,
+            old_cap_effective: before.2,
+            new_cap_effective: caps,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DnsAnswer {
     pub name: String,

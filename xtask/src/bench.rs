@@ -15,6 +15,16 @@ use anyhow::{Context, Result, bail};
 
 const ROUNDS: usize = 5;
 const AUDIT_KEY: &str = "credwatch_bench";
+/// The syscall rule equivalent to credwatch's connect probe (added with -a, removed with -d).
+const AUDIT_CONNECT_RULE: [&str; 7] = [
+    "always,exit",
+    "-F",
+    "arch=b64",
+    "-S",
+    "connect",
+    "-k",
+    AUDIT_KEY,
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Monitor {
@@ -374,16 +384,8 @@ fn start(m: Monitor, agent: &Path, work: &Path, secret: &str) -> Result<Running>
             )?;
             crate::run(
                 Command::new("auditctl")
-                    .args([
-                        "-a",
-                        "always,exit",
-                        "-F",
-                        "arch=b64",
-                        "-S",
-                        "connect",
-                        "-k",
-                        AUDIT_KEY,
-                    ])
+                    .arg("-a")
+                    .args(AUDIT_CONNECT_RULE)
                     .stdout(Stdio::null()),
             )?;
             Running::Auditd {
@@ -491,16 +493,8 @@ fn remove_audit_rules(secret: &str) {
         .stderr(Stdio::null())
         .status();
     let _ = Command::new("auditctl")
-        .args([
-            "-d",
-            "always,exit",
-            "-F",
-            "arch=b64",
-            "-S",
-            "connect",
-            "-k",
-            AUDIT_KEY,
-        ])
+        .arg("-d")
+        .args(AUDIT_CONNECT_RULE)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();

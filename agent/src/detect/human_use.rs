@@ -3,7 +3,7 @@
 
 use super::{Detector, short_fp};
 use crate::{
-    alert::{Alert, AlertKind, AlertStatus, Evidence, Severity},
+    alert::{Alert, AlertKind, Evidence, Severity},
     event::{CredentialRef, Event, EventKind},
 };
 
@@ -39,18 +39,17 @@ impl Detector for HumanUse {
         if !is_machine_credential(cred, path) {
             return;
         }
-        out.push(Alert {
-            alert: AlertKind::HumanUse,
-            severity: if cred.kind == "k8s_sa_token" {
-                Severity::High
-            } else {
-                Severity::Medium
-            },
-            ts: ev.ts,
-            first_seen: ev.ts,
-            last_seen: ev.ts,
-            node: ev.node.clone(),
-            summary: format!(
+        let severity = if cred.kind == "k8s_sa_token" {
+            Severity::High
+        } else {
+            Severity::Medium
+        };
+        out.push(Alert::about(
+            AlertKind::HumanUse,
+            severity,
+            ev,
+            cred,
+            format!(
                 "{} credential {} read from terminal {tty} by {} (uid {}) in {}",
                 cred.kind,
                 short_fp(&cred.fingerprint),
@@ -58,16 +57,12 @@ impl Detector for HumanUse {
                 ev.process.uid,
                 ev.workload.id
             ),
-            workload: ev.workload.clone(),
-            credential: Some(cred.clone()),
-            evidence: vec![Evidence::of(ev).with_detail(format!("controlling terminal {tty}"))],
-            count: 1,
-            status: AlertStatus::New,
-            dedup_key: format!(
+            vec![Evidence::of(ev).with_detail(format!("controlling terminal {tty}"))],
+            format!(
                 "human_use|{}|{}|{}",
                 ev.workload.id, ev.process.uid, cred.fingerprint
             ),
-        });
+        ));
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::{Detector, short_fp};
 use crate::{
-    alert::{Alert, AlertKind, AlertStatus, Evidence, Severity},
+    alert::{Alert, AlertKind, Evidence, Severity},
     event::{Event, EventKind, Owner, Workload, WorkloadKind},
 };
 
@@ -27,29 +27,21 @@ impl Detector for OwnerMismatch {
         if is_owner(owner, &ev.workload) {
             return;
         }
-        out.push(Alert {
-            alert: AlertKind::OwnerMismatch,
-            severity: Severity::High,
-            ts: ev.ts,
-            first_seen: ev.ts,
-            last_seen: ev.ts,
-            node: ev.node.clone(),
-            summary: format!(
+        out.push(Alert::about(
+            AlertKind::OwnerMismatch,
+            Severity::High,
+            ev,
+            cred,
+            format!(
                 "{} read {} credential {} owned by {}",
                 ev.workload.id,
                 cred.kind,
                 short_fp(&cred.fingerprint),
                 owner.id
             ),
-            workload: ev.workload.clone(),
-            credential: Some(cred.clone()),
-            evidence: vec![
-                Evidence::of(ev).with_detail(format!("owner {} ({})", owner.id, owner.source)),
-            ],
-            count: 1,
-            status: AlertStatus::New,
-            dedup_key: format!("owner_mismatch|{}|{}", ev.workload.id, cred.fingerprint),
-        });
+            vec![Evidence::of(ev).with_detail(format!("owner {} ({})", owner.id, owner.source))],
+            format!("owner_mismatch|{}|{}", ev.workload.id, cred.fingerprint),
+        ));
     }
 }
 

@@ -5,7 +5,7 @@ use std::{collections::HashMap, time::Duration};
 
 use super::{Detector, short_fp};
 use crate::{
-    alert::{Alert, AlertKind, AlertStatus, Evidence, Severity},
+    alert::{Alert, AlertKind, Evidence, Severity},
     event::{Event, EventKind, Workload, WorkloadKind},
 };
 
@@ -87,27 +87,21 @@ impl Detector for TokenReuse {
         names.sort_unstable();
         let mut evidence: Vec<Evidence> = others.iter().map(|h| h.evidence.clone()).collect();
         evidence.push(Evidence::of(ev));
-        out.push(Alert {
-            alert: AlertKind::TokenReuse,
-            severity: Severity::High,
-            ts: ev.ts,
-            first_seen: ev.ts,
-            last_seen: ev.ts,
-            node: ev.node.clone(),
-            summary: format!(
+        out.push(Alert::about(
+            AlertKind::TokenReuse,
+            Severity::High,
+            ev,
+            cred,
+            format!(
                 "{} credential {} used by {} workloads: {}",
                 cred.kind,
                 short_fp(&cred.fingerprint),
                 names.len(),
                 names.join(", ")
             ),
-            workload: ev.workload.clone(),
-            credential: Some(cred.clone()),
             evidence,
-            count: 1,
-            status: AlertStatus::New,
-            dedup_key: format!("token_reuse|{}", cred.fingerprint),
-        });
+            format!("token_reuse|{}", cred.fingerprint),
+        ));
     }
 }
 
