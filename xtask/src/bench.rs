@@ -590,19 +590,23 @@ fn pipeline_throughput(agent: &Path, load: &Path, work: &Path) -> Result<Pipelin
             .arg(&file),
     )?;
     let t = Instant::now();
-    let out = Command::new(agent)
+    // Alerts go to /dev/null: the cost measured is the pipeline's, not the terminal's.
+    let child = Command::new(agent)
         .arg("replay")
         .arg(&file)
         .env("CREDWATCH_LOG", "warn")
-        .output()?;
-    let seconds = t.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!("replay failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    // RUSAGE_CHILDREN: the largest RSS of any waited-for child; the replay is the largest.
-    // SAFETY: getrusage fills the zeroed struct.
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    // wait4 gives this child's own peak RSS (RUSAGE_CHILDREN would include earlier builds).
+    let mut status = 0;
+    // SAFETY: waiting on our own child with valid out-pointers.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    let seconds = t.elapsed().as_secs_f64();
+    if pid < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("replay of {} failed (status {status})", file.display());
+    }
     let _ = fs::remove_file(&file);
     Ok(Pipeline {
         events: EVENTS,
