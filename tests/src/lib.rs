@@ -429,3 +429,30 @@ pub fn workdir() -> tempfile::TempDir {
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     d
 }
+
+/// Pods in tests/fixtures/kubelet-pods.json: payments/api-7f9c (A) and billing/worker-2 (B).
+pub const UID_A: &str = "0a1b2c3d-4e5f-4789-abcd-ef0123456789";
+pub const CID_A: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
+pub const UID_B: &str = "9f8e7d6c-5b4a-4321-8fed-cba987654321";
+pub const CID_B: &str = "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
+
+/// Serves the recorded kubelet PodList; returns its port.
+pub fn kubelet_fixture_port() -> u16 {
+    serve_http(
+        std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/kubelet-pods.json"
+        ))
+        .unwrap(),
+    )
+}
+
+/// The kubelet's systemd-driver cgroup of a BestEffort pod's container, under a per-test
+/// prefix: `<prefix>/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/cri-containerd-<id>.scope`.
+pub fn pod_cgroup(pod_uid: &str, container_id: &str) -> TestCgroup {
+    TestCgroup::create(&format!(
+        "{}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{container_id}.scope",
+        unique("cwtest"),
+        pod_uid.replace('-', "_"),
+    ))
+}

@@ -5,33 +5,15 @@
 use std::{path::Path, process::Command};
 
 use credwatch_tests::{
-    Agent, PodVolume, TestCgroup, actor, bpf_available, credwatch_bin, fake_sa_token, serve_http,
-    unique, workdir,
+    Agent, CID_A, CID_B, PodVolume, UID_A, UID_B, actor, bpf_available, credwatch_bin,
+    fake_sa_token, kubelet_fixture_port, pod_cgroup, workdir,
 };
 use serde_json::Value;
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_cw-actor");
-const UID_A: &str = "0a1b2c3d-4e5f-4789-abcd-ef0123456789";
-const CID_A: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
-const UID_B: &str = "9f8e7d6c-5b4a-4321-8fed-cba987654321";
-const CID_B: &str = "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
-
-fn pod_cgroup(pod_uid: &str, container_id: &str) -> TestCgroup {
-    TestCgroup::create(&format!(
-        "{}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{container_id}.scope",
-        unique("cwtest"),
-        pod_uid.replace('-', "_"),
-    ))
-}
 
 fn config(kubelet: &Path) -> String {
-    let port = serve_http(
-        std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/kubelet-pods.json"
-        ))
-        .unwrap(),
-    );
+    let port = kubelet_fixture_port();
     format!(
         "[secrets]\ncatalog = true\n[kubernetes]\nkubelet_url = \"http://127.0.0.1:{port}\"\nkubelet_root = \"{}\"\n[fingerprint]\nkey = \"test-key\"\n",
         kubelet.display()

@@ -4,34 +4,13 @@
 use std::{net::TcpListener, process::Command};
 
 use credwatch_tests::{
-    Agent, PodVolume, TestCgroup, actor, bpf_available, expected_fingerprint, fake_sa_token,
-    read_ndjson, serve_http, unique, workdir,
+    Agent, CID_A, PodVolume, TestCgroup, UID_A, actor, bpf_available, expected_fingerprint,
+    fake_sa_token, kubelet_fixture_port, pod_cgroup, read_ndjson, unique, workdir,
 };
 use serde_json::Value;
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_cw-actor");
 const KEY: &str = "test-fleet-key-not-secret";
-const UID_A: &str = "0a1b2c3d-4e5f-4789-abcd-ef0123456789";
-const CID_A: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
-
-fn kubelet_fixture_port() -> u16 {
-    serve_http(
-        std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/kubelet-pods.json"
-        ))
-        .unwrap(),
-    )
-}
-
-/// `<prefix>/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid>.slice/cri-containerd-<id>.scope`
-fn pod_cgroup(pod_uid: &str, container_id: &str) -> TestCgroup {
-    TestCgroup::create(&format!(
-        "{}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{container_id}.scope",
-        unique("cwtest"),
-        pod_uid.replace('-', "_"),
-    ))
-}
 
 fn kube_config(port: u16, kubelet_root: &std::path::Path, extra: &str) -> String {
     format!(
