@@ -79,7 +79,7 @@ fn main() {
     };
     let mut pipeline = Pipeline::new(
         Correlator::new(std::time::Duration::from_secs(30)),
-        Detectors::new(&DetectOptions::default()),
+        Detectors::new(&DetectOptions::default(), Default::default()),
         None,
         None,
     );

@@ -151,7 +151,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let alerts = NdjsonSink::open(&opts.alerts)?;
     let pipeline = Pipeline::new(
         Correlator::new(cfg.correlate.window),
-        Detectors::new(&cfg.detect.options()),
+        Detectors::new(&cfg.detect.options(), cfg.policy()?),
         events,
         Some(alerts),
     );

@@ -22,6 +22,9 @@ pub struct Config {
     pub correlate: Correlate,
     #[serde(default)]
     pub detect: Detect,
+    /// `[[credential]]` policy entries.
+    #[serde(default)]
+    pub credential: Vec<Spanned<CredentialPolicy>>,
     #[serde(default)]
     pub sensors: Sensors,
 }
@@ -114,6 +117,21 @@ impl Default for Correlate {
             window: default_window(),
         }
     }
+}
+
+/// What one credential may do. Named by `path` (glob) or `fingerprint`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialPolicy {
+    pub path: Option<String>,
+    pub fingerprint: Option<String>,
+    /// Free text for the analyst ("nightly backup to S3").
+    pub purpose: Option<String>,
+    /// Weekday/time windows it may be used in: `"Mon-Fri 09:00-17:00"`, `"daily 02:00-03:00"`.
+    #[serde(default)]
+    pub schedule: Vec<String>,
+    /// IANA timezone of the windows (default UTC).
+    pub timezone: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +237,18 @@ impl Config {
         Config::parse(&src).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))
     }
 
+    /// The compiled `[[credential]]` entries (validated at parse time).
+    pub fn policy(&self) -> Result<std::sync::Arc<crate::policy::Policy>> {
+        let entries: Vec<CredentialPolicy> = self
+            .credential
+            .iter()
+            .map(|c| c.get_ref().clone())
+            .collect();
+        Ok(std::sync::Arc::new(crate::policy::Policy::compile(
+            &entries,
+        )?))
+    }
+
     /// Errors are `LINE: message` so callers can prefix the file name.
     pub fn parse(src: &str) -> Result<Config> {
         let cfg: Config = toml::from_str(src).map_err(|e| {
@@ -260,6 +290,11 @@ impl Config {
         {
             bail!("kubernetes.kubelet_url must start with http:// or https:// (got {url:?})");
         }
+        for c in &self.credential {
+            crate::policy::Policy::compile(std::slice::from_ref(c.get_ref())).map_err(|e| {
+                anyhow::anyhow!("{}: [[credential]]: {e:#}", line_of(src, c.span().start))
+            })?;
+        }
         if self.sensors.ring_bytes < 4096 || !self.sensors.ring_bytes.is_power_of_two() {
             bail!(
                 "sensors.ring_bytes must be a power of two ≥ 4096 (got {})",
@@ -290,6 +325,8 @@ mod tests {
         assert!(e.to_string().starts_with("3: secrets.paths"), "{e}");
         let e = Config::parse("[secrets]\npaths = [\"/a/[\"]\n").unwrap_err();
         assert!(e.to_string().contains("bad glob"), "{e}");
+        let e = Config::parse("[[credential]]\npath = \"/a\"\n\n[[credential]]\npath = \"/b\"\nschedule = [\"Mon 9-5\"]\n").unwrap_err();
+        assert!(e.to_string().starts_with("4: [[credential]]"), "{e}");
         let e = Config::parse("[correlate]\nwindow = \"soon\"\n").unwrap_err();
         assert!(e.to_string().starts_with("2: "), "{e}");
     }

@@ -17,6 +17,7 @@ pub mod event;
 pub mod inventory;
 pub mod kubelet;
 pub mod pipeline;
+pub mod policy;
 pub mod probes;
 pub mod process;
 pub mod replay;

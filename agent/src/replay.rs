@@ -34,7 +34,7 @@ pub fn replay(
 ) -> Result<ReplaySummary> {
     let mut pipeline = Pipeline::new(
         Correlator::new(cfg.correlate.window),
-        Detectors::new(&cfg.detect.options()),
+        Detectors::new(&cfg.detect.options(), cfg.policy()?),
         events_out,
         alerts_out,
     );

@@ -231,3 +231,58 @@ fn replay_of_hand_built_events_fires_exactly_the_expected_alerts() {
         "{all:#?}"
     );
 }
+
+#[test]
+fn use_outside_a_declared_schedule_is_off_schedule() {
+    if !bpf_available("use_outside_a_declared_schedule_is_off_schedule") {
+        return;
+    }
+    let w = workdir();
+    let (night, always) = (w.path().join("backup-key"), w.path().join("service-key"));
+    std::fs::write(&night, "fake-backup-credential").unwrap();
+    std::fs::write(&always, "fake-service-credential").unwrap();
+    // A one-hour window six hours from now excludes the present; 00:00-24:00 includes it.
+    let hour = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 3600
+        + 6)
+        % 24;
+    let cfg = format!(
+        "[secrets]\ncatalog = false\npaths = [\"{n}\", \"{a}\"]\n\n\
+         [[credential]]\npath = \"{n}\"\npurpose = \"nightly backup\"\nschedule = [\"daily {hour:02}:00-{next:02}:00\"]\ntimezone = \"UTC\"\n\n\
+         [[credential]]\npath = \"{a}\"\nschedule = [\"daily 00:00-24:00\"]\n",
+        n = night.display(),
+        a = always.display(),
+        next = (hour + 1) % 24,
+    );
+    let agent = Agent::start(&cfg);
+    let (pid, _) = actor(
+        ACTOR,
+        &[
+            "open",
+            night.to_str().unwrap(),
+            "+",
+            "open",
+            always.to_str().unwrap(),
+        ],
+    );
+    let s = agent.stop();
+    let all = alerts(&s.stdout);
+    let off = of_kind(&all, "off_schedule");
+    assert_eq!(off.len(), 1, "{all:#?}");
+    assert_eq!(off[0]["evidence"][0]["pid"], pid);
+    assert_eq!(
+        off[0]["evidence"][0]["secret_path"],
+        night.to_str().unwrap()
+    );
+    assert!(
+        off[0]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("nightly backup"),
+        "{:#}",
+        off[0]
+    );
+}

@@ -3,18 +3,21 @@
 //! reaches the same conclusions as the live run.
 
 mod human_use;
+mod off_schedule;
 mod owner_mismatch;
 mod token_reuse;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 pub use human_use::HumanUse;
+pub use off_schedule::OffSchedule;
 pub use owner_mismatch::OwnerMismatch;
 pub use token_reuse::TokenReuse;
 
 use crate::{
     alert::{Alert, Dedup},
     event::Event,
+    policy::Policy,
 };
 
 pub trait Detector {
@@ -45,11 +48,12 @@ pub struct Detectors {
 }
 
 impl Detectors {
-    pub fn new(opts: &DetectOptions) -> Self {
+    pub fn new(opts: &DetectOptions, policy: Arc<Policy>) -> Self {
         Detectors {
             detectors: vec![
                 Box::new(TokenReuse::new(opts.reuse_window)),
                 Box::new(OwnerMismatch),
+                Box::new(OffSchedule::new(policy)),
                 Box::new(HumanUse),
             ],
             dedup: Dedup::new(opts.suppression_window),
