@@ -10,8 +10,8 @@ use crate::{
     decode::Record,
     dns::{NameCache, parse_answer},
     event::{
-        CredentialRef, Destination, Event, EventKind, ExecInfo, PrivChange, ProcessInfo, SecretRef,
-        Timestamp, cstr, sanitize,
+        Destination, Event, EventKind, ExecInfo, PrivChange, ProcessInfo, SecretRef, Timestamp,
+        cstr, sanitize,
     },
     inventory::Inventory,
     kubelet::PodDirectory,
@@ -332,7 +332,14 @@ impl Enricher {
                 self.inventory_dirty = true;
             }
         }
-        let Some(secret) = self.inventory.get(&key).cloned() else {
+        // Only the parts the event carries (the entry also holds scan bookkeeping).
+        let Some((path, mut cred, owner_pod_uid)) = self.inventory.get(&key).map(|e| {
+            (
+                e.path.clone(),
+                e.credential.clone(),
+                e.owner_pod_uid.clone(),
+            )
+        }) else {
             debug!(
                 ino = r.ino,
                 "open in watched dir is not an inventoried secret"
@@ -349,7 +356,7 @@ impl Enricher {
         let entry = self.procs.lookup(h.tgid, h.ppid, comm).clone();
         let mut ev = self.base(ids, ts, EventKind::SecretRead, h, &entry);
         ev.secret = Some(SecretRef {
-            path: Some(secret.path.clone()),
+            path: Some(path),
             opened_as: sanitize(cstr(&r.name)),
             dev: user_dev(r.dev),
             inode: r.ino,
@@ -364,8 +371,7 @@ impl Enricher {
             .into(),
             fd: r.fd,
         });
-        let mut cred: CredentialRef = secret.credential.clone();
-        if let (Some(owner), Some(uid)) = (cred.owner.as_mut(), secret.owner_pod_uid.as_deref())
+        if let (Some(owner), Some(uid)) = (cred.owner.as_mut(), owner_pod_uid.as_deref())
             && let Some(pod) = self.pods.by_uid(uid)
         {
             owner.namespace = Some(pod.namespace.clone());
