@@ -286,17 +286,21 @@ pub fn unique(tag: &str) -> String {
 /// Serves `body` as the answer to every HTTP request on 127.0.0.1 (the kubelet's `/pods`
 /// in tests). Returns the port; the server lives as long as the process.
 pub fn serve_http(body: Vec<u8>) -> u16 {
-    serve_http_sequence(vec![body])
+    serve_http_switch(body.clone(), body).0
 }
 
-/// Like [`serve_http`], but request n gets `bodies[n]`, and every later one the last body
-/// (a pod list that changes after the first fetch).
-pub fn serve_http_sequence(bodies: Vec<Vec<u8>>) -> u16 {
+/// Like [`serve_http`], but answers `before` until the returned flag is set, then `after`
+/// (a pod list that changes when the test says so).
+pub fn serve_http_switch(
+    before: Vec<u8>,
+    after: Vec<u8>,
+) -> (u16, Arc<std::sync::atomic::AtomicBool>) {
     use std::io::{Read, Write};
+    let switched = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = switched.clone();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
-        let mut served = 0usize;
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
             let mut req = Vec::new();
@@ -307,8 +311,11 @@ pub fn serve_http_sequence(bodies: Vec<Vec<u8>>) -> u16 {
                     Ok(n) => req.extend_from_slice(&buf[..n]),
                 }
             }
-            let body = &bodies[served.min(bodies.len() - 1)];
-            served += 1;
+            let body = if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                &after
+            } else {
+                &before
+            };
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
@@ -318,7 +325,7 @@ pub fn serve_http_sequence(bodies: Vec<Vec<u8>>) -> u16 {
                 .and_then(|_| conn.write_all(body));
         }
     });
-    port
+    (port, switched)
 }
 
 /// An obviously fake, unsigned service-account token shaped like the kubelet's projected

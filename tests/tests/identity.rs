@@ -295,17 +295,25 @@ fn pod_newer_than_the_pod_list_is_named_after_a_refresh() {
     }
     let w = workdir();
     let kubelet = w.path().join("kubelet");
-    let token = fake_sa_token("payments", "payments-api", "api-7f9c", UID_A, 5);
-    let vol = PodVolume::create(&kubelet, UID_A, "kube-api-access-a", &token);
-    let cg = pod_cgroup(UID_A, CID_A);
-    // The first list predates the pod; every later one has it.
+    // A pod uid no other test uses: every agent sees the whole node, and another test's
+    // process in pod A would trigger this agent's refresh early.
+    const UID_C: &str = "c3c3c3c3-0000-4000-8000-00000000000c";
+    let token = fake_sa_token("payments", "payments-api", "api-7f9c", UID_C, 5);
+    let vol = PodVolume::create(&kubelet, UID_C, "kube-api-access-a", &token);
+    let cg = pod_cgroup(UID_C, CID_A);
+    // The kubelet's list predates the pod until the test flips it.
     let empty = br#"{"kind":"PodList","apiVersion":"v1","metadata":{},"items":[]}"#.to_vec();
     let full = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/fixtures/kubelet-pods.json"
     ))
     .unwrap();
-    let port = credwatch_tests::serve_http_sequence(vec![empty, full]);
+    // The recorded list with pod A's uid swapped for this test's.
+    let full = String::from_utf8(full)
+        .unwrap()
+        .replace(UID_A, UID_C)
+        .into_bytes();
+    let (port, pod_created) = credwatch_tests::serve_http_switch(empty, full);
     // Periodic refresh far away: only the miss can trigger the second list.
     let cfg = kube_config(port, &kubelet, "").replace(
         "trust_domain = \"cluster.local\"\n",
@@ -322,6 +330,10 @@ fn pod_newer_than_the_pod_list_is_named_after_a_refresh() {
         token_path.to_str().unwrap(),
     ];
     let first = actor(ACTOR, &open).0;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The pod appears in the kubelet's list; the next read of an unknown pod asks again.
+    pod_created.store(true, std::sync::atomic::Ordering::SeqCst);
+    actor(ACTOR, &open);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let second = actor(ACTOR, &open).0;
     let s = agent.stop();
@@ -330,10 +342,10 @@ fn pod_newer_than_the_pod_list_is_named_after_a_refresh() {
     let before = wl(first);
     assert_eq!(
         before["id"],
-        format!("pod:uid/{UID_A}"),
+        format!("pod:uid/{UID_C}"),
         "not in the first list yet: named by uid"
     );
-    assert_eq!(before["pod_uid"], UID_A);
+    assert_eq!(before["pod_uid"], UID_C);
     let after = wl(second);
     assert_eq!(
         after["id"], "pod:payments/api-7f9c",
