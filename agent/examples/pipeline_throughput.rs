@@ -6,6 +6,7 @@
 use std::{mem::size_of, time::Instant};
 
 use credwatch::{
+    baseline::Baselines,
     correlate::Correlator,
     credential::Fingerprinter,
     decode::decode,
@@ -79,7 +80,11 @@ fn main() {
     };
     let mut pipeline = Pipeline::new(
         Correlator::new(std::time::Duration::from_secs(30)),
-        Detectors::new(&DetectOptions::default(), Default::default()),
+        Detectors::new(
+            &DetectOptions::default(),
+            Default::default(),
+            Baselines::in_memory(DetectOptions::default().learning_period, 100_000),
+        ),
         None,
         None,
     );

@@ -19,6 +19,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    baseline::Baselines,
     config::Config,
     correlate::Correlator,
     credential::Fingerprinter,
@@ -151,7 +152,15 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let alerts = NdjsonSink::open(&opts.alerts)?;
     let pipeline = Pipeline::new(
         Correlator::new(cfg.correlate.window),
-        Detectors::new(&cfg.detect.options(), cfg.policy()?),
+        Detectors::new(
+            &cfg.detect.options(),
+            cfg.policy()?,
+            Baselines::open(
+                &opts.state_dir,
+                cfg.detect.learning_period,
+                cfg.detect.max_baselines,
+            )?,
+        ),
         events,
         Some(alerts),
     );
@@ -247,6 +256,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
                 }
             }
             _ = stats_tick.tick() => {
+                live.pipeline.checkpoint();
                 live.enricher.clock = BootClock::now();
                 sensors.flush_probe_logs();
                 live.enricher.procs.evict_exited(BootClock::boot_now());

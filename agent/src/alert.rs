@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{CredentialRef, Event, Timestamp, Workload};
+use crate::event::{CredentialRef, Destination, Event, Timestamp, Workload};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -55,6 +55,8 @@ pub struct Evidence {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<Destination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
 
@@ -70,6 +72,7 @@ impl Evidence {
             exe: ev.process.exe.clone(),
             tty: ev.process.tty.clone(),
             secret_path: ev.secret.as_ref().and_then(|s| s.path.clone()),
+            dst: ev.dst.clone(),
             detail: None,
         }
     }
@@ -114,6 +117,20 @@ impl Alert {
         evidence: Vec<Evidence>,
         dedup_key: String,
     ) -> Self {
+        let mut a = Alert::about_workload(alert, severity, ev, summary, evidence, dedup_key);
+        a.credential = Some(credential.clone());
+        a
+    }
+
+    /// A finding about the workload alone (a privilege gain involves no credential).
+    pub fn about_workload(
+        alert: AlertKind,
+        severity: Severity,
+        ev: &Event,
+        summary: String,
+        evidence: Vec<Evidence>,
+        dedup_key: String,
+    ) -> Self {
         Alert {
             alert,
             severity,
@@ -123,7 +140,7 @@ impl Alert {
             node: ev.node.clone(),
             summary,
             workload: ev.workload.clone(),
-            credential: Some(credential.clone()),
+            credential: None,
             evidence,
             count: 1,
             status: AlertStatus::New,

@@ -25,6 +25,9 @@ pub struct Config {
     /// `[[credential]]` policy entries.
     #[serde(default)]
     pub credential: Vec<Spanned<CredentialPolicy>>,
+    /// `[[allow]]` known-good findings.
+    #[serde(default)]
+    pub allow: Vec<Spanned<AllowEntry>>,
     #[serde(default)]
     pub sensors: Sensors,
 }
@@ -120,7 +123,7 @@ impl Default for Correlate {
 }
 
 /// What one credential may do. Named by `path` (glob) or `fingerprint`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialPolicy {
     pub path: Option<String>,
@@ -132,6 +135,36 @@ pub struct CredentialPolicy {
     pub schedule: Vec<String>,
     /// IANA timezone of the windows (default UTC).
     pub timezone: Option<String>,
+    /// How long a run started by a cron `schedule` entry may use the credential.
+    #[serde(default, with = "humantime_serde")]
+    pub run_for: Option<Duration>,
+    /// The workload the credential belongs to (`pod:payments/api-*`, `unit:backup.service`,
+    /// `spiffe://cluster.local/ns/payments/sa/api`); overrides the kubelet-volume owner.
+    pub owner: Option<String>,
+    /// Other workloads that may read it without an `owner_mismatch` (same selector syntax).
+    #[serde(default)]
+    pub allowed_workloads: Vec<String>,
+    /// Where it may be used: `10.0.0.0/8`, `10.1.2.3:443`, `[2001:db8::]/32:443`,
+    /// `*.amazonaws.com:443`, `*:5432`. A use elsewhere is `privilege_expansion`.
+    #[serde(default)]
+    pub allowed_destinations: Vec<String>,
+}
+
+/// A known-good finding: alerts matching every given field are not raised.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowEntry {
+    /// Alert kind (`token_reuse`, …); all kinds when absent.
+    pub alert: Option<String>,
+    /// Workload selector, as in `[[credential]] owner`.
+    pub workload: Option<String>,
+    pub fingerprint: Option<String>,
+    /// Glob of the secret's inventory path.
+    pub path: Option<String>,
+    /// Destination pattern, as in `allowed_destinations`.
+    pub destination: Option<String>,
+    /// Why this is fine; required so the allowlist documents itself.
+    pub reason: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -143,6 +176,17 @@ pub struct Detect {
     /// Repeats of one finding within this window raise its count instead of a new alert.
     #[serde(default = "default_hour", with = "humantime_serde")]
     pub suppression_window: Duration,
+    /// How long each workload's behaviour with its credentials is learned before new
+    /// destinations, secrets, executables and hours are findings; `0s` turns learning off.
+    #[serde(default = "default_learning", with = "humantime_serde")]
+    pub learning_period: Duration,
+    /// A credential first used again after this much silence is `dormant_credential`;
+    /// `0s` turns it off.
+    #[serde(default = "default_dormant", with = "humantime_serde")]
+    pub dormant_after: Duration,
+    /// Bound on learned (workload, credential) profiles; the least recently active go first.
+    #[serde(default = "default_max_baselines")]
+    pub max_baselines: usize,
 }
 
 impl Default for Detect {
@@ -150,6 +194,9 @@ impl Default for Detect {
         Detect {
             reuse_window: default_hour(),
             suppression_window: default_hour(),
+            learning_period: default_learning(),
+            dormant_after: default_dormant(),
+            max_baselines: default_max_baselines(),
         }
     }
 }
@@ -159,8 +206,20 @@ impl Detect {
         crate::detect::DetectOptions {
             reuse_window: self.reuse_window,
             suppression_window: self.suppression_window,
+            learning_period: self.learning_period,
+            dormant_after: self.dormant_after,
         }
     }
+}
+
+fn default_learning() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_dormant() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+fn default_max_baselines() -> usize {
+    100_000
 }
 
 fn default_hour() -> Duration {
@@ -237,15 +296,16 @@ impl Config {
         Config::parse(&src).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))
     }
 
-    /// The compiled `[[credential]]` entries (validated at parse time).
+    /// The compiled `[[credential]]` and `[[allow]]` entries (validated at parse time).
     pub fn policy(&self) -> Result<std::sync::Arc<crate::policy::Policy>> {
         let entries: Vec<CredentialPolicy> = self
             .credential
             .iter()
             .map(|c| c.get_ref().clone())
             .collect();
+        let allow: Vec<AllowEntry> = self.allow.iter().map(|a| a.get_ref().clone()).collect();
         Ok(std::sync::Arc::new(crate::policy::Policy::compile(
-            &entries,
+            &entries, &allow,
         )?))
     }
 
@@ -291,9 +351,17 @@ impl Config {
             bail!("kubernetes.kubelet_url must start with http:// or https:// (got {url:?})");
         }
         for c in &self.credential {
-            crate::policy::Policy::compile(std::slice::from_ref(c.get_ref())).map_err(|e| {
-                anyhow::anyhow!("{}: [[credential]]: {e:#}", line_of(src, c.span().start))
-            })?;
+            crate::policy::Policy::compile(std::slice::from_ref(c.get_ref()), &[]).map_err(
+                |e| anyhow::anyhow!("{}: [[credential]]: {e:#}", line_of(src, c.span().start)),
+            )?;
+        }
+        for a in &self.allow {
+            crate::policy::Policy::compile(&[], std::slice::from_ref(a.get_ref())).map_err(
+                |e| anyhow::anyhow!("{}: [[allow]]: {e:#}", line_of(src, a.span().start)),
+            )?;
+        }
+        if self.detect.max_baselines == 0 {
+            bail!("detect.max_baselines must be at least 1");
         }
         if self.sensors.ring_bytes < 4096 || !self.sensors.ring_bytes.is_power_of_two() {
             bail!(

@@ -355,6 +355,7 @@ impl Enricher {
         }
         let entry = self.procs.lookup(h.tgid, h.ppid, comm).clone();
         let mut ev = self.base(ids, ts, EventKind::SecretRead, h, &entry);
+        ev.process.session = self.procs.session_of(h.tgid);
         ev.secret = Some(SecretRef {
             path: Some(path),
             opened_as: sanitize(cstr(&r.name)),

@@ -81,6 +81,9 @@ pub struct ProcessInfo {
     /// Controlling terminal (`pts/3`), when the process has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<String>,
+    /// Interactive login it descends from (`ssh (sshd pid 812)`); looked up for secret reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 #[derive(

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod alert;
+pub mod baseline;
 pub mod config;
 pub mod correlate;
 pub mod credential;

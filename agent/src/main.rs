@@ -42,6 +42,10 @@ enum Cmd {
         files: Vec<PathBuf>,
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Learn into and judge against the baselines kept here (as `run` does); without
+        /// it the replay starts from nothing and keeps nothing.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Write the pipeline's events (including derived credential uses) here.
         #[arg(long)]
         events: Option<PathBuf>,
@@ -102,13 +106,14 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Replay {
             files,
             config,
+            state_dir,
             events,
             alerts,
         } => {
             let cfg = load_config(config.as_ref())?;
             let sink = events.as_deref().map(NdjsonSink::open).transpose()?;
             let alerts = NdjsonSink::open(&alerts)?;
-            let s = replay::replay(&cfg, &files, sink, Some(alerts))?;
+            let s = replay::replay(&cfg, &files, state_dir.as_deref(), sink, Some(alerts))?;
             tracing::info!(
                 lines = s.lines,
                 events = s.events,

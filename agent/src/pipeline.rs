@@ -82,6 +82,8 @@ pub struct PipelineStats {
     pub alerts: BTreeMap<&'static str, u64>,
     pub events_write_failures: u64,
     pub alerts_write_failures: u64,
+    pub alerts_allowlisted: u64,
+    pub baselines: usize,
 }
 
 pub struct Pipeline {
@@ -143,6 +145,11 @@ impl Pipeline {
         }
     }
 
+    /// Persists learned baselines (cheap when nothing changed).
+    pub fn checkpoint(&mut self) {
+        self.detectors.checkpoint();
+    }
+
     /// End of input: the final counts of alerts that grew since last emitted, then flush.
     pub fn finish(&mut self) {
         for a in self.detectors.finish() {
@@ -159,6 +166,8 @@ impl Pipeline {
             alerts: self.alert_counts.clone(),
             events_write_failures: self.events.as_ref().map(|s| s.failed).unwrap_or(0),
             alerts_write_failures: self.alerts.as_ref().map(|s| s.failed).unwrap_or(0),
+            alerts_allowlisted: self.detectors.allowlisted,
+            baselines: self.detectors.baselines().len(),
         }
     }
 }

@@ -1,12 +1,21 @@
 //! Credential policy from `[[credential]]` config entries: which credential (by path glob or
-//! fingerprint) and when it may be used (`schedule`, weekday/time windows in a timezone).
+//! fingerprint), who owns it and who else may read it, where it may be used, and when
+//! (weekday/time windows or cron expressions, in a timezone). Plus the `[[allow]]` list of
+//! known-good findings.
+
+use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use chrono_tz::Tz;
 use globset::{GlobBuilder, GlobMatcher};
+use ipnet::IpNet;
 
-use crate::{config::CredentialPolicy, event::CredentialRef};
+use crate::{
+    alert::Alert,
+    config::{AllowEntry, CredentialPolicy},
+    event::{CredentialRef, Destination, Owner, Workload, WorkloadKind},
+};
 
 /// One weekday/time window, minutes since local midnight. `end <= start` wraps past
 /// midnight (`22:00-06:00`).
@@ -21,8 +30,20 @@ struct Window {
 pub struct Schedule {
     tz: Tz,
     windows: Vec<Window>,
+    /// Cron entries (a CronJob's `schedule`): each run may use the credential for `run_for`.
+    crons: Vec<croner::Cron>,
+    run_for: Duration,
     /// As written, for alert summaries.
     pub text: String,
+}
+
+/// Without `run_for`, a cron-started run may use its credential this long.
+const DEFAULT_RUN_FOR: Duration = Duration::from_secs(3600);
+
+/// Weekday windows start with a letter (`Mon`, `daily`); cron lines with a digit, `*` or `@`.
+fn is_cron(s: &str) -> bool {
+    s.trim_start()
+        .starts_with(|c: char| c.is_ascii_digit() || c == '*' || c == '@')
 }
 
 const DAYS: [&str; 7] = [
@@ -93,50 +114,224 @@ fn parse_window(s: &str) -> Result<Window> {
 }
 
 impl Schedule {
-    pub fn parse(windows: &[String], timezone: Option<&str>) -> Result<Self> {
+    pub fn parse(
+        entries: &[String],
+        timezone: Option<&str>,
+        run_for: Option<Duration>,
+    ) -> Result<Self> {
         let tz: Tz = match timezone {
             Some(t) => t.parse().map_err(|_| {
                 anyhow!("unknown timezone {t:?} (use an IANA name like Europe/Berlin)")
             })?,
             None => Tz::UTC,
         };
-        let windows = windows
-            .iter()
-            .map(|w| parse_window(w))
-            .collect::<Result<Vec<_>>>()?;
-        if windows.is_empty() {
+        let (mut windows, mut crons) = (Vec::new(), Vec::new());
+        for e in entries {
+            if is_cron(e) {
+                let c = croner::Cron::new(e.trim())
+                    .parse()
+                    .map_err(|err| anyhow!("cron expression {e:?}: {err}"))?;
+                crons.push(c);
+            } else {
+                windows.push(parse_window(e)?);
+            }
+        }
+        if entries.is_empty() {
             bail!("schedule is empty");
         }
-        let text = format!(
-            "{} ({})",
-            windows_text(windows.len()),
-            timezone.unwrap_or("UTC")
-        );
-        Ok(Schedule { tz, windows, text })
+        let run_for = run_for.unwrap_or(DEFAULT_RUN_FOR);
+        if run_for.is_zero() {
+            bail!("run_for must be longer than 0s");
+        }
+        let text = format!("{} ({})", entries.join(", "), timezone.unwrap_or("UTC"));
+        Ok(Schedule {
+            tz,
+            windows,
+            crons,
+            run_for,
+            text,
+        })
     }
 
-    /// True when `t` falls inside any window, in the schedule's timezone.
+    /// True when `t` falls inside any window, or within `run_for` after a cron fire time,
+    /// in the schedule's timezone.
     pub fn contains(&self, t: DateTime<Utc>) -> bool {
         let local = t.with_timezone(&self.tz);
         let day = local.weekday().num_days_from_monday() as usize;
         let prev = (day + 6) % 7;
         let m = local.hour() * 60 + local.minute();
-        self.windows.iter().any(|w| {
+        let in_window = self.windows.iter().any(|w| {
             if w.start < w.end {
                 w.days[day] && m >= w.start && m < w.end
             } else {
                 // Wraps midnight: the evening part today, the morning part from yesterday.
                 (w.days[day] && m >= w.start) || (w.days[prev] && m < w.end)
             }
-        })
+        });
+        in_window || self.crons.iter().any(|c| self.in_cron_run(c, t))
+    }
+
+    /// A run started by `c` at or before `t` is still within `run_for`: the first fire time
+    /// after `t - run_for` is not later than `t`.
+    fn in_cron_run(&self, c: &croner::Cron, t: DateTime<Utc>) -> bool {
+        let Ok(run_for) = chrono::Duration::from_std(self.run_for) else {
+            return false;
+        };
+        let Some(from) = t.checked_sub_signed(run_for) else {
+            return false;
+        };
+        c.find_next_occurrence(&from.with_timezone(&self.tz), false)
+            .is_ok_and(|fire| fire.with_timezone(&Utc) <= t)
     }
 }
 
-fn windows_text(n: usize) -> String {
-    if n == 1 {
-        "1 window".into()
-    } else {
-        format!("{n} windows")
+/// Names workloads in policy: a glob over the workload id (`pod:payments/api-*`,
+/// `unit:backup.service`, `host:0:/usr/bin/*`), or over the SPIFFE ID when it starts with
+/// `spiffe://`.
+#[derive(Clone, Debug)]
+pub struct Selector {
+    glob: GlobMatcher,
+    spiffe: bool,
+    pub text: String,
+}
+
+impl Selector {
+    pub fn parse(s: &str) -> Result<Self> {
+        let spiffe = s.starts_with("spiffe://");
+        let known = ["pod:", "container:", "unit:", "host:"];
+        if !spiffe && !known.iter().any(|k| s.starts_with(k)) {
+            bail!(
+                "workload selector {s:?} must start with pod:, container:, unit:, host: or spiffe://"
+            );
+        }
+        let glob = GlobBuilder::new(s)
+            .literal_separator(false)
+            .build()
+            .with_context(|| format!("bad workload selector {s:?}"))?
+            .compile_matcher();
+        Ok(Selector {
+            glob,
+            spiffe,
+            text: s.to_owned(),
+        })
+    }
+
+    pub fn matches(&self, w: &Workload) -> bool {
+        if self.spiffe {
+            w.spiffe_id
+                .as_deref()
+                .is_some_and(|id| self.glob.is_match(id))
+        } else {
+            self.glob.is_match(&w.id)
+        }
+    }
+
+    /// The owner this selector declares, for alerts.
+    fn owner(&self) -> Owner {
+        let kind = match self.text.split_once(':').map(|(k, _)| k) {
+            Some("pod") => WorkloadKind::Pod,
+            Some("container") => WorkloadKind::Container,
+            Some("unit") => WorkloadKind::Unit,
+            _ if self.spiffe => WorkloadKind::Pod,
+            _ => WorkloadKind::Host,
+        };
+        Owner {
+            kind,
+            id: self.text.clone(),
+            source: "policy".into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Where a credential may go: an address or network and/or a DNS name glob, optionally a port.
+#[derive(Clone, Debug)]
+pub struct DestPattern {
+    net: Option<IpNet>,
+    name: Option<GlobMatcher>,
+    port: Option<u16>,
+    pub text: String,
+}
+
+impl DestPattern {
+    /// `10.0.0.0/8`, `10.1.2.3:443`, `2001:db8::/32`, `[2001:db8::1]:443`,
+    /// `*.amazonaws.com:443`, `*:5432`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: &str| anyhow!("destination {s:?}: {why}");
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, after) = rest.split_once(']').ok_or_else(|| bad("missing `]`"))?;
+            match after {
+                "" => (h, None),
+                p => (
+                    h,
+                    Some(p.strip_prefix(':').ok_or_else(|| bad("junk after `]`"))?),
+                ),
+            }
+        } else if s.matches(':').count() >= 2 {
+            (s, None)
+        } else {
+            match s.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (s, None),
+            }
+        };
+        let port = match port {
+            None | Some("*") => None,
+            Some(p) => Some(p.parse::<u16>().map_err(|_| bad("bad port"))?),
+        };
+        if host.is_empty() {
+            return Err(bad("empty host"));
+        }
+        let net = if host == "*" {
+            None
+        } else if let Ok(n) = host.parse::<IpNet>() {
+            Some(n)
+        } else if let Ok(ip) = host.parse::<IpAddr>() {
+            Some(IpNet::from(ip))
+        } else {
+            None
+        };
+        let name = if net.is_none() && host != "*" {
+            if host.contains('/') || host.parse::<IpAddr>().is_ok() {
+                return Err(bad("bad address or network"));
+            }
+            Some(
+                GlobBuilder::new(&host.to_ascii_lowercase())
+                    .build()
+                    .map_err(|e| bad(&e.to_string()))?
+                    .compile_matcher(),
+            )
+        } else {
+            None
+        };
+        Ok(DestPattern {
+            net,
+            name,
+            port,
+            text: s.to_owned(),
+        })
+    }
+
+    pub fn matches(&self, d: &Destination) -> bool {
+        if self.port.is_some_and(|p| p != d.port) {
+            return false;
+        }
+        match (&self.net, &self.name) {
+            (Some(n), _) => n.contains(&canonical(d.ip)),
+            (None, Some(g)) => d
+                .name
+                .as_deref()
+                .is_some_and(|n| g.is_match(n.trim_end_matches('.').to_ascii_lowercase())),
+            (None, None) => true,
+        }
+    }
+}
+
+/// `::ffff:10.0.0.1` (a v4 peer on a dual-stack socket) compares as `10.0.0.1`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
     }
 }
 
@@ -149,44 +344,168 @@ pub struct PolicyEntry {
     matcher: Matcher,
     pub purpose: Option<String>,
     pub schedule: Option<Schedule>,
+    owner: Option<Selector>,
+    pub allowed_workloads: Vec<Selector>,
+    pub allowed_destinations: Vec<DestPattern>,
     /// The entry as written (`path` or `fingerprint`), for alert evidence.
     pub name: String,
+}
+
+impl PolicyEntry {
+    pub fn owner(&self) -> Option<Owner> {
+        self.owner.as_ref().map(Selector::owner)
+    }
+
+    pub fn is_owner(&self, w: &Workload) -> bool {
+        self.owner.as_ref().is_some_and(|o| o.matches(w))
+    }
+
+    pub fn allows_workload(&self, w: &Workload) -> bool {
+        self.allowed_workloads.iter().any(|s| s.matches(w))
+    }
+
+    /// `None` when the entry does not restrict destinations.
+    pub fn allows_destination(&self, d: &Destination) -> Option<bool> {
+        if self.allowed_destinations.is_empty() {
+            return None;
+        }
+        Some(self.allowed_destinations.iter().any(|p| p.matches(d)))
+    }
+}
+
+fn path_glob(p: &str) -> Result<GlobMatcher> {
+    Ok(GlobBuilder::new(p)
+        .literal_separator(true)
+        .build()
+        .with_context(|| format!("bad path glob {p:?}"))?
+        .compile_matcher())
+}
+
+/// One `[[allow]]` entry: every field given must match the alert.
+struct Allow {
+    alert: Option<String>,
+    workload: Option<Selector>,
+    fingerprint: Option<String>,
+    path: Option<GlobMatcher>,
+    destination: Option<DestPattern>,
+}
+
+impl Allow {
+    fn matches(&self, a: &Alert) -> bool {
+        let fp = a.credential.as_ref().map(|c| c.fingerprint.as_str());
+        self.alert.as_deref().is_none_or(|k| k == a.alert.as_str())
+            && self
+                .workload
+                .as_ref()
+                .is_none_or(|s| s.matches(&a.workload))
+            && self.fingerprint.as_deref().is_none_or(|f| Some(f) == fp)
+            && self.path.as_ref().is_none_or(|g| {
+                a.evidence
+                    .iter()
+                    .any(|e| e.secret_path.as_deref().is_some_and(|p| g.is_match(p)))
+            })
+            && self.destination.as_ref().is_none_or(|d| {
+                a.evidence
+                    .iter()
+                    .any(|e| e.dst.as_ref().is_some_and(|x| d.matches(x)))
+            })
+    }
 }
 
 #[derive(Default)]
 pub struct Policy {
     entries: Vec<PolicyEntry>,
+    allow: Vec<Allow>,
 }
+
+const ALERT_KINDS: [&str; 6] = [
+    "token_reuse",
+    "owner_mismatch",
+    "off_schedule",
+    "privilege_expansion",
+    "dormant_credential",
+    "human_use",
+];
 
 impl Policy {
     /// Errors name the entry; `Config::validate` adds the line.
-    pub fn compile(entries: &[CredentialPolicy]) -> Result<Self> {
+    pub fn compile(entries: &[CredentialPolicy], allow: &[AllowEntry]) -> Result<Self> {
         let mut out = Vec::new();
         for e in entries {
             let (matcher, name) = match (&e.path, &e.fingerprint) {
-                (Some(p), None) => {
-                    let g = GlobBuilder::new(p)
-                        .literal_separator(true)
-                        .build()
-                        .with_context(|| format!("bad path glob {p:?}"))?;
-                    (Matcher::Path(g.compile_matcher()), p.clone())
-                }
+                (Some(p), None) => (Matcher::Path(path_glob(p)?), p.clone()),
                 (None, Some(f)) => (Matcher::Fingerprint(f.clone()), f.clone()),
                 _ => bail!("a [[credential]] needs exactly one of `path` or `fingerprint`"),
             };
             let schedule = if e.schedule.is_empty() {
+                if e.timezone.is_some() || e.run_for.is_some() {
+                    bail!("`timezone` and `run_for` need a `schedule`");
+                }
                 None
             } else {
-                Some(Schedule::parse(&e.schedule, e.timezone.as_deref())?)
+                Some(Schedule::parse(
+                    &e.schedule,
+                    e.timezone.as_deref(),
+                    e.run_for,
+                )?)
             };
             out.push(PolicyEntry {
                 matcher,
                 purpose: e.purpose.clone(),
                 schedule,
+                owner: e.owner.as_deref().map(Selector::parse).transpose()?,
+                allowed_workloads: e
+                    .allowed_workloads
+                    .iter()
+                    .map(|s| Selector::parse(s))
+                    .collect::<Result<_>>()?,
+                allowed_destinations: e
+                    .allowed_destinations
+                    .iter()
+                    .map(|s| DestPattern::parse(s))
+                    .collect::<Result<_>>()?,
                 name,
             });
         }
-        Ok(Policy { entries: out })
+        let mut allows = Vec::new();
+        for a in allow {
+            if let Some(k) = &a.alert
+                && !ALERT_KINDS.contains(&k.as_str())
+            {
+                bail!("unknown alert {k:?} (one of {})", ALERT_KINDS.join(", "));
+            }
+            if a.reason.trim().is_empty() {
+                bail!("`reason` must say why this finding is fine");
+            }
+            let allow = Allow {
+                alert: a.alert.clone(),
+                workload: a.workload.as_deref().map(Selector::parse).transpose()?,
+                fingerprint: a.fingerprint.clone(),
+                path: a.path.as_deref().map(path_glob).transpose()?,
+                destination: a
+                    .destination
+                    .as_deref()
+                    .map(DestPattern::parse)
+                    .transpose()?,
+            };
+            if allow.workload.is_none()
+                && allow.fingerprint.is_none()
+                && allow.path.is_none()
+                && allow.destination.is_none()
+            {
+                bail!("an [[allow]] entry needs a workload, fingerprint, path or destination");
+            }
+            allows.push(allow);
+        }
+        Ok(Policy {
+            entries: out,
+            allow: allows,
+        })
+    }
+
+    /// True when an `[[allow]]` entry covers this alert.
+    pub fn allowed(&self, a: &Alert) -> bool {
+        self.allow.iter().any(|x| x.matches(a))
     }
 
     /// The first entry naming this credential.
@@ -209,7 +528,8 @@ mod tests {
 
     #[test]
     fn weekday_windows_in_a_timezone() {
-        let s = Schedule::parse(&["Mon-Fri 09:00-17:00".into()], Some("Europe/Berlin")).unwrap();
+        let s =
+            Schedule::parse(&["Mon-Fri 09:00-17:00".into()], Some("Europe/Berlin"), None).unwrap();
         // 2026-11-23 is a Monday; Berlin is UTC+1 in November.
         assert!(s.contains(at("2026-11-23T08:30:00Z")), "09:30 Berlin");
         assert!(!s.contains(at("2026-11-23T07:30:00Z")), "08:30 Berlin");
@@ -224,6 +544,7 @@ mod tests {
     fn windows_wrapping_midnight_and_lists() {
         let s = Schedule::parse(
             &["Sat,Sun 22:00-06:00".into(), "daily 12:00-12:30".into()],
+            None,
             None,
         )
         .unwrap();
@@ -258,8 +579,76 @@ mod tests {
             "Mon 25:00-26:00",
             "Mon 09:00",
         ] {
-            assert!(Schedule::parse(&[bad.into()], None).is_err(), "{bad}");
+            assert!(Schedule::parse(&[bad.into()], None, None).is_err(), "{bad}");
         }
-        assert!(Schedule::parse(&["Mon 09:00-10:00".into()], Some("Mars/Olympus")).is_err());
+        assert!(Schedule::parse(&["Mon 09:00-10:00".into()], Some("Mars/Olympus"), None).is_err());
+        assert!(Schedule::parse(&["61 * * * *".into()], None, None).is_err());
+    }
+
+    #[test]
+    fn cron_entries_cover_run_for_after_each_fire() {
+        // A CronJob's schedule: 02:30 every day, Berlin time, runs for up to 20 minutes.
+        let s = Schedule::parse(
+            &["30 2 * * *".into()],
+            Some("Europe/Berlin"),
+            Some(Duration::from_secs(20 * 60)),
+        )
+        .unwrap();
+        assert!(
+            s.contains(at("2026-11-23T01:30:00Z")),
+            "the fire time itself"
+        );
+        assert!(s.contains(at("2026-11-23T01:49:59Z")), "inside run_for");
+        assert!(!s.contains(at("2026-11-23T01:50:00Z")), "run_for is over");
+        assert!(!s.contains(at("2026-11-23T01:29:59Z")), "before the fire");
+        assert!(!s.contains(at("2026-11-23T13:35:00Z")), "afternoon");
+        let weekly = Schedule::parse(&["0 3 * * SUN".into()], None, None).unwrap();
+        assert!(weekly.contains(at("2026-11-22T03:59:00Z")), "Sunday run");
+        assert!(!weekly.contains(at("2026-11-23T03:10:00Z")), "Monday");
+    }
+
+    fn dst(ip: &str, port: u16, name: Option<&str>) -> Destination {
+        Destination {
+            ip: ip.parse().unwrap(),
+            port,
+            proto: "tcp".into(),
+            name: name.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn destination_patterns() {
+        let p = |s: &str| DestPattern::parse(s).unwrap();
+        assert!(p("10.0.0.0/8").matches(&dst("10.9.8.7", 1, None)));
+        assert!(p("10.0.0.0/8:443").matches(&dst("::ffff:10.9.8.7", 443, None)));
+        assert!(!p("10.0.0.0/8:443").matches(&dst("10.9.8.7", 80, None)));
+        assert!(p("[2001:db8::1]:443").matches(&dst("2001:db8::1", 443, None)));
+        assert!(p("2001:db8::/32").matches(&dst("2001:db8:5::1", 9, None)));
+        let aws = p("*.amazonaws.com:443");
+        assert!(aws.matches(&dst("52.1.2.3", 443, Some("sts.us-east-1.AmazonAWS.com."))));
+        assert!(!aws.matches(&dst("52.1.2.3", 443, None)), "name unknown");
+        assert!(!aws.matches(&dst("52.1.2.3", 443, Some("evil.example"))));
+        assert!(p("*:5432").matches(&dst("192.0.2.1", 5432, None)));
+        for bad in ["", ":443", "10.0.0.0/99", "[::1", "host:http"] {
+            assert!(DestPattern::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn selectors_match_ids_or_spiffe_ids() {
+        let w = Workload {
+            kind: WorkloadKind::Pod,
+            id: "pod:payments/api-7d9f".into(),
+            spiffe_id: Some("spiffe://cluster.local/ns/payments/sa/api".into()),
+            ..Default::default()
+        };
+        assert!(Selector::parse("pod:payments/api-*").unwrap().matches(&w));
+        assert!(!Selector::parse("pod:billing/*").unwrap().matches(&w));
+        assert!(
+            Selector::parse("spiffe://cluster.local/ns/payments/*")
+                .unwrap()
+                .matches(&w)
+        );
+        assert!(Selector::parse("payments/api").is_err());
     }
 }

@@ -166,6 +166,42 @@ impl ProcessTable {
         })
     }
 
+    /// The interactive session a process descends from, when it is an SSH login: an
+    /// ancestor is `sshd-session` (OpenSSH ≥ 9.8) or an `sshd` forked by `sshd` (older
+    /// per-connection processes; the listening daemon itself has another parent). A tty
+    /// already says "a human"; this also catches `ssh host cat ~/.aws/credentials`, which
+    /// has none. Ancestors unknown to the table are read from /proc.
+    pub fn session_of(&mut self, tgid: u32) -> Option<String> {
+        let mut cur = self.procs.get(&tgid)?.ppid;
+        for _ in 0..64 {
+            if cur <= 1 {
+                return None;
+            }
+            let entry = match self.procs.get(&cur) {
+                Some(e) => e.clone(),
+                None => {
+                    let e = self.read_proc(cur)?;
+                    self.insert(e.clone());
+                    e
+                }
+            };
+            let name = basename(&entry.exe);
+            let session = name == "sshd-session"
+                || (name == "sshd"
+                    && self
+                        .procs
+                        .get(&entry.ppid)
+                        .cloned()
+                        .or_else(|| self.read_proc(entry.ppid))
+                        .is_some_and(|p| basename(&p.exe) == "sshd"));
+            if session {
+                return Some(format!("ssh (sshd pid {})", entry.tgid));
+            }
+            cur = entry.ppid;
+        }
+        None
+    }
+
     pub fn mark_exited(&mut self, tgid: u32, now_ns: u64) {
         if let Some(e) = self.procs.get_mut(&tgid) {
             e.exited_ns = Some(now_ns);
@@ -192,8 +228,13 @@ impl ProcessTable {
             comm: e.comm.clone(),
             exe: e.exe.clone(),
             tty: e.tty.clone(),
+            session: None,
         }
     }
+}
+
+fn basename(exe: &str) -> &str {
+    exe.rsplit('/').next().unwrap_or(exe)
 }
 
 /// (comm, ppid, tty_nr) from /proc/<pid>/stat. comm is parenthesised and may itself contain
@@ -297,6 +338,36 @@ mod tests {
         assert_eq!(t.lookup(21, 20, "orphan").uid, 1000);
         // Nothing anywhere: unknown, not root.
         assert_eq!(t.lookup(31, 30, "ghost").uid, u32::MAX);
+    }
+
+    #[test]
+    fn ssh_sessions_are_found_through_the_ancestry() {
+        let root = tempfile::tempdir().unwrap();
+        let write = |pid: u32, ppid: u32, exe: &str| {
+            let d = root.path().join(pid.to_string());
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("stat"), format!("{pid} (x) S {ppid} 1 1 0 -1")).unwrap();
+            fs::write(d.join("status"), "Uid:\t0\t0\t0\t0\n").unwrap();
+            std::os::unix::fs::symlink(exe, d.join("exe")).unwrap();
+        };
+        // systemd → sshd (listener) → sshd (connection) → bash → cat, no tty anywhere.
+        write(1, 0, "/usr/lib/systemd/systemd");
+        write(500, 1, "/usr/sbin/sshd");
+        write(600, 500, "/usr/sbin/sshd");
+        write(700, 600, "/usr/bin/bash");
+        write(800, 700, "/usr/bin/cat");
+        // OpenSSH ≥ 9.8 names the per-connection process.
+        write(610, 500, "/usr/lib/openssh/sshd-session");
+        write(810, 610, "/usr/bin/cat");
+        // A service started by systemd, and the listener's own helper: not sessions.
+        write(900, 1, "/usr/bin/backup");
+        write(910, 500, "/usr/bin/cat");
+        let mut t = ProcessTable::new(root.path(), 64);
+        t.bootstrap();
+        assert_eq!(t.session_of(800).as_deref(), Some("ssh (sshd pid 600)"));
+        assert_eq!(t.session_of(810).as_deref(), Some("ssh (sshd pid 610)"));
+        assert_eq!(t.session_of(900), None);
+        assert_eq!(t.session_of(910), None);
     }
 
     #[test]

@@ -2,15 +2,16 @@
 //! through exactly the code the live agent runs. Event timestamps drive all time logic.
 
 use std::{
-    fs::File,
+    fs::{self, File},
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
 use tracing::warn;
 
 use crate::{
+    baseline::Baselines,
     config::Config,
     correlate::Correlator,
     detect::Detectors,
@@ -26,15 +27,26 @@ pub struct ReplaySummary {
     pub bad_lines: u64,
 }
 
+/// `state_dir`: learn into (and judge against) the baselines kept there, as the agent does;
+/// without it the replay starts from nothing and keeps nothing.
 pub fn replay(
     cfg: &Config,
     files: &[PathBuf],
+    state_dir: Option<&Path>,
     events_out: Option<NdjsonSink>,
     alerts_out: Option<NdjsonSink>,
 ) -> Result<ReplaySummary> {
+    let (learn, max) = (cfg.detect.learning_period, cfg.detect.max_baselines);
+    let baselines = match state_dir {
+        Some(dir) => {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            Baselines::open(dir, learn, max)?
+        }
+        None => Baselines::in_memory(learn, max),
+    };
     let mut pipeline = Pipeline::new(
         Correlator::new(cfg.correlate.window),
-        Detectors::new(&cfg.detect.options(), cfg.policy()?),
+        Detectors::new(&cfg.detect.options(), cfg.policy()?, baselines),
         events_out,
         alerts_out,
     );

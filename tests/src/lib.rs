@@ -60,15 +60,27 @@ impl Agent {
     }
 
     pub fn start_with(config: &str, extra: &[&str]) -> Agent {
+        Self::spawn(config, extra, None)
+    }
+
+    /// With a state dir that outlives this agent (a restart keeps what it learned).
+    pub fn start_with_state(config: &str, state_dir: &Path) -> Agent {
+        Self::spawn(config, &[], Some(state_dir))
+    }
+
+    fn spawn(config: &str, extra: &[&str], state_dir: Option<&Path>) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = dir.path().join("credwatch.toml");
         std::fs::write(&cfg, config).unwrap();
+        let state = state_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("state"));
         let mut child = Command::new(credwatch_bin())
             .arg("run")
             .arg("--config")
             .arg(&cfg)
             .arg("--state-dir")
-            .arg(dir.path().join("state"))
+            .arg(state)
             .arg("--events")
             .arg(dir.path().join("events.ndjson"))
             .arg("--stats-file")

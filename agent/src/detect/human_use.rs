@@ -1,7 +1,11 @@
 //! human_use: a machine credential read by a process on a terminal — somebody at a shell,
-//! an ssh session or `kubectl exec -t` — rather than by the workload itself.
+//! an ssh session or `kubectl exec -t` — or descending from an SSH login without one
+//! (`ssh node cat …`), rather than by the workload itself. (`kubectl exec` without `-t`
+//! leaves neither trace; telling it from the container's own processes needs the runtime's
+//! exec records, which are not read yet.)
 
 use super::{Detector, short_fp};
+use crate::baseline::Baselines;
 use crate::{
     alert::{Alert, AlertKind, Evidence, Severity},
     event::{CredentialRef, Event, EventKind},
@@ -29,12 +33,16 @@ pub fn is_machine_credential(cred: &CredentialRef, path: Option<&str>) -> bool {
 }
 
 impl Detector for HumanUse {
-    fn observe(&mut self, ev: &Event, out: &mut Vec<Alert>) {
+    fn observe(&mut self, ev: &Event, _base: &Baselines, out: &mut Vec<Alert>) {
         if ev.kind != EventKind::SecretRead {
             return;
         }
         let Some(cred) = &ev.credential else { return };
-        let Some(tty) = &ev.process.tty else { return };
+        let how = match (&ev.process.tty, &ev.process.session) {
+            (Some(tty), _) => format!("terminal {tty}"),
+            (None, Some(session)) => format!("session {session}"),
+            (None, None) => return,
+        };
         let path = ev.secret.as_ref().and_then(|s| s.path.as_deref());
         if !is_machine_credential(cred, path) {
             return;
@@ -50,14 +58,14 @@ impl Detector for HumanUse {
             ev,
             cred,
             format!(
-                "{} credential {} read from terminal {tty} by {} (uid {}) in {}",
+                "{} credential {} read from {how} by {} (uid {}) in {}",
                 cred.kind,
                 short_fp(&cred.fingerprint),
                 ev.process.comm,
                 ev.process.uid,
                 ev.workload.id
             ),
-            vec![Evidence::of(ev).with_detail(format!("controlling terminal {tty}"))],
+            vec![Evidence::of(ev).with_detail(format!("interactive: {how}"))],
             format!(
                 "human_use|{}|{}|{}",
                 ev.workload.id, ev.process.uid, cred.fingerprint
@@ -76,21 +84,35 @@ mod tests {
         let mut out = Vec::new();
         let mut e = read("e1", 0, host(1000, "/usr/bin/cat"), "fp", None);
         e.process.tty = Some("pts/3".into());
-        HumanUse.observe(&e, &mut out);
+        HumanUse.observe(&e, &base(), &mut out);
         assert_eq!(out.len(), 1);
         assert!(out[0].summary.contains("pts/3"));
+        // No terminal, but under an SSH login.
+        let mut e = read("e2", 0, host(0, "/usr/bin/cat"), "fp2", None);
+        e.process.session = Some("ssh (sshd pid 600)".into());
+        HumanUse.observe(&e, &base(), &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(
+            out[1].summary.contains("session ssh (sshd pid 600)"),
+            "{}",
+            out[1].summary
+        );
     }
 
     #[test]
     fn no_terminal_or_personal_credential_is_not() {
         let mut out = Vec::new();
-        HumanUse.observe(&read("e1", 0, pod("a", "p", "u"), "fp", None), &mut out);
+        HumanUse.observe(
+            &read("e1", 0, pod("a", "p", "u"), "fp", None),
+            &base(),
+            &mut out,
+        );
         let mut own = read("e2", 0, host(1000, "/usr/bin/ssh"), "fp", None);
         own.process.tty = Some("pts/1".into());
         let c = own.credential.as_mut().unwrap();
         c.kind = "ssh_private_key".into();
         own.secret.as_mut().unwrap().path = Some("/home/alice/.ssh/id_ed25519".into());
-        HumanUse.observe(&own, &mut out);
+        HumanUse.observe(&own, &base(), &mut out);
         assert!(out.is_empty(), "{out:#?}");
     }
 }

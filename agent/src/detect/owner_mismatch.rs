@@ -1,13 +1,26 @@
-//! owner_mismatch: a workload reads a credential that belongs to another workload (the pod
-//! whose kubelet volume holds it).
+//! owner_mismatch: a workload reads a credential that belongs to another workload: the
+//! owner declared in `[[credential]] owner`, else the pod whose kubelet volume holds it.
+//! Workloads in the entry's `allowed_workloads` may read it.
+
+use std::sync::Arc;
 
 use super::{Detector, short_fp};
 use crate::{
     alert::{Alert, AlertKind, Evidence, Severity},
+    baseline::Baselines,
     event::{Event, EventKind, Owner, Workload, WorkloadKind},
+    policy::Policy,
 };
 
-pub struct OwnerMismatch;
+pub struct OwnerMismatch {
+    policy: Arc<Policy>,
+}
+
+impl OwnerMismatch {
+    pub fn new(policy: Arc<Policy>) -> Self {
+        OwnerMismatch { policy }
+    }
+}
 
 fn is_owner(owner: &Owner, w: &Workload) -> bool {
     match (owner.kind, &owner.pod_uid, &w.pod_uid) {
@@ -18,15 +31,30 @@ fn is_owner(owner: &Owner, w: &Workload) -> bool {
 }
 
 impl Detector for OwnerMismatch {
-    fn observe(&mut self, ev: &Event, out: &mut Vec<Alert>) {
+    fn observe(&mut self, ev: &Event, _base: &Baselines, out: &mut Vec<Alert>) {
         if ev.kind != EventKind::SecretRead {
             return;
         }
         let Some(cred) = &ev.credential else { return };
-        let Some(owner) = &cred.owner else { return };
-        if is_owner(owner, &ev.workload) {
+        let path = ev.secret.as_ref().and_then(|s| s.path.as_deref());
+        let entry = self.policy.find(cred, path);
+        let declared = entry.and_then(|e| e.owner());
+        let owner = match (&declared, &cred.owner) {
+            (Some(d), _) => d,
+            (None, Some(o)) => o,
+            (None, None) => return,
+        };
+        let owned = match (entry, &declared) {
+            (Some(e), Some(_)) => e.is_owner(&ev.workload),
+            _ => is_owner(owner, &ev.workload),
+        };
+        if owned || entry.is_some_and(|e| e.allows_workload(&ev.workload)) {
             return;
         }
+        // The alert shows the owner the decision was made against.
+        let mut cred = cred.clone();
+        cred.owner = Some(owner.clone());
+        let cred = &cred;
         out.push(Alert::about(
             AlertKind::OwnerMismatch,
             Severity::High,
@@ -48,13 +76,83 @@ impl Detector for OwnerMismatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::testutil::*;
+    use crate::{config::CredentialPolicy, detect::testutil::*};
+
+    fn detector(policy: &[CredentialPolicy]) -> OwnerMismatch {
+        OwnerMismatch::new(Arc::new(Policy::compile(policy, &[]).unwrap()))
+    }
+
+    fn entry(fp: &str) -> CredentialPolicy {
+        CredentialPolicy {
+            fingerprint: Some(fp.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn declared_owner_and_allowed_readers() {
+        let mut p = entry("fp");
+        p.owner = Some("unit:backup.service".into());
+        p.allowed_workloads = vec!["pod:logging/*".into()];
+        let mut d = detector(&[p]);
+        let unit = Workload {
+            kind: WorkloadKind::Unit,
+            id: "unit:backup.service".into(),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        d.observe(&read("e1", 0, unit, "fp", None), &base(), &mut out);
+        d.observe(
+            &read("e2", 0, pod("logging", "shipper", "u"), "fp", None),
+            &base(),
+            &mut out,
+        );
+        assert!(out.is_empty(), "owner and allowed reader: {out:#?}");
+        d.observe(
+            &read("e3", 0, pod("web", "x", "u"), "fp", None),
+            &base(),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        let owner = out[0].credential.as_ref().unwrap().owner.as_ref().unwrap();
+        assert_eq!(
+            (owner.id.as_str(), owner.source.as_str()),
+            ("unit:backup.service", "policy")
+        );
+    }
+
+    #[test]
+    fn allowed_workloads_cover_a_kubelet_owned_token() {
+        let mut p = entry("fp");
+        p.allowed_workloads = vec!["pod:monitoring/*".into()];
+        let mut d = detector(&[p]);
+        let mut out = Vec::new();
+        let owner = Some(owner_pod("billing", "worker-2", "ub"));
+        d.observe(
+            &read(
+                "e1",
+                0,
+                pod("monitoring", "agent", "um"),
+                "fp",
+                owner.clone(),
+            ),
+            &base(),
+            &mut out,
+        );
+        assert!(out.is_empty());
+        d.observe(
+            &read("e2", 0, pod("web", "x", "uw"), "fp", owner),
+            &base(),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+    }
 
     #[test]
     fn reading_another_pods_token_names_both() {
         let mut out = Vec::new();
         let owner = owner_pod("billing", "worker-2", "ub");
-        OwnerMismatch.observe(
+        detector(&[]).observe(
             &read(
                 "e1",
                 0,
@@ -62,6 +160,7 @@ mod tests {
                 "fp",
                 Some(owner.clone()),
             ),
+            &base(),
             &mut out,
         );
         assert_eq!(out.len(), 1);
@@ -86,13 +185,15 @@ mod tests {
     fn owner_reading_its_own_token_is_fine() {
         let mut out = Vec::new();
         let owner = owner_pod("payments", "api", "ua");
-        OwnerMismatch.observe(
+        detector(&[]).observe(
             &read("e1", 0, pod("payments", "api", "ua"), "fp", Some(owner)),
+            &base(),
             &mut out,
         );
         // No owner known: nothing to compare.
-        OwnerMismatch.observe(
+        detector(&[]).observe(
             &read("e2", 0, pod("payments", "api", "ua"), "fp", None),
+            &base(),
             &mut out,
         );
         assert!(out.is_empty());

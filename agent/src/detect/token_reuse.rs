@@ -4,6 +4,7 @@
 use std::{collections::HashMap, time::Duration};
 
 use super::{Detector, short_fp};
+use crate::baseline::Baselines;
 use crate::{
     alert::{Alert, AlertKind, Evidence, Severity},
     event::{Event, EventKind, Workload, WorkloadKind},
@@ -43,7 +44,7 @@ fn distinct(a: &Holder, w: &Workload, uid: u32) -> bool {
 }
 
 impl Detector for TokenReuse {
-    fn observe(&mut self, ev: &Event, out: &mut Vec<Alert>) {
+    fn observe(&mut self, ev: &Event, _base: &Baselines, out: &mut Vec<Alert>) {
         if !matches!(ev.kind, EventKind::SecretRead | EventKind::CredentialUse) {
             return;
         }
@@ -114,9 +115,17 @@ mod tests {
     fn two_pods_one_fingerprint_is_reuse() {
         let mut d = TokenReuse::new(Duration::from_secs(3600));
         let mut out = Vec::new();
-        d.observe(&read("e1", 0, pod("a", "p1", "u1"), "fp", None), &mut out);
+        d.observe(
+            &read("e1", 0, pod("a", "p1", "u1"), "fp", None),
+            &base(),
+            &mut out,
+        );
         assert!(out.is_empty());
-        d.observe(&read("e2", 10, pod("b", "p2", "u2"), "fp", None), &mut out);
+        d.observe(
+            &read("e2", 10, pod("b", "p2", "u2"), "fp", None),
+            &base(),
+            &mut out,
+        );
         assert_eq!(out.len(), 1);
         let a = &out[0];
         assert_eq!(a.alert, AlertKind::TokenReuse);
@@ -134,24 +143,39 @@ mod tests {
         let mut d = TokenReuse::new(Duration::from_secs(60));
         let mut out = Vec::new();
         // Same workload twice.
-        d.observe(&read("e1", 0, pod("a", "p1", "u1"), "fp", None), &mut out);
-        d.observe(&read("e2", 1, pod("a", "p1", "u1"), "fp", None), &mut out);
+        d.observe(
+            &read("e1", 0, pod("a", "p1", "u1"), "fp", None),
+            &base(),
+            &mut out,
+        );
+        d.observe(
+            &read("e2", 1, pod("a", "p1", "u1"), "fp", None),
+            &base(),
+            &mut out,
+        );
         // Different credentials.
         d.observe(
             &read("e3", 2, pod("b", "p2", "u2"), "other", None),
+            &base(),
             &mut out,
         );
         // Same host uid, different tools.
         d.observe(
             &read("e4", 3, host(0, "/usr/bin/kubectl"), "kc", None),
+            &base(),
             &mut out,
         );
         d.observe(
             &read("e5", 4, host(0, "/usr/bin/cat"), "kc", None),
+            &base(),
             &mut out,
         );
         // Outside the window.
-        d.observe(&read("e6", 500, pod("c", "p3", "u3"), "fp", None), &mut out);
+        d.observe(
+            &read("e6", 500, pod("c", "p3", "u3"), "fp", None),
+            &base(),
+            &mut out,
+        );
         assert!(out.is_empty(), "{out:#?}");
     }
 }
