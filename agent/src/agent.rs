@@ -20,6 +20,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     baseline::Baselines,
+    clickhouse::ClickHouseSink,
     config::Config,
     correlate::Correlator,
     credential::Fingerprinter,
@@ -150,7 +151,25 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
 
     let events = opts.events.as_deref().map(NdjsonSink::open).transpose()?;
     let alerts = NdjsonSink::open(&opts.alerts)?;
-    let pipeline = Pipeline::new(
+    let clickhouse = match &cfg.clickhouse {
+        Some(ch) => {
+            if ch.migrate_on_start {
+                match crate::clickhouse::migrate(ch).await {
+                    Ok(v) => info!(version = v, "ClickHouse schema ready"),
+                    // Unreachable now is fine: batches wait in the spool.
+                    Err(e) => warn!("ClickHouse schema not applied: {e:#}"),
+                }
+            }
+            Some(ClickHouseSink::start(
+                ch,
+                &node_name(&cfg),
+                &opts.state_dir,
+                false,
+            )?)
+        }
+        None => None,
+    };
+    let mut pipeline = Pipeline::new(
         Correlator::new(cfg.correlate.window),
         Detectors::new(
             &cfg.detect.options(),
@@ -164,6 +183,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         events,
         Some(alerts),
     );
+    if let Some(ch) = clickhouse {
+        pipeline = pipeline.with_clickhouse(ch);
+    }
     let ids = IdGen::new();
     let mut enricher = Enricher {
         node: node_name(&cfg),

@@ -30,6 +30,84 @@ pub struct Config {
     pub allow: Vec<Spanned<AllowEntry>>,
     #[serde(default)]
     pub sensors: Sensors,
+    /// Events and alerts to ClickHouse; absent: no ClickHouse sink.
+    pub clickhouse: Option<ClickHouse>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouse {
+    /// HTTP(S) endpoint, `http://clickhouse:8123`.
+    pub url: String,
+    #[serde(default = "default_ch_database")]
+    pub database: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// File holding the password (a mounted Secret); preferred over `password`.
+    pub password_file: Option<String>,
+    /// CA bundle for an `https://` endpoint (default: the system's web PKI roots).
+    pub ca_file: Option<String>,
+    /// A batch is sent when it has this many rows…
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: usize,
+    /// …or about this many bytes…
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+    /// …or is this old.
+    #[serde(default = "default_flush", with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Rows waiting in memory for the writer; beyond it the agent counts drops.
+    #[serde(default = "default_queue_rows")]
+    pub queue_rows: usize,
+    /// Batches ClickHouse could not take wait on disk (under the state dir) up to this size.
+    #[serde(default = "default_spool_bytes")]
+    pub spool_max_bytes: u64,
+    /// `drop_oldest` (default: keep the newest data) or `drop_newest` when the spool is full.
+    #[serde(default)]
+    pub spool_full: SpoolFull,
+    #[serde(default = "default_ch_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Rows older than this are deleted by ClickHouse (TTL), in days.
+    #[serde(default = "default_ttl_days")]
+    pub ttl_days: u32,
+    /// Cluster name: `ON CLUSTER`, Replicated tables and Distributed tables over them.
+    pub cluster: Option<String>,
+    /// Apply the schema at start (idempotent); turn off where the SOC owns the DDL.
+    #[serde(default = "yes")]
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpoolFull {
+    #[default]
+    DropOldest,
+    DropNewest,
+}
+
+fn default_ch_database() -> String {
+    "credwatch".into()
+}
+fn default_batch_rows() -> usize {
+    50_000
+}
+fn default_batch_bytes() -> usize {
+    32 << 20
+}
+fn default_flush() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_queue_rows() -> usize {
+    500_000
+}
+fn default_spool_bytes() -> u64 {
+    1 << 30
+}
+fn default_ch_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_ttl_days() -> u32 {
+    90
 }
 
 #[derive(Debug, Deserialize)]
@@ -359,6 +437,34 @@ impl Config {
             crate::policy::Policy::compile(&[], std::slice::from_ref(a.get_ref())).map_err(
                 |e| anyhow::anyhow!("{}: [[allow]]: {e:#}", line_of(src, a.span().start)),
             )?;
+        }
+        if let Some(ch) = &self.clickhouse {
+            if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
+                bail!(
+                    "clickhouse.url must start with http:// or https:// (got {:?})",
+                    ch.url
+                );
+            }
+            let ident = |s: &str| {
+                !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            };
+            if !ident(&ch.database) {
+                bail!(
+                    "clickhouse.database must be letters, digits and _ (got {:?})",
+                    ch.database
+                );
+            }
+            if let Some(c) = &ch.cluster
+                && !ident(c)
+            {
+                bail!("clickhouse.cluster must be letters, digits and _ (got {c:?})");
+            }
+            if ch.batch_rows == 0 || ch.queue_rows < ch.batch_rows {
+                bail!("clickhouse: need 0 < batch_rows <= queue_rows");
+            }
+            if ch.ttl_days == 0 {
+                bail!("clickhouse.ttl_days must be at least 1");
+            }
         }
         if self.detect.max_baselines == 0 {
             bail!("detect.max_baselines must be at least 1");

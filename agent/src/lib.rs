@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod alert;
 pub mod baseline;
+pub mod clickhouse;
 pub mod config;
 pub mod correlate;
 pub mod credential;

@@ -55,6 +55,48 @@ enum Cmd {
     },
     /// Validate a config file; errors name the line.
     CheckConfig { file: PathBuf },
+    /// Print the ClickHouse DDL (from `[clickhouse]` in the config) and the fleet queries.
+    Schema {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Apply the ClickHouse schema (idempotent; refuses a newer schema version).
+    Migrate {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the fleet-wide detections (cross-node token reuse, dormant credentials) over
+    /// what every node wrote to ClickHouse; alerts as JSON lines.
+    FleetCheck {
+        #[arg(long)]
+        config: PathBuf,
+        /// Start of the range: RFC 3339 time, or a duration back from `--until` (`1h`).
+        #[arg(long, default_value = "1h")]
+        since: String,
+        /// End of the range (RFC 3339); default now.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value = "-")]
+        alerts: PathBuf,
+    },
+}
+
+fn clickhouse_config(cfg: &Config) -> Result<&credwatch::config::ClickHouse> {
+    cfg.clickhouse
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("the config has no [clickhouse] section"))
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| anyhow::anyhow!("{s:?} is not an RFC 3339 time: {e}"))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {
@@ -90,10 +132,7 @@ fn real_main(cli: Cli) -> Result<()> {
             alerts,
         } => {
             let cfg = load_config(config.as_ref())?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(agent::run(
+            runtime()?.block_on(agent::run(
                 cfg,
                 RunOptions {
                     state_dir,
@@ -125,6 +164,61 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::CheckConfig { file } => {
             Config::load(&file)?;
             println!("{}: ok", file.display());
+            Ok(())
+        }
+        Cmd::Schema { config } => {
+            let cfg = load_config(config.as_ref())?;
+            let default = Config::parse("[clickhouse]\nurl = \"http://localhost:8123\"\n")?;
+            let ch = cfg
+                .clickhouse
+                .as_ref()
+                .or(default.clickhouse.as_ref())
+                .expect("default has a section");
+            let text = format!(
+                "{}\n{}",
+                credwatch::clickhouse::schema::script(ch),
+                credwatch::clickhouse::fleet::script()
+            );
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+            Ok(())
+        }
+        Cmd::Migrate { config } => {
+            let cfg = load_config(Some(&config))?;
+            let ch = clickhouse_config(&cfg)?;
+            let v = runtime()?.block_on(credwatch::clickhouse::migrate(ch))?;
+            println!("{}: schema version {v} applied", ch.database);
+            Ok(())
+        }
+        Cmd::FleetCheck {
+            config,
+            since,
+            until,
+            alerts,
+        } => {
+            let cfg = load_config(Some(&config))?;
+            let ch = clickhouse_config(&cfg)?;
+            let to = until
+                .as_deref()
+                .map(parse_time)
+                .transpose()?
+                .unwrap_or_else(chrono::Utc::now);
+            let from = match humantime::parse_duration(&since) {
+                Ok(d) => to - chrono::Duration::from_std(d)?,
+                Err(_) => parse_time(&since)?,
+            };
+            let found = runtime()?.block_on(credwatch::clickhouse::fleet::check(
+                ch,
+                from,
+                to,
+                cfg.detect.dormant_after,
+            ))?;
+            let mut out = NdjsonSink::open(&alerts)?;
+            for a in &found {
+                out.write(a);
+            }
+            out.flush();
+            tracing::info!(alerts = found.len(), %from, %to, "fleet check done");
             Ok(())
         }
     }

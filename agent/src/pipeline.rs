@@ -11,7 +11,14 @@ use std::{
 use anyhow::{Context, Result};
 use tracing::error;
 
-use crate::{alert::Alert, correlate::Correlator, detect::Detectors, enrich::IdGen, event::Event};
+use crate::{
+    alert::Alert,
+    clickhouse::{ClickHouseSink, writer::WriterCounts},
+    correlate::Correlator,
+    detect::Detectors,
+    enrich::IdGen,
+    event::Event,
+};
 
 /// NDJSON writer that never takes the agent down: write failures (full disk, closed pipe)
 /// are counted and logged once per burst, and the pipeline keeps running.
@@ -84,6 +91,8 @@ pub struct PipelineStats {
     pub alerts_write_failures: u64,
     pub alerts_allowlisted: u64,
     pub baselines: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clickhouse: Option<WriterCounts>,
 }
 
 pub struct Pipeline {
@@ -91,6 +100,7 @@ pub struct Pipeline {
     detectors: Detectors,
     events: Option<NdjsonSink>,
     alerts: Option<NdjsonSink>,
+    clickhouse: Option<ClickHouseSink>,
     counts: BTreeMap<&'static str, u64>,
     alert_counts: BTreeMap<&'static str, u64>,
     fired: Vec<Alert>,
@@ -108,10 +118,17 @@ impl Pipeline {
             detectors,
             events,
             alerts,
+            clickhouse: None,
             counts: BTreeMap::new(),
             alert_counts: BTreeMap::new(),
             fired: Vec::new(),
         }
+    }
+
+    /// Events and alerts also go to ClickHouse.
+    pub fn with_clickhouse(mut self, sink: ClickHouseSink) -> Self {
+        self.clickhouse = Some(sink);
+        self
     }
 
     pub fn handle(&mut self, ev: Event, ids: &mut IdGen) {
@@ -127,11 +144,17 @@ impl Pipeline {
         if let Some(sink) = self.events.as_mut() {
             sink.write(ev);
         }
+        if let Some(ch) = self.clickhouse.as_mut() {
+            ch.event(ev);
+        }
         self.detectors.observe(ev, &mut self.fired);
         for a in self.fired.drain(..) {
             *self.alert_counts.entry(a.alert.as_str()).or_default() += 1;
             if let Some(sink) = self.alerts.as_mut() {
                 sink.write(&a);
+            }
+            if let Some(ch) = self.clickhouse.as_mut() {
+                ch.alert(&a);
             }
         }
     }
@@ -142,6 +165,9 @@ impl Pipeline {
         }
         if let Some(s) = self.alerts.as_mut() {
             s.flush();
+        }
+        if let Some(ch) = self.clickhouse.as_mut() {
+            ch.flush();
         }
     }
 
@@ -156,8 +182,14 @@ impl Pipeline {
             if let Some(sink) = self.alerts.as_mut() {
                 sink.write(&a);
             }
+            if let Some(ch) = self.clickhouse.as_mut() {
+                ch.alert(&a);
+            }
         }
         self.flush();
+        if let Some(ch) = self.clickhouse.as_mut() {
+            ch.finish();
+        }
     }
 
     pub fn stats(&self) -> PipelineStats {
@@ -168,6 +200,7 @@ impl Pipeline {
             alerts_write_failures: self.alerts.as_ref().map(|s| s.failed).unwrap_or(0),
             alerts_allowlisted: self.detectors.allowlisted,
             baselines: self.detectors.baselines().len(),
+            clickhouse: self.clickhouse.as_ref().map(|c| c.stats.snapshot()),
         }
     }
 }

@@ -50,6 +50,27 @@ pub fn replay(
         events_out,
         alerts_out,
     );
+    if let Some(ch) = &cfg.clickhouse {
+        // Without a state dir, batches ClickHouse refuses wait in a spool next to the input.
+        let spool_home = state_dir.map(Path::to_path_buf).unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("credwatch-replay-{}", std::process::id()))
+        });
+        if ch.migrate_on_start {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            if let Err(e) = rt.block_on(crate::clickhouse::migrate(ch)) {
+                warn!("ClickHouse schema not applied: {e:#}");
+            }
+        }
+        let node = crate::agent::node_name(cfg);
+        pipeline = pipeline.with_clickhouse(crate::clickhouse::ClickHouseSink::start(
+            ch,
+            &node,
+            &spool_home,
+            true,
+        )?);
+    }
     let mut ids = IdGen::new();
     let mut summary = ReplaySummary::default();
     for path in files {

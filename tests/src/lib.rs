@@ -15,6 +15,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod clickhouse;
+
 pub fn credwatch_bin() -> PathBuf {
     std::env::var_os("CREDWATCH_BIN")
         .map(PathBuf::from)
@@ -173,6 +175,22 @@ impl Agent {
             stdout,
             dir: self.dir.take().expect("agent running"),
         }
+    }
+}
+
+impl Agent {
+    /// SIGKILL: no flush, no goodbye (a crash or an OOM kill).
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The last stats file the agent wrote (it writes one every second).
+    pub fn stats(&self) -> Value {
+        std::fs::read(self.path().join("stats.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null)
     }
 }
 

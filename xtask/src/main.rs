@@ -6,6 +6,7 @@
 use std::{
     env,
     ffi::OsString,
+    fs,
     path::{Path, PathBuf},
     process::{Command, ExitCode},
 };
@@ -118,6 +119,13 @@ fn real_main() -> Result<()> {
     }
 }
 
+/// Where installed tools live between runs (not under target/: `cargo clean` must not
+/// break the bpf-linker runpath or force a reinstall of the test ClickHouse).
+fn prefix_dir() -> Result<PathBuf> {
+    let home = env::var_os("HOME").context("HOME is not set")?;
+    Ok(Path::new(&home).join(".local/share/credwatch"))
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -188,8 +196,7 @@ fn setup() -> Result<()> {
         .context("rustc +nightly -vV does not report an LLVM version")?;
     let major = llvm.split('.').next().unwrap_or_default().to_owned();
     // Persistent prefix: bpf-linker keeps a runpath to it, so it must outlive this build.
-    let home = env::var_os("HOME").context("HOME is not set")?;
-    let prefix = Path::new(&home).join(format!(".local/share/credwatch/llvm-{major}"));
+    let prefix = prefix_dir()?.join(format!("llvm-{major}"));
     let stamp = prefix.join("bpf-linker.stamp");
     let want = format!("bpf-linker {BPF_LINKER_VERSION} llvm {llvm}\n");
     if std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) && bpf_linker_runs() {
@@ -287,13 +294,42 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// The test ClickHouse: the real engine from PyPI `chdb-core` in a venv under the
+/// persistent prefix, behind `tests/clickhouse/front.py`. Installed once; the stamp holds
+/// the requirements it was built from, so a change of pins reinstalls. Returns the python.
+pub fn ensure_test_clickhouse(root: &Path) -> Result<PathBuf> {
+    let venv = prefix_dir()?.join("chdb-venv");
+    let python = venv.join("bin/python");
+    let reqs = fs::read_to_string(root.join("tests/clickhouse/requirements.txt"))
+        .context("reading tests/clickhouse/requirements.txt")?;
+    let stamp = venv.join(".credwatch-requirements");
+    if python.exists() && fs::read_to_string(&stamp).is_ok_and(|s| s == reqs) {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: installing the test ClickHouse (chdb-core) into {}",
+        venv.display()
+    );
+    let _ = fs::remove_dir_all(&venv);
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .context("python3 -m venv (install python3 and its venv module)")?;
+    run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--upgrade", "pip"]))?;
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "-r"])
+        .arg(root.join("tests/clickhouse/requirements.txt")))?;
+    fs::write(&stamp, reqs)?;
+    Ok(python)
+}
+
 fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     cargo(&["build", "-p", "credwatch", "--bins"])?;
     let bin = root.join("target/debug/credwatch");
+    let python = ensure_test_clickhouse(root)?;
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.args(["test", "--"])
         .args(extra)
-        .env("CREDWATCH_BIN", &bin);
+        .env("CREDWATCH_BIN", &bin)
+        .env("CREDWATCH_TEST_CHDB_PYTHON", &python);
     let ci = env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     if ci {
         // In CI the privileged tests must run: a host where BPF is unusable fails them.

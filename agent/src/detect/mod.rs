@@ -116,7 +116,7 @@ impl Detectors {
 }
 
 /// `hmac-sha256:0123abcd…` → `0123abcd` for summaries.
-pub(crate) fn short_fp(fp: &str) -> &str {
+pub fn short_fp(fp: &str) -> &str {
     let hex = fp.rsplit(':').next().unwrap_or(fp);
     &hex[..hex.len().min(12)]
 }

@@ -1,0 +1,310 @@
+//! Fleet queries: questions one node cannot answer, over what every node wrote. `credwatch
+//! fleet-check` runs the alerting ones for a time range and emits alerts in the usual
+//! format (node `fleet`); `credwatch schema` prints them all for dashboards and ad-hoc use.
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use crate::{
+    alert::{Alert, AlertKind, AlertStatus, Evidence, Severity},
+    config::ClickHouse as Cfg,
+    event::{CredentialRef, Timestamp, Workload, WorkloadKind},
+};
+
+/// Reads of one fingerprint on two or more nodes in [?, ?): one row per (fingerprint, node)
+/// with the first read there as evidence.
+pub const CROSS_NODE_REUSE: &str = "
+SELECT fingerprint, node, any(credential_type) AS credential_type,
+       argMin(id, ts) AS event_id, min(ts) AS first_ts, argMin(workload_id, ts) AS workload_id,
+       argMin(workload_kind, ts) AS workload_kind, argMin(tgid, ts) AS pid,
+       argMin(comm, ts) AS comm, argMin(exe, ts) AS exe, argMin(secret_path, ts) AS secret_path,
+       count() AS reads
+FROM events
+WHERE kind = 'secret_read' AND fingerprint != ''
+  AND ts >= fromUnixTimestamp64Nano(toInt64(?), 'UTC') AND ts < fromUnixTimestamp64Nano(toInt64(?), 'UTC')
+  AND fingerprint IN (
+      SELECT fingerprint FROM events
+      WHERE kind = 'secret_read' AND fingerprint != ''
+        AND ts >= fromUnixTimestamp64Nano(toInt64(?), 'UTC') AND ts < fromUnixTimestamp64Nano(toInt64(?), 'UTC')
+      GROUP BY fingerprint HAVING uniqExact(node) >= 2)
+GROUP BY fingerprint, node
+ORDER BY fingerprint, node";
+
+/// Credentials read in [?, ?) whose previous read anywhere in the fleet is at least
+/// ? seconds older.
+pub const DORMANT: &str = "
+SELECT r.fingerprint AS fingerprint, r.credential_type AS credential_type, r.node AS node,
+       r.event_id AS event_id, r.first_ts AS first_ts, r.workload_id AS workload_id,
+       r.workload_kind AS workload_kind, r.pid AS pid, r.comm AS comm, r.exe AS exe,
+       r.secret_path AS secret_path, p.last_before AS last_before
+FROM (
+    SELECT fingerprint, any(credential_type) AS credential_type, argMin(node, ts) AS node,
+           argMin(id, ts) AS event_id, min(ts) AS first_ts, argMin(workload_id, ts) AS workload_id,
+           argMin(workload_kind, ts) AS workload_kind, argMin(tgid, ts) AS pid,
+           argMin(comm, ts) AS comm, argMin(exe, ts) AS exe, argMin(secret_path, ts) AS secret_path
+    FROM events
+    WHERE kind = 'secret_read' AND fingerprint != ''
+      AND ts >= fromUnixTimestamp64Nano(toInt64(?), 'UTC') AND ts < fromUnixTimestamp64Nano(toInt64(?), 'UTC')
+    GROUP BY fingerprint) AS r
+INNER JOIN (
+    SELECT fingerprint, max(ts) AS last_before FROM events
+    WHERE kind = 'secret_read' AND fingerprint != ''
+      AND ts < fromUnixTimestamp64Nano(toInt64(?), 'UTC')
+    GROUP BY fingerprint) AS p ON r.fingerprint = p.fingerprint
+WHERE dateDiff('second', p.last_before, r.first_ts) >= ?
+ORDER BY first_ts";
+
+/// Report: the credentials reaching the most distinct destinations in [?, ?).
+pub const TOP_BY_DESTINATIONS: &str = "
+SELECT fingerprint, any(credential_type) AS credential_type,
+       uniqExact(dst_ip, dst_port, dst_proto) AS destinations, uniqExact(node) AS nodes,
+       uniqExact(workload_id) AS workloads, count() AS uses
+FROM events
+WHERE kind = 'credential_use'
+  AND ts >= fromUnixTimestamp64Nano(toInt64(?), 'UTC') AND ts < fromUnixTimestamp64Nano(toInt64(?), 'UTC')
+GROUP BY fingerprint
+ORDER BY destinations DESC, uses DESC
+LIMIT 20";
+
+/// All of them, for `credwatch schema`.
+pub fn script() -> String {
+    [
+        (
+            "cross-node token reuse (from, to, from, to)",
+            CROSS_NODE_REUSE,
+        ),
+        (
+            "dormant credentials (from, to, from, min silence in seconds)",
+            DORMANT,
+        ),
+        (
+            "top credentials by destinations (from, to)",
+            TOP_BY_DESTINATIONS,
+        ),
+    ]
+    .iter()
+    .map(|(name, q)| format!("-- fleet query: {name}; ? = Unix time in ns{q};\n"))
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct ReadRow {
+    fingerprint: String,
+    node: String,
+    credential_type: String,
+    event_id: String,
+    #[serde(with = "clickhouse::serde::chrono::datetime64::nanos")]
+    first_ts: DateTime<Utc>,
+    workload_id: String,
+    workload_kind: String,
+    pid: u32,
+    comm: String,
+    exe: String,
+    secret_path: String,
+    reads: u64,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct DormantRow {
+    fingerprint: String,
+    credential_type: String,
+    node: String,
+    event_id: String,
+    #[serde(with = "clickhouse::serde::chrono::datetime64::nanos")]
+    first_ts: DateTime<Utc>,
+    workload_id: String,
+    workload_kind: String,
+    pid: u32,
+    comm: String,
+    exe: String,
+    secret_path: String,
+    #[serde(with = "clickhouse::serde::chrono::datetime64::nanos")]
+    last_before: DateTime<Utc>,
+}
+
+fn workload(kind: &str, id: &str) -> Workload {
+    Workload {
+        kind: serde_json::from_value(serde_json::Value::String(kind.to_owned()))
+            .unwrap_or(WorkloadKind::Host),
+        id: id.to_owned(),
+        ..Default::default()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn evidence(
+    event_id: &str,
+    ts: DateTime<Utc>,
+    workload: &str,
+    pid: u32,
+    comm: &str,
+    exe: &str,
+    path: &str,
+    detail: String,
+) -> Evidence {
+    Evidence {
+        event_id: event_id.to_owned(),
+        ts: Timestamp(ts),
+        kind: "secret_read".into(),
+        workload: workload.to_owned(),
+        pid,
+        comm: comm.to_owned(),
+        exe: exe.to_owned(),
+        tty: None,
+        secret_path: (!path.is_empty()).then(|| path.to_owned()),
+        dst: None,
+        detail: Some(detail),
+    }
+}
+
+/// A fleet finding; summary, evidence and dedup key are filled in by the caller.
+fn alert(
+    kind: AlertKind,
+    severity: Severity,
+    first: DateTime<Utc>,
+    last: DateTime<Utc>,
+    workload: Workload,
+    credential: CredentialRef,
+) -> Alert {
+    Alert {
+        alert: kind,
+        severity,
+        ts: Timestamp(last),
+        first_seen: Timestamp(first),
+        last_seen: Timestamp(last),
+        node: "fleet".into(),
+        summary: String::new(),
+        workload,
+        credential: Some(credential),
+        evidence: Vec::new(),
+        count: 1,
+        status: AlertStatus::New,
+        dedup_key: String::new(),
+    }
+}
+
+fn ns(t: DateTime<Utc>) -> i64 {
+    t.timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+/// Runs the alerting fleet queries for [from, to).
+pub async fn check(
+    cfg: &Cfg,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    dormant_after: std::time::Duration,
+) -> Result<Vec<Alert>> {
+    let c = super::client(cfg)?;
+    let (f, t) = (ns(from), ns(to));
+    let rows: Vec<ReadRow> = c
+        .query(CROSS_NODE_REUSE)
+        .bind(f)
+        .bind(t)
+        .bind(f)
+        .bind(t)
+        .fetch_all()
+        .await
+        .context("cross-node reuse query")?;
+    let mut out = Vec::new();
+    for group in rows.chunk_by(|a, b| a.fingerprint == b.fingerprint) {
+        let first = &group[0];
+        let last = group
+            .iter()
+            .map(|r| r.first_ts)
+            .max()
+            .unwrap_or(first.first_ts);
+        let nodes: Vec<&str> = group.iter().map(|r| r.node.as_str()).collect();
+        let cred = CredentialRef {
+            fingerprint: first.fingerprint.clone(),
+            kind: first.credential_type.clone(),
+            ..Default::default()
+        };
+        let mut a = alert(
+            AlertKind::TokenReuse,
+            Severity::High,
+            first.first_ts,
+            last,
+            workload(&first.workload_kind, &first.workload_id),
+            cred,
+        );
+        a.summary = format!(
+            "{} credential {} read on {} nodes: {}",
+            first.credential_type,
+            super::super::detect::short_fp(&first.fingerprint),
+            nodes.len(),
+            nodes.join(", ")
+        );
+        a.evidence = group
+            .iter()
+            .map(|r| {
+                evidence(
+                    &r.event_id,
+                    r.first_ts,
+                    &r.workload_id,
+                    r.pid,
+                    &r.comm,
+                    &r.exe,
+                    &r.secret_path,
+                    format!("node {} ({} reads)", r.node, r.reads),
+                )
+            })
+            .collect();
+        a.dedup_key = format!("token_reuse|fleet|{}", first.fingerprint);
+        out.push(a);
+    }
+    if !dormant_after.is_zero() {
+        let rows: Vec<DormantRow> = c
+            .query(DORMANT)
+            .bind(f)
+            .bind(t)
+            .bind(f)
+            .bind(dormant_after.as_secs())
+            .fetch_all()
+            .await
+            .context("dormant credentials query")?;
+        for r in rows {
+            let days = (r.first_ts - r.last_before).num_days();
+            let mut a = alert(
+                AlertKind::DormantCredential,
+                Severity::Medium,
+                r.first_ts,
+                r.first_ts,
+                workload(&r.workload_kind, &r.workload_id),
+                CredentialRef {
+                    fingerprint: r.fingerprint.clone(),
+                    kind: r.credential_type.clone(),
+                    ..Default::default()
+                },
+            );
+            a.summary = format!(
+                "{} credential {} read on {} after {days} days unused anywhere in the fleet",
+                r.credential_type,
+                super::super::detect::short_fp(&r.fingerprint),
+                r.node
+            );
+            a.evidence = vec![evidence(
+                &r.event_id,
+                r.first_ts,
+                &r.workload_id,
+                r.pid,
+                &r.comm,
+                &r.exe,
+                &r.secret_path,
+                format!(
+                    "node {}; previous read {}",
+                    r.node,
+                    r.last_before.to_rfc3339()
+                ),
+            )];
+            a.dedup_key = format!(
+                "dormant_credential|fleet|{}|{}",
+                r.fingerprint,
+                ns(r.last_before)
+            );
+            out.push(a);
+        }
+    }
+    Ok(out)
+}

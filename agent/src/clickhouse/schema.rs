@@ -1,0 +1,247 @@
+//! The ClickHouse schema: what `credwatch schema` prints and `credwatch migrate` applies.
+//!
+//! `events` holds every event kind, ordered by (kind, fingerprint, node, ts): dashboards and
+//! fleet queries filter on the kind first (`credential_use`, `secret_read`) and group by
+//! fingerprint; `credential_uses` is a view over it. `alerts` keeps each emitted alert line
+//! (new and count updates) with the full alert JSON. Partitions are days (events) and months
+//! (alerts) so TTL retention drops whole parts. Every table deduplicates inserts by the
+//! writer's per-batch token, which is what makes a retried batch land once.
+//!
+//! Cluster mode (`[clickhouse] cluster`): every statement runs `ON CLUSTER`, the data lives
+//! in `*_local` Replicated tables and `events`/`alerts` are Distributed tables over them,
+//! sharded by node so one node's batches (and their dedup tokens) land on one shard.
+
+use crate::config::ClickHouse as Cfg;
+
+/// Bumped whenever a migration is added; `migrate` refuses a database that is newer.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const EVENT_COLUMNS: &str = "
+    id String,
+    ts DateTime64(9, 'UTC'),
+    node LowCardinality(String),
+    kind LowCardinality(String),
+    pid UInt32,
+    tgid UInt32,
+    ppid UInt32,
+    uid UInt32,
+    euid UInt32,
+    gid UInt32,
+    egid UInt32,
+    comm String,
+    exe String,
+    tty LowCardinality(String),
+    session String,
+    workload_kind LowCardinality(String),
+    workload_id String,
+    namespace LowCardinality(String),
+    pod String,
+    pod_uid String,
+    service_account LowCardinality(String),
+    spiffe_id String,
+    container_id String,
+    unit LowCardinality(String),
+    cgroup_id UInt64,
+    cgroup String,
+    secret_path String,
+    opened_as String,
+    dev UInt64,
+    inode UInt64,
+    syscall LowCardinality(String),
+    access LowCardinality(String),
+    open_flags Int32,
+    matched LowCardinality(String),
+    fd Int32,
+    fingerprint String,
+    credential_type LowCardinality(String),
+    labels Map(String, String),
+    owner_kind LowCardinality(String),
+    owner_id String,
+    owner_namespace LowCardinality(String),
+    owner_pod String,
+    owner_pod_uid String,
+    owner_source LowCardinality(String),
+    dst_family UInt8,
+    dst_ip IPv6,
+    dst_port UInt16,
+    dst_proto LowCardinality(String),
+    dst_name String,
+    result LowCardinality(String),
+    exec_filename String,
+    exec_cap_effective UInt64,
+    exec_truncated Bool,
+    exit_code Nullable(Int32),
+    priv_via LowCardinality(String),
+    priv_old_uid UInt32,
+    priv_old_euid UInt32,
+    priv_new_uid UInt32,
+    priv_new_euid UInt32,
+    priv_old_caps UInt64,
+    priv_new_caps UInt64,
+    dns_name String,
+    dns_addrs Array(IPv6),
+    dns_ttl UInt32,
+    dns_server Nullable(IPv6),
+    read_event String,
+    read_ts Nullable(DateTime64(9, 'UTC'))";
+
+const ALERT_COLUMNS: &str = "
+    id String,
+    ts DateTime64(9, 'UTC'),
+    first_seen DateTime64(9, 'UTC'),
+    last_seen DateTime64(9, 'UTC'),
+    node LowCardinality(String),
+    alert LowCardinality(String),
+    severity LowCardinality(String),
+    status LowCardinality(String),
+    count UInt64,
+    summary String,
+    workload_kind LowCardinality(String),
+    workload_id String,
+    namespace LowCardinality(String),
+    pod String,
+    service_account LowCardinality(String),
+    spiffe_id String,
+    fingerprint String,
+    credential_type LowCardinality(String),
+    owner_id String,
+    dedup_key String,
+    evidence String CODEC(ZSTD(3)),
+    alert_json String CODEC(ZSTD(3))";
+
+/// Batches remembered for deduplication: far more than can be in flight or spooled.
+const DEDUP_WINDOW: u32 = 10_000;
+
+struct Table {
+    name: &'static str,
+    columns: &'static str,
+    partition: &'static str,
+    order: &'static str,
+}
+
+const TABLES: [Table; 2] = [
+    Table {
+        name: "events",
+        columns: EVENT_COLUMNS,
+        partition: "toDate(ts)",
+        order: "(kind, fingerprint, node, ts)",
+    },
+    Table {
+        name: "alerts",
+        columns: ALERT_COLUMNS,
+        partition: "toYYYYMM(ts)",
+        order: "(alert, node, ts)",
+    },
+];
+
+/// Every statement, in order, each idempotent (`IF NOT EXISTS`).
+pub fn statements(cfg: &Cfg) -> Vec<String> {
+    let db = &cfg.database;
+    let on = cfg
+        .cluster
+        .as_ref()
+        .map(|c| format!(" ON CLUSTER {c}"))
+        .unwrap_or_default();
+    let mut out = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{on}")];
+    let ttl = cfg.ttl_days;
+    for t in &TABLES {
+        let (local, engine, dedup) = match &cfg.cluster {
+            None => (
+                t.name.to_owned(),
+                "MergeTree".to_owned(),
+                "non_replicated_deduplication_window",
+            ),
+            Some(_) => (
+                format!("{}_local", t.name),
+                format!(
+                    "ReplicatedMergeTree('/clickhouse/tables/{{shard}}/{db}/{}', '{{replica}}')",
+                    t.name
+                ),
+                "replicated_deduplication_window",
+            ),
+        };
+        out.push(format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{local}{on}\n({}\n)\nENGINE = {engine}\n\
+             PARTITION BY {}\nORDER BY {}\nTTL toDateTime(ts) + INTERVAL {ttl} DAY\n\
+             SETTINGS {dedup} = {DEDUP_WINDOW}",
+            t.columns, t.partition, t.order
+        ));
+        if let Some(c) = &cfg.cluster {
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {db}.{}{on} AS {db}.{local}\n\
+                 ENGINE = Distributed({c}, {db}, {local}, cityHash64(node))",
+                t.name
+            ));
+        }
+    }
+    out.push(format!(
+        "CREATE VIEW IF NOT EXISTS {db}.credential_uses{on} AS\n\
+         SELECT ts, node, workload_kind, workload_id, namespace, pod, service_account, spiffe_id,\n\
+         \x20      fingerprint, credential_type, owner_id, dst_ip, dst_port, dst_proto, dst_name,\n\
+         \x20      pid, comm, exe, read_event, read_ts, id\n\
+         FROM {db}.events WHERE kind = 'credential_use'"
+    ));
+    let (vlocal, vengine) = match &cfg.cluster {
+        None => ("schema_version".to_owned(), "MergeTree".to_owned()),
+        Some(_) => (
+            "schema_version".to_owned(),
+            format!("ReplicatedMergeTree('/clickhouse/tables/{db}/schema_version', '{{replica}}')"),
+        ),
+    };
+    out.push(format!(
+        "CREATE TABLE IF NOT EXISTS {db}.{vlocal}{on}\n\
+         (version UInt32, applied_at DateTime64(3, 'UTC'), by String)\n\
+         ENGINE = {vengine}\nORDER BY version"
+    ));
+    out
+}
+
+/// The DDL as one script, for `credwatch schema`.
+pub fn script(cfg: &Cfg) -> String {
+    let mut s = format!("-- credwatch schema version {SCHEMA_VERSION}\n");
+    for st in statements(cfg) {
+        s.push_str(&st);
+        s.push_str(";\n\n");
+    }
+    s.push_str(&format!(
+        "INSERT INTO {}.schema_version SELECT {SCHEMA_VERSION}, now64(3), 'credwatch {}' \
+         WHERE {SCHEMA_VERSION} NOT IN (SELECT version FROM {}.schema_version);\n",
+        cfg.database,
+        env!("CARGO_PKG_VERSION"),
+        cfg.database
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(cluster: Option<&str>) -> Cfg {
+        let mut c = crate::config::Config::parse("[clickhouse]\nurl = \"http://ch:8123\"\n")
+            .unwrap()
+            .clickhouse
+            .unwrap();
+        c.cluster = cluster.map(Into::into);
+        c
+    }
+
+    #[test]
+    fn single_server_and_cluster_ddl() {
+        let one = script(&cfg(None));
+        assert!(one.contains("CREATE TABLE IF NOT EXISTS credwatch.events\n"));
+        assert!(one.contains("ENGINE = MergeTree"));
+        assert!(one.contains("non_replicated_deduplication_window = 10000"));
+        assert!(one.contains("INTERVAL 90 DAY"));
+        assert!(!one.contains("ON CLUSTER"));
+        let many = script(&cfg(Some("prod")));
+        assert!(many.contains("CREATE TABLE IF NOT EXISTS credwatch.events_local ON CLUSTER prod"));
+        assert!(many.contains(
+            "ReplicatedMergeTree('/clickhouse/tables/{shard}/credwatch/events', '{replica}')"
+        ));
+        assert!(
+            many.contains("ENGINE = Distributed(prod, credwatch, events_local, cityHash64(node))")
+        );
+        assert!(many.contains("replicated_deduplication_window"));
+    }
+}
