@@ -30,9 +30,11 @@ use crate::{
     enrich::{BootClock, EnrichStats, Enricher, IdGen},
     inventory::Inventory,
     kubelet::{KubeletClient, PodDirectory},
-    pipeline::{NdjsonSink, Pipeline, PipelineStats},
+    metrics::{AgentSnapshot, Metrics},
+    pipeline::{NdjsonSink, Pipeline},
     probes::{SensorOptions, Sensors},
     process::ProcessTable,
+    sinks::AlertSinks,
     workload::WorkloadResolver,
 };
 
@@ -45,20 +47,6 @@ pub struct RunOptions {
     pub stats_file: Option<PathBuf>,
     /// Alerts as JSON lines (`-` for stdout, the default).
     pub alerts: PathBuf,
-}
-
-#[derive(serde::Serialize)]
-struct AgentStats<'a> {
-    pipeline: PipelineStats,
-    drops: std::collections::BTreeMap<&'a str, u64>,
-    ring_decode_errors: u64,
-    unmatched_dir_opens: u64,
-    secret_non_reads: u64,
-    dns_unparsed: u64,
-    inventory_secrets: usize,
-    watched_dirs: usize,
-    processes: usize,
-    pods: usize,
 }
 
 /// The fingerprint key: from config, else a per-node key generated once under the state dir
@@ -94,7 +82,14 @@ pub fn fingerprint_key(cfg: &Config, state_dir: &Path) -> Result<Vec<u8>> {
     Ok(key.to_vec())
 }
 
+/// `CREDWATCH_NODE` (a DaemonSet passes `spec.nodeName` there), else `node` from the
+/// config, else the host name.
 pub fn node_name(cfg: &Config) -> String {
+    if let Ok(n) = std::env::var("CREDWATCH_NODE")
+        && !n.trim().is_empty()
+    {
+        return n.trim().to_owned();
+    }
     if let Some(n) = &cfg.node {
         return n.clone();
     }
@@ -185,6 +180,19 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     );
     if let Some(ch) = clickhouse {
         pipeline = pipeline.with_clickhouse(ch);
+    }
+    let pipeline = pipeline.with_sinks(
+        AlertSinks::start(&cfg.alerts, &node_name(&cfg))?,
+        cfg.alerts.format,
+    );
+    let metrics = Metrics::default();
+    if !cfg.metrics.listen.is_empty() {
+        let addr = cfg.metrics.listen.parse()?;
+        match crate::metrics::serve(addr, metrics.clone()).await {
+            Ok(bound) => info!("metrics on http://{bound}/metrics"),
+            // Monitoring without metrics beats no monitoring; /healthz probes will say so.
+            Err(e) => warn!("{e:#}; running without /metrics"),
+        }
     }
     let ids = IdGen::new();
     let mut enricher = Enricher {
@@ -293,9 +301,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
                     }
                     Err(e) => warn!("reading drop counters: {e}"),
                 }
+                let snap = live.snapshot(last_drops);
                 if let Some(path) = &opts.stats_file {
-                    write_stats(path, &live, last_drops);
+                    write_stats(path, &snap);
                 }
+                metrics.publish(snap);
             }
             Ok(()) = pods_rx.changed() => {
                 live.enricher.pods = pods_rx.borrow_and_update().clone();
@@ -319,7 +329,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     live.pipeline.finish();
     let drops = sensors.drops().unwrap_or(last_drops);
     if let Some(path) = &opts.stats_file {
-        write_stats(path, &live, drops);
+        write_stats(path, &live.snapshot(drops));
     }
     let total_drops: u64 = drops.iter().sum();
     info!(events = ?live.pipeline.stats().events, drops = total_drops, "credwatch stopped");
@@ -391,22 +401,28 @@ impl Live {
     }
 }
 
-fn write_stats(path: &Path, live: &Live, drops: [u64; PROBE_NAMES.len()]) {
-    let stats = AgentStats {
-        pipeline: live.pipeline.stats(),
-        drops: PROBE_NAMES.iter().copied().zip(drops).collect(),
-        ring_decode_errors: live.decode_errors,
-        unmatched_dir_opens: live.enricher.stats.unmatched_dir_opens,
-        secret_non_reads: live.enricher.stats.secret_non_reads,
-        dns_unparsed: live.enricher.stats.dns_unparsed,
-        inventory_secrets: live.enricher.inventory.len(),
-        watched_dirs: live.enricher.inventory.dir_keys().len(),
-        processes: live.enricher.procs.len(),
-        pods: live.enricher.pods.len(),
-    };
+impl Live {
+    fn snapshot(&self, drops: [u64; PROBE_NAMES.len()]) -> AgentSnapshot {
+        AgentSnapshot {
+            pipeline: self.pipeline.stats(),
+            drops: PROBE_NAMES.iter().copied().zip(drops).collect(),
+            ring_decode_errors: self.decode_errors,
+            unmatched_dir_opens: self.enricher.stats.unmatched_dir_opens,
+            secret_non_reads: self.enricher.stats.secret_non_reads,
+            dns_unparsed: self.enricher.stats.dns_unparsed,
+            inventory_secrets: self.enricher.inventory.len(),
+            watched_dirs: self.enricher.inventory.dir_keys().len(),
+            processes: self.enricher.procs.len(),
+            pods: self.enricher.pods.len(),
+            sinks: self.pipeline.sink_counts(),
+        }
+    }
+}
+
+fn write_stats(path: &Path, stats: &AgentSnapshot) {
     // Write-then-rename so readers never see half a file.
     let tmp = path.with_extension("tmp");
-    let res = serde_json::to_vec_pretty(&stats)
+    let res = serde_json::to_vec_pretty(stats)
         .map_err(std::io::Error::other)
         .and_then(|b| fs::write(&tmp, b))
         .and_then(|_| fs::rename(&tmp, path));

@@ -32,6 +32,132 @@ pub struct Config {
     pub sensors: Sensors,
     /// Events and alerts to ClickHouse; absent: no ClickHouse sink.
     pub clickhouse: Option<ClickHouse>,
+    /// Where alerts go besides `--alerts` (stdout by default).
+    #[serde(default)]
+    pub alerts: Alerts,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Alert output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertFormat {
+    /// credwatch's own alert JSON.
+    #[default]
+    Json,
+    /// OCSF 1.3 Detection Finding (class 2004).
+    Ocsf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alerts {
+    /// Format of the `--alerts` output (stdout by default).
+    #[serde(default)]
+    pub format: AlertFormat,
+    #[serde(default)]
+    pub file: Vec<FileSink>,
+    #[serde(default)]
+    pub webhook: Vec<WebhookSink>,
+    #[serde(default)]
+    pub syslog: Vec<SyslogSink>,
+}
+
+/// JSON lines to a file, rotated by size (`alerts.jsonl` → `alerts.jsonl.1` …).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSink {
+    pub path: String,
+    #[serde(default)]
+    pub format: AlertFormat,
+    #[serde(default = "default_rotate_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+/// HTTP POST of each alert as a JSON body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSink {
+    pub url: String,
+    #[serde(default)]
+    pub format: AlertFormat,
+    /// Key for an `X-Credwatch-Signature: sha256=<hex HMAC of the body>` header.
+    pub secret_file: Option<String>,
+    /// Extra headers (`Authorization = "Bearer …"` belongs in a file, not here).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    #[serde(default = "default_sink_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts per alert before it is dropped (and counted).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Alerts waiting for this sink; beyond it new ones are dropped (and counted).
+    #[serde(default = "default_sink_queue")]
+    pub queue: usize,
+}
+
+/// RFC 5424 syslog: `udp://host:514`, `tcp://host:601` (octet counting), `tls://host:6514`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogSink {
+    pub address: String,
+    /// CA bundle for `tls://` (default: the web PKI roots).
+    pub ca_file: Option<String>,
+    #[serde(default = "default_facility")]
+    pub facility: String,
+    #[serde(default = "default_app_name")]
+    pub app_name: String,
+    #[serde(default)]
+    pub format: AlertFormat,
+    #[serde(default = "default_sink_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "default_sink_queue")]
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus `/metrics` and `/healthz`; `""` turns them off. Localhost by default.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_rotate_bytes() -> u64 {
+    100 << 20
+}
+fn default_keep() -> usize {
+    5
+}
+fn default_sink_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_attempts() -> u32 {
+    5
+}
+fn default_sink_queue() -> usize {
+    10_000
+}
+fn default_facility() -> String {
+    "auth".into()
+}
+fn default_app_name() -> String {
+    "credwatch".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -437,6 +563,37 @@ impl Config {
             crate::policy::Policy::compile(&[], std::slice::from_ref(a.get_ref())).map_err(
                 |e| anyhow::anyhow!("{}: [[allow]]: {e:#}", line_of(src, a.span().start)),
             )?;
+        }
+        for w in &self.alerts.webhook {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                bail!(
+                    "alerts.webhook.url must start with http:// or https:// (got {:?})",
+                    w.url
+                );
+            }
+            if w.max_attempts == 0 || w.queue == 0 {
+                bail!("alerts.webhook: max_attempts and queue must be at least 1");
+            }
+        }
+        for s in &self.alerts.syslog {
+            crate::sinks::syslog::Target::parse(&s.address, &s.facility)
+                .map_err(|e| anyhow::anyhow!("alerts.syslog: {e:#}"))?;
+        }
+        for f in &self.alerts.file {
+            if !f.path.starts_with('/') || f.max_bytes == 0 {
+                bail!(
+                    "alerts.file: path must be absolute and max_bytes > 0 ({:?})",
+                    f.path
+                );
+            }
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            bail!(
+                "metrics.listen must be ADDRESS:PORT like 127.0.0.1:9464 (got {:?})",
+                self.metrics.listen
+            );
         }
         if let Some(ch) = &self.clickhouse {
             if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {

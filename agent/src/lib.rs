@@ -2,7 +2,9 @@
 //!
 //! Stages, in data-flow order: [`probes`] → [`decode`] → [`enrich`] (using [`process`],
 //! [`workload`]/[`kubelet`], [`inventory`]/[`credential`], [`dns`]) → [`pipeline`]
-//! ([`correlate`], [`detect`] → [`alert`], sinks). `replay` enters at the pipeline.
+//! ([`correlate`], [`detect`] with [`baseline`]/[`policy`] → [`alert`], then the outputs:
+//! NDJSON, [`sinks`], [`clickhouse`]). `replay` enters at the pipeline; [`metrics`] reports
+//! on all of it.
 
 pub mod agent;
 pub mod alert;
@@ -18,9 +20,12 @@ pub mod enrich;
 pub mod event;
 pub mod inventory;
 pub mod kubelet;
+pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod probes;
 pub mod process;
 pub mod replay;
+pub mod sinks;
+pub mod tls;
 pub mod workload;

@@ -14,10 +14,13 @@ use tracing::error;
 use crate::{
     alert::Alert,
     clickhouse::{ClickHouseSink, writer::WriterCounts},
+    config::AlertFormat,
     correlate::Correlator,
     detect::Detectors,
     enrich::IdGen,
     event::Event,
+    metrics::SinkCounts,
+    sinks::{AlertSinks, ocsf},
 };
 
 /// NDJSON writer that never takes the agent down: write failures (full disk, closed pipe)
@@ -101,6 +104,8 @@ pub struct Pipeline {
     events: Option<NdjsonSink>,
     alerts: Option<NdjsonSink>,
     clickhouse: Option<ClickHouseSink>,
+    sinks: Option<AlertSinks>,
+    alert_format: AlertFormat,
     counts: BTreeMap<&'static str, u64>,
     alert_counts: BTreeMap<&'static str, u64>,
     fired: Vec<Alert>,
@@ -119,6 +124,8 @@ impl Pipeline {
             events,
             alerts,
             clickhouse: None,
+            sinks: None,
+            alert_format: AlertFormat::Json,
             counts: BTreeMap::new(),
             alert_counts: BTreeMap::new(),
             fired: Vec::new(),
@@ -129,6 +136,20 @@ impl Pipeline {
     pub fn with_clickhouse(mut self, sink: ClickHouseSink) -> Self {
         self.clickhouse = Some(sink);
         self
+    }
+
+    /// Alerts also go to these sinks; `format` is the `--alerts` output's.
+    pub fn with_sinks(mut self, sinks: AlertSinks, format: AlertFormat) -> Self {
+        self.sinks = Some(sinks);
+        self.alert_format = format;
+        self
+    }
+
+    pub fn sink_counts(&self) -> Vec<SinkCounts> {
+        self.sinks
+            .as_ref()
+            .map(AlertSinks::counts)
+            .unwrap_or_default()
     }
 
     pub fn handle(&mut self, ev: Event, ids: &mut IdGen) {
@@ -148,14 +169,27 @@ impl Pipeline {
             ch.event(ev);
         }
         self.detectors.observe(ev, &mut self.fired);
-        for a in self.fired.drain(..) {
+        let fired = std::mem::take(&mut self.fired);
+        for a in &fired {
             *self.alert_counts.entry(a.alert.as_str()).or_default() += 1;
-            if let Some(sink) = self.alerts.as_mut() {
-                sink.write(&a);
+            self.output_alert(a);
+        }
+        self.fired = fired;
+        self.fired.clear();
+    }
+
+    fn output_alert(&mut self, a: &Alert) {
+        if let Some(sink) = self.alerts.as_mut() {
+            match self.alert_format {
+                AlertFormat::Json => sink.write(a),
+                AlertFormat::Ocsf => sink.write(&ocsf::detection_finding(a)),
             }
-            if let Some(ch) = self.clickhouse.as_mut() {
-                ch.alert(&a);
-            }
+        }
+        if let Some(s) = self.sinks.as_mut() {
+            s.send(a);
+        }
+        if let Some(ch) = self.clickhouse.as_mut() {
+            ch.alert(a);
         }
     }
 
@@ -169,6 +203,9 @@ impl Pipeline {
         if let Some(ch) = self.clickhouse.as_mut() {
             ch.flush();
         }
+        if let Some(s) = self.sinks.as_mut() {
+            s.flush();
+        }
     }
 
     /// Persists learned baselines (cheap when nothing changed).
@@ -179,16 +216,14 @@ impl Pipeline {
     /// End of input: the final counts of alerts that grew since last emitted, then flush.
     pub fn finish(&mut self) {
         for a in self.detectors.finish() {
-            if let Some(sink) = self.alerts.as_mut() {
-                sink.write(&a);
-            }
-            if let Some(ch) = self.clickhouse.as_mut() {
-                ch.alert(&a);
-            }
+            self.output_alert(&a);
         }
         self.flush();
         if let Some(ch) = self.clickhouse.as_mut() {
             ch.finish();
+        }
+        if let Some(s) = self.sinks.as_mut() {
+            s.finish();
         }
     }
 

@@ -71,6 +71,10 @@ pub fn replay(
             true,
         )?);
     }
+    pipeline = pipeline.with_sinks(
+        crate::sinks::AlertSinks::start(&cfg.alerts, &crate::agent::node_name(cfg))?,
+        cfg.alerts.format,
+    );
     let mut ids = IdGen::new();
     let mut summary = ReplaySummary::default();
     for path in files {

@@ -53,6 +53,9 @@ pub struct Agent {
     child: Child,
     pub dir: Option<tempfile::TempDir>,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// Stdout lines (alerts) with the time each arrived.
+    stdout: Arc<Mutex<Vec<(Instant, String)>>>,
+    stdout_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Agent {
@@ -108,10 +111,20 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
+        let out = child.stdout.take().unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let out_sink = stdout.clone();
+        let stdout_reader = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                out_sink.lock().unwrap().push((Instant::now(), line));
+            }
+        });
         let agent = Agent {
             child,
             dir: Some(dir),
             stderr: lines,
+            stdout,
+            stdout_reader: Some(stdout_reader),
         };
         if rx.recv_timeout(Duration::from_secs(60)).is_err() {
             panic!(
@@ -163,11 +176,17 @@ impl Agent {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(Value::Null);
-        let mut stdout = String::new();
-        if let Some(mut o) = self.child.stdout.take() {
-            use std::io::Read;
-            let _ = o.read_to_string(&mut stdout);
+        // The agent has exited: its stdout is at EOF and the reader finishes.
+        if let Some(r) = self.stdout_reader.take() {
+            let _ = r.join();
         }
+        let stdout: String = self
+            .stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| format!("{l}\n"))
+            .collect();
         Stopped {
             events,
             stats,
@@ -179,6 +198,28 @@ impl Agent {
 }
 
 impl Agent {
+    /// Waits for a stdout line matching `pred`; returns when it arrived.
+    pub fn wait_stdout(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((t, _)) = self.stdout.lock().unwrap().iter().find(|(_, l)| pred(l)) {
+                return Some(*t);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The URL of the agent's metrics endpoint, from its log.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.stderr.lock().unwrap().iter().find_map(|l| {
+            let i = l.find("metrics on ")?;
+            Some(l[i + "metrics on ".len()..].trim().to_owned())
+        })
+    }
+
     /// SIGKILL: no flush, no goodbye (a crash or an OOM kill).
     pub fn kill9(mut self) {
         let _ = self.child.kill();

@@ -20,31 +20,6 @@ use crate::config::ClickHouse as Cfg;
 
 pub use writer::ClickHouseSink;
 
-fn tls_config(cfg: &Cfg) -> Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &cfg.ca_file {
-        Some(path) => {
-            use rustls::pki_types::{CertificateDer, pem::PemObject};
-            for cert in CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("reading clickhouse.ca_file {path}"))?
-            {
-                roots
-                    .add(cert.with_context(|| format!("parsing clickhouse.ca_file {path}"))?)
-                    .with_context(|| format!("clickhouse.ca_file {path}"))?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth())
-}
-
-use std::sync::Arc;
-
 /// A client for `cfg`: LZ4 both ways, and an HTTP connector with TCP_NODELAY (without it
 /// every compressed insert stalls on delayed ACK for tens of milliseconds).
 pub fn client(cfg: &Cfg) -> Result<Client> {
@@ -54,7 +29,7 @@ pub fn client(cfg: &Cfg) -> Result<Client> {
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls_config(cfg)?)
+        .with_tls_config(crate::tls::client_config(cfg.ca_file.as_deref())?)
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);

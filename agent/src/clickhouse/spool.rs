@@ -47,6 +47,8 @@ pub struct SpoolEntry {
     pub table: TableKind,
     pub rows: usize,
     pub bytes: u64,
+    /// When it was spooled (file mtime after a restart): ClickHouse lag.
+    pub created: std::time::SystemTime,
 }
 
 pub struct Spool {
@@ -88,13 +90,16 @@ impl Spool {
                 continue;
             }
             if let Some((seq, table, rows)) = parse_name(name) {
-                let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
+                let meta = e.metadata().ok();
                 entries.push(SpoolEntry {
                     path: e.path(),
                     seq,
                     table,
                     rows,
-                    bytes,
+                    bytes: meta.as_ref().map(|m| m.len()).unwrap_or(0),
+                    created: meta
+                        .and_then(|m| m.modified().ok())
+                        .unwrap_or_else(std::time::SystemTime::now),
                 });
             }
         }
@@ -175,6 +180,7 @@ impl Spool {
             table,
             rows: rows.len(),
             bytes,
+            created: std::time::SystemTime::now(),
         });
         self.bytes += bytes;
         while self.bytes > self.max_bytes && self.entries.len() > 1 {

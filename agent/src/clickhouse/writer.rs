@@ -49,6 +49,8 @@ pub struct WriterStats {
     pub rows_dropped: AtomicU64,
     /// Lost to the spool's size bound.
     pub spool_dropped: AtomicU64,
+    /// Unix seconds of the oldest spooled batch, 0 when the spool is empty.
+    pub spool_oldest: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -60,6 +62,8 @@ pub struct WriterCounts {
     pub spool_batches: u64,
     pub spool_bytes: u64,
     pub rows_dropped: u64,
+    /// Age of the oldest batch waiting in the spool.
+    pub lag_seconds: u64,
 }
 
 impl WriterStats {
@@ -72,6 +76,10 @@ impl WriterStats {
             spool_batches: self.spool_batches.load(Relaxed),
             spool_bytes: self.spool_bytes.load(Relaxed),
             rows_dropped: self.rows_dropped.load(Relaxed) + self.spool_dropped.load(Relaxed),
+            lag_seconds: match self.spool_oldest.load(Relaxed) {
+                0 => 0,
+                t => unix_now().saturating_sub(t),
+            },
         }
     }
 }
@@ -401,6 +409,13 @@ impl Writer {
         self.stats
             .spool_dropped
             .store(self.spool.dropped_rows, Relaxed);
+        let oldest = self
+            .spool
+            .oldest()
+            .and_then(|e| e.created.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs().max(1))
+            .unwrap_or(0);
+        self.stats.spool_oldest.store(oldest, Relaxed);
     }
 
     async fn insert<T>(&self, table: TableKind, token: &str, rows: &[T]) -> Result<()>
@@ -434,6 +449,13 @@ impl Writer {
             ),
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn add<T: ApproxSize>(b: &mut Batch<T>, rows: Vec<T>) {

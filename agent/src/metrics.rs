@@ -1,0 +1,333 @@
+//! Prometheus `/metrics` and `/healthz`. The agent's loop publishes one [`AgentSnapshot`]
+//! per second (the same numbers as `--stats-file`); scrapes encode the latest snapshot, so
+//! serving metrics never touches the pipeline.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::{Request, Response, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use serde::Serialize;
+use tracing::{debug, warn};
+
+use crate::{clickhouse::writer::WriterCounts, pipeline::PipelineStats};
+
+/// Delivery counters of one alert sink.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SinkCounts {
+    pub name: String,
+    pub sent: u64,
+    pub failed: u64,
+    pub dropped: u64,
+    pub queued: u64,
+}
+
+/// Everything the agent reports about itself (stats file and metrics).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AgentSnapshot {
+    pub pipeline: PipelineStats,
+    pub drops: BTreeMap<&'static str, u64>,
+    pub ring_decode_errors: u64,
+    pub unmatched_dir_opens: u64,
+    pub secret_non_reads: u64,
+    pub dns_unparsed: u64,
+    pub inventory_secrets: usize,
+    pub watched_dirs: usize,
+    pub processes: usize,
+    pub pods: usize,
+    pub sinks: Vec<SinkCounts>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    snapshot: Option<AgentSnapshot>,
+    published: Option<Instant>,
+}
+
+/// The agent's side: publish snapshots; the server's side: encode them.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    shared: Arc<Mutex<Shared>>,
+}
+
+/// A snapshot older than this means the agent's loop is stuck: `/healthz` says so.
+const STALE: Duration = Duration::from_secs(10);
+
+impl Metrics {
+    pub fn publish(&self, s: AgentSnapshot) {
+        if let Ok(mut g) = self.shared.lock() {
+            g.snapshot = Some(s);
+            g.published = Some(Instant::now());
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        self.shared
+            .lock()
+            .ok()
+            .and_then(|g| g.published)
+            .is_some_and(|t| t.elapsed() < STALE)
+    }
+
+    /// OpenMetrics text of the latest snapshot.
+    pub fn render(&self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self.clone()));
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            warn!("encoding metrics: {e}");
+        }
+        out
+    }
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl IntoIterator<Item = (String, u64)>,
+) -> std::fmt::Result {
+    let c = ConstCounter::new(0u64);
+    let mut fam = enc.encode_descriptor(name, help, None, c.metric_type())?;
+    for (k, v) in values {
+        let labels = [(label.to_owned(), k)];
+        ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter1(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let Some(s) = self.shared.lock().ok().and_then(|g| g.snapshot.clone()) else {
+            return Ok(());
+        };
+        let e = &mut enc;
+        counter(
+            e,
+            "credwatch_events",
+            "Events through the pipeline, by kind.",
+            "kind",
+            s.pipeline.events.iter().map(|(k, v)| (k.to_string(), *v)),
+        )?;
+        counter(
+            e,
+            "credwatch_alerts",
+            "Alert lines emitted (new and count updates), by rule.",
+            "alert",
+            s.pipeline.alerts.iter().map(|(k, v)| (k.to_string(), *v)),
+        )?;
+        counter(
+            e,
+            "credwatch_probe_drops",
+            "Probe records lost because the ring buffer was full, by probe.",
+            "probe",
+            s.drops.iter().map(|(k, v)| (k.to_string(), *v)),
+        )?;
+        counter1(
+            e,
+            "credwatch_alerts_allowlisted",
+            "Findings silenced by [[allow]] entries.",
+            s.pipeline.alerts_allowlisted,
+        )?;
+        counter1(
+            e,
+            "credwatch_ring_decode_errors",
+            "Ring buffer records that could not be decoded.",
+            s.ring_decode_errors,
+        )?;
+        counter1(
+            e,
+            "credwatch_output_write_failures",
+            "Event/alert lines the local outputs could not write (full disk, closed pipe).",
+            s.pipeline.events_write_failures + s.pipeline.alerts_write_failures,
+        )?;
+        gauge(
+            e,
+            "credwatch_inventory_secrets",
+            "Secret files known to the inventory.",
+            s.inventory_secrets as i64,
+        )?;
+        gauge(
+            e,
+            "credwatch_watched_dirs",
+            "Directories watched for new secrets.",
+            s.watched_dirs as i64,
+        )?;
+        gauge(
+            e,
+            "credwatch_processes",
+            "Processes tracked.",
+            s.processes as i64,
+        )?;
+        gauge(
+            e,
+            "credwatch_pods",
+            "Pods known from the kubelet.",
+            s.pods as i64,
+        )?;
+        gauge(
+            e,
+            "credwatch_baselines",
+            "Learned (workload, credential) profiles.",
+            s.pipeline.baselines as i64,
+        )?;
+        let sink = |f: fn(&SinkCounts) -> u64| {
+            s.sinks
+                .iter()
+                .map(move |c| (c.name.clone(), f(c)))
+                .collect::<Vec<_>>()
+        };
+        counter(
+            e,
+            "credwatch_sink_sent",
+            "Alerts delivered, by sink.",
+            "sink",
+            sink(|c| c.sent),
+        )?;
+        counter(
+            e,
+            "credwatch_sink_failures",
+            "Failed delivery attempts, by sink.",
+            "sink",
+            sink(|c| c.failed),
+        )?;
+        counter(
+            e,
+            "credwatch_sink_dropped",
+            "Alerts a sink gave up on (queue full or retries exhausted), by sink.",
+            "sink",
+            sink(|c| c.dropped),
+        )?;
+        {
+            let g = ConstGauge::new(0i64);
+            let mut fam = e.encode_descriptor(
+                "credwatch_sink_queue_depth",
+                "Alerts waiting for a sink.",
+                None,
+                g.metric_type(),
+            )?;
+            for c in &s.sinks {
+                let labels = [("sink".to_owned(), c.name.clone())];
+                ConstGauge::new(c.queued as i64).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        if let Some(ch) = &s.pipeline.clickhouse {
+            clickhouse_metrics(e, ch)?;
+        }
+        Ok(())
+    }
+}
+
+fn clickhouse_metrics(e: &mut DescriptorEncoder, ch: &WriterCounts) -> std::fmt::Result {
+    counter1(
+        e,
+        "credwatch_clickhouse_rows_written",
+        "Rows ClickHouse acknowledged.",
+        ch.rows_written,
+    )?;
+    counter1(
+        e,
+        "credwatch_clickhouse_insert_failures",
+        "Inserts ClickHouse did not acknowledge (the batch went to the spool).",
+        ch.insert_failures,
+    )?;
+    counter1(
+        e,
+        "credwatch_clickhouse_rows_dropped",
+        "Rows lost: writer queue full or spool full.",
+        ch.rows_dropped,
+    )?;
+    gauge(
+        e,
+        "credwatch_clickhouse_spool_batches",
+        "Batches waiting on disk for ClickHouse.",
+        ch.spool_batches as i64,
+    )?;
+    gauge(
+        e,
+        "credwatch_clickhouse_spool_bytes",
+        "Bytes waiting on disk for ClickHouse.",
+        ch.spool_bytes as i64,
+    )?;
+    gauge(
+        e,
+        "credwatch_clickhouse_lag_seconds",
+        "Age of the oldest batch not yet in ClickHouse (0 when caught up).",
+        ch.lag_seconds as i64,
+    )
+}
+
+async fn answer(
+    m: Metrics,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/metrics" => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            m.render(),
+        ),
+        "/healthz" if m.healthy() => (200, "text/plain", "ok\n".to_owned()),
+        "/healthz" => (503, "text/plain", "agent loop stalled\n".to_owned()),
+        _ => (404, "text/plain", "not found\n".to_owned()),
+    };
+    let resp = Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .body(Full::new(Bytes::from(body)));
+    Ok(resp.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
+}
+
+/// Binds `addr` now (so a taken port is a start-up error) and serves in the background.
+pub async fn serve(addr: SocketAddr, m: Metrics) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding metrics listener {addr}"))?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("metrics accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let m = m.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| answer(m.clone(), req));
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    debug!(%peer, "metrics connection: {e}");
+                }
+            });
+        }
+    });
+    Ok(bound)
+}
