@@ -117,14 +117,19 @@ pub fn inventory_from_config(cfg: &Config, fp: Fingerprinter) -> Result<Inventor
         .iter()
         .map(|p| p.get_ref().clone())
         .collect();
-    Inventory::new(
+    let host_root = std::env::var_os("CREDWATCH_HOST_ROOT")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| cfg.secrets.host_root.as_ref().map(PathBuf::from));
+    Ok(Inventory::new(
         &paths,
         cfg.secrets.catalog,
         &dirs,
         &cfg.kubernetes.kubelet_root,
         cfg.secrets.max_read_bytes,
         fp,
-    )
+    )?
+    .with_host_root(host_root))
 }
 
 pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
@@ -223,7 +228,13 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     };
 
     let (pods_tx, mut pods_rx) = watch::channel(PodDirectory::default());
-    if let Some(url) = &cfg.kubernetes.kubelet_url {
+    // A DaemonSet without host networking reaches its kubelet at the node IP, which only the
+    // pod's environment knows (`status.hostIP`).
+    let kubelet_url = std::env::var("CREDWATCH_KUBELET_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .or_else(|| cfg.kubernetes.kubelet_url.clone());
+    if let Some(url) = &kubelet_url {
         let client = KubeletClient::new(
             url,
             cfg.kubernetes.token_path.clone(),

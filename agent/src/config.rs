@@ -253,6 +253,9 @@ pub struct Secrets {
     /// Credentials are read at most this many bytes to fingerprint them.
     #[serde(default = "default_max_read")]
     pub max_read_bytes: u64,
+    /// Where the host's `/` is visible (a container: `/proc/1/root` with hostPID);
+    /// `CREDWATCH_HOST_ROOT` overrides it. Paths everywhere else stay host paths.
+    pub host_root: Option<String>,
 }
 
 impl Default for Secrets {
@@ -263,6 +266,7 @@ impl Default for Secrets {
             catalog: true,
             rescan_interval: default_rescan(),
             max_read_bytes: default_max_read(),
+            host_root: None,
         }
     }
 }

@@ -89,6 +89,11 @@ pub struct Inventory {
     by_inode: HashMap<InodeKey, SecretEntry>,
     retired: HashMap<InodeKey, (SecretEntry, Instant)>,
     watched_dirs: HashMap<InodeKey, PathBuf>,
+    /// Where the host's `/` is visible to the agent (`/proc/1/root` in a container with
+    /// hostPID); paths in globs, entries and events stay host paths.
+    host_root: Option<PathBuf>,
+    /// Directories the last scan could not enter (missing CAP_DAC_READ_SEARCH, typically).
+    unreadable: usize,
 }
 
 /// How long a rotated-out secret still names late records (it is out of the kernel map
@@ -135,7 +140,34 @@ impl Inventory {
             by_inode: HashMap::new(),
             retired: HashMap::new(),
             watched_dirs: HashMap::new(),
+            host_root: None,
+            unreadable: 0,
         })
+    }
+
+    /// Reads the host's files under `root` (see [`Inventory::host_root`]).
+    pub fn with_host_root(mut self, root: Option<PathBuf>) -> Self {
+        self.host_root = root.filter(|r| r != Path::new("/"));
+        self
+    }
+
+    /// Where the agent reaches host path `p`.
+    fn fs_path(&self, p: &Path) -> PathBuf {
+        match &self.host_root {
+            Some(r) => r.join(p.strip_prefix("/").unwrap_or(p)),
+            None => p.to_path_buf(),
+        }
+    }
+
+    /// The host path of a path the agent walked.
+    fn host_path(&self, p: &Path) -> PathBuf {
+        match &self.host_root {
+            Some(r) => p
+                .strip_prefix(r)
+                .map(|rel| Path::new("/").join(rel))
+                .unwrap_or_else(|_| p.to_path_buf()),
+            None => p.to_path_buf(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -189,13 +221,21 @@ impl Inventory {
         let before_dirs = self.dir_keys();
         let mut found: HashMap<InodeKey, SecretEntry> = HashMap::new();
         let mut dirs: HashMap<InodeKey, PathBuf> = HashMap::new();
+        self.unreadable = 0;
         for (root, depth) in self.roots.clone() {
             self.scan_tree(&root, depth, &mut found, &mut dirs);
         }
         for d in &self.explicit_dirs {
-            if let Some(k) = dir_key(d) {
+            if let Some(k) = dir_key(&self.fs_path(d)) {
                 dirs.insert(k, d.clone());
             }
+        }
+        if self.unreadable > 0 {
+            warn!(
+                directories = self.unreadable,
+                "secret scan could not enter some directories (permission denied): secrets there \
+                 are not watched; the agent needs CAP_DAC_READ_SEARCH"
+            );
         }
         let old = std::mem::replace(&mut self.by_inode, found);
         self.retire(old);
@@ -221,26 +261,41 @@ impl Inventory {
         before != self.file_keys()
     }
 
+    /// Walks host directory `root` (through the host root when set).
     fn scan_tree(
-        &self,
+        &mut self,
         root: &Path,
         depth: usize,
         found: &mut HashMap<InodeKey, SecretEntry>,
         dirs: &mut HashMap<InodeKey, PathBuf>,
     ) {
-        if !root.exists() {
+        let fs_root = self.fs_path(root);
+        if !fs_root.exists() {
             return;
         }
-        let walker = walkdir::WalkDir::new(root)
+        let walker = walkdir::WalkDir::new(&fs_root)
             .follow_links(false)
             .max_depth(depth);
-        for entry in walker.into_iter().filter_map(|e| e.ok()) {
-            let path = entry.path();
+        for entry in walker {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    if e.io_error()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+                    {
+                        self.unreadable += 1;
+                    }
+                    continue;
+                }
+            };
+            let fs_path = entry.path();
+            let host = self.host_path(fs_path);
+            let path = host.as_path();
             if !self.globs.is_match(path) || self.exclude.is_match(path) {
                 continue;
             }
             // Follow symlinks: kubelet's `token` → `..data/token` → `..<ts>/token`.
-            let Ok(meta) = fs::metadata(path) else {
+            let Ok(meta) = fs::metadata(fs_path) else {
                 continue;
             };
             if !meta.is_file() {
@@ -250,7 +305,7 @@ impl Inventory {
             let path_str = path.to_string_lossy().into_owned();
             let owner_pod_uid = self.kubelet_pod_uid(&path_str);
             if let Some(vol) = self.kubelet_volume_dir(path)
-                && let Some(k) = dir_key(&vol)
+                && let Some(k) = dir_key(&self.fs_path(&vol))
             {
                 dirs.insert(k, vol);
             }
@@ -262,7 +317,7 @@ impl Inventory {
                 {
                     old.clone()
                 }
-                _ => self.describe(path, &path_str, key, &meta, owner_pod_uid),
+                _ => self.describe(fs_path, &path_str, key, &meta, owner_pod_uid),
             };
             found.insert(key, entry);
         }
@@ -495,5 +550,53 @@ mod tests {
             "late records still resolve"
         );
         assert_eq!(e2.credential.fingerprint, fp.fingerprint(b"fake-token-2"));
+    }
+
+    /// In a container the host's files are reached through a prefix; globs, entry paths and
+    /// kubelet owners stay the host's paths, inode keys are the host files' own.
+    #[test]
+    fn host_root_prefix_reads_host_files_under_host_paths() {
+        let host = tempfile::tempdir().unwrap();
+        let vol = host
+            .path()
+            .join("var/lib/kubelet/pods/uid-1/volumes/kubernetes.io~projected/kube-api-access-x");
+        fs::create_dir_all(&vol).unwrap();
+        fs::write(vol.join("token"), "fake-token-in-host").unwrap();
+        fs::create_dir_all(host.path().join("etc/app")).unwrap();
+        fs::write(host.path().join("etc/app/key"), "fake-key").unwrap();
+        let mut inv = Inventory::new(
+            &[
+                "/etc/app/*".into(),
+                CATALOG[0].replace("{kubelet}", "/var/lib/kubelet"),
+            ],
+            false,
+            &[],
+            "/var/lib/kubelet",
+            4096,
+            Fingerprinter::new(b"k"),
+        )
+        .unwrap()
+        .with_host_root(Some(host.path().to_path_buf()));
+        inv.rescan();
+        let mut paths: Vec<&str> = inv.entries().map(|e| e.path.as_str()).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                "/etc/app/key",
+                "/var/lib/kubelet/pods/uid-1/volumes/kubernetes.io~projected/kube-api-access-x/token"
+            ]
+        );
+        let key = inode_key(&fs::metadata(host.path().join("etc/app/key")).unwrap());
+        assert_eq!(inv.get(&key).unwrap().path, "/etc/app/key");
+        let token = inv.entries().find(|e| e.path.ends_with("token")).unwrap();
+        assert_eq!(token.owner_pod_uid.as_deref(), Some("uid-1"));
+        assert_eq!(inv.dir_keys().len(), 1, "the volume dir is watched");
+        assert_eq!(
+            inv.watched_dir(inv.dir_keys().iter().next().unwrap()),
+            Some(Path::new(
+                "/var/lib/kubelet/pods/uid-1/volumes/kubernetes.io~projected/kube-api-access-x"
+            ))
+        );
     }
 }

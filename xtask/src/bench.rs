@@ -88,6 +88,10 @@ pub fn bench(root: &Path) -> Result<()> {
         "credwatch",
         "--example",
         "pipeline_throughput",
+        "--example",
+        "clickhouse_throughput",
+        "--example",
+        "baseline_memory",
     ])?;
     let agent = root.join("target/release/credwatch");
     let load = root.join("target/release/cw-bench");
@@ -176,6 +180,12 @@ pub fn bench(root: &Path) -> Result<()> {
     let pipeline = pipeline_throughput(&agent, &load, &work)?;
     let live_path =
         live_path_throughput(&root.join("target/release/examples/pipeline_throughput"))?;
+    eprintln!("bench: syscall → alert latency");
+    let latency = crate::bench_more::alert_latency(&agent, &work)?;
+    eprintln!("bench: ClickHouse insert rate");
+    let clickhouse = crate::bench_more::clickhouse_rate(root, &work)?;
+    eprintln!("bench: memory with 10 k processes and 100 k baselines");
+    let memory = crate::bench_more::memory(root, &agent, &work)?;
 
     // Report.
     let med = |m: Monitor, w: &str| samples.get(&(m, w)).map(|v| median(v));
@@ -241,6 +251,48 @@ pub fn bench(root: &Path) -> Result<()> {
     md.push_str(&format!(
         "Live path (decode → enrichment → correlation, one thread, synthetic records): {live_path:.0} records/s\n"
     ));
+    md.push_str(&format!(
+        "Syscall → alert on stdout: p50 {:.0} µs, p99 {:.0} µs over {} reads\n",
+        latency.p50_us, latency.p99_us, latency.samples
+    ));
+    md.push_str(&format!(
+        "ClickHouse (agent writer → test ClickHouse, real engine): {:.0} rows/s ({} event rows in {:.1} s)\n",
+        clickhouse.rows_per_s, clickhouse.rows, clickhouse.seconds
+    ));
+    md.push_str(&format!(
+        "Memory: agent RSS {:.1} MiB idle, {:.1} MiB with {} more live processes ({} tracked); \
+         {:.0} bytes per learned baseline ({} baselines; writing them all to the store {:.0} ms)\n",
+        memory.idle_rss_mib,
+        memory.with_processes_rss_mib,
+        memory.processes,
+        memory.tracked,
+        memory.bytes_per_baseline,
+        memory.baselines,
+        memory.baseline_checkpoint_ms
+    ));
+    let chart_rows: Vec<(String, Vec<(&'static str, f64)>)> = workloads
+        .iter()
+        .map(|w| {
+            let base = med(Monitor::Baseline, w.name).unwrap_or(f64::NAN);
+            (
+                w.name.to_owned(),
+                monitors[1..]
+                    .iter()
+                    .map(|m| {
+                        (
+                            m.name(),
+                            med(*m, w.name).map(|v| v - base).unwrap_or(f64::NAN),
+                        )
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    match crate::bench_more::chart(&out_dir.join("overhead.png"), &chart_rows) {
+        Ok(true) => md.push_str("\nChart: target/bench/overhead.png\n"),
+        Ok(false) => md.push_str("\nChart: not drawn (no TrueType font found for labels)\n"),
+        Err(e) => md.push_str(&format!("\nChart: failed ({e:#})\n")),
+    }
     md.push_str(&format!("\nTotal bench time {:.0?}.\n", t0.elapsed()));
 
     let json = serde_json::json!({
@@ -255,6 +307,17 @@ pub fn bench(root: &Path) -> Result<()> {
             "max_rss_kib": pipeline.max_rss_kib,
         },
         "live_path_records_per_s": live_path,
+        "alert_latency_us": {"p50": latency.p50_us, "p99": latency.p99_us, "samples": latency.samples},
+        "clickhouse": {"rows": clickhouse.rows, "seconds": clickhouse.seconds, "rows_per_s": clickhouse.rows_per_s},
+        "memory": {
+            "idle_rss_mib": memory.idle_rss_mib,
+            "with_processes_rss_mib": memory.with_processes_rss_mib,
+            "processes": memory.processes,
+            "tracked_processes": memory.tracked,
+            "bytes_per_baseline": memory.bytes_per_baseline,
+            "baselines": memory.baselines,
+            "baseline_checkpoint_ms": memory.baseline_checkpoint_ms,
+        },
     });
     fs::write(out_dir.join("results.md"), &md)?;
     fs::write(

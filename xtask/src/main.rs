@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_more;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -325,6 +326,12 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     cargo(&["build", "-p", "credwatch", "--bins"])?;
     let bin = root.join("target/debug/credwatch");
     let python = ensure_test_clickhouse(root)?;
+    // helm (3 and 4) and kubernetes-validate for the deployment test; idempotent, offline
+    // once installed.
+    run(Command::new("bash")
+        .arg(root.join("deploy/validate/install-tools.sh"))
+        .arg(prefix_dir()?.join("tools")))
+    .context("installing the deployment validation tools")?;
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.args(["test", "--"])
         .args(extra)
