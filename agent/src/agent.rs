@@ -225,6 +225,15 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         ids,
         batch: Vec::with_capacity(256),
         decode_errors: 0,
+        ring_peak: 0,
+        ring_size: u64::from(cfg.sensors.ring_bytes),
+        ring_fill: match crate::probes::RingFill::new(std::os::fd::AsFd::as_fd(ring.get_ref())) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                warn!("{e:#}; ring fill not reported");
+                None
+            }
+        },
     };
 
     let (pods_tx, mut pods_rx) = watch::channel(PodDirectory::default());
@@ -317,6 +326,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
                     write_stats(path, &snap);
                 }
                 metrics.publish(snap);
+                live.ring_peak = 0;
             }
             Ok(()) = pods_rx.changed() => {
                 live.enricher.pods = pods_rx.borrow_and_update().clone();
@@ -387,10 +397,18 @@ struct Live {
     ids: IdGen,
     batch: Vec<crate::event::Event>,
     decode_errors: u64,
+    /// Largest backlog (bytes waiting) a drain found since the last snapshot: how close
+    /// the ring came to dropping.
+    ring_peak: u64,
+    ring_size: u64,
+    ring_fill: Option<crate::probes::RingFill>,
 }
 
 impl Live {
     fn drain(&mut self, ring: &mut aya::maps::RingBuf<aya::maps::MapData>) {
+        if let Some(f) = &self.ring_fill {
+            self.ring_peak = self.ring_peak.max(f.bytes());
+        }
         while let Some(item) = ring.next() {
             let rec = decode(&item);
             drop(item);
@@ -426,6 +444,8 @@ impl Live {
             processes: self.enricher.procs.len(),
             pods: self.enricher.pods.len(),
             sinks: self.pipeline.sink_counts(),
+            ring_size_bytes: self.ring_size,
+            ring_peak_bytes: self.ring_peak,
         }
     }
 }

@@ -48,6 +48,9 @@ pub struct AgentSnapshot {
     pub processes: usize,
     pub pods: usize,
     pub sinks: Vec<SinkCounts>,
+    pub ring_size_bytes: u64,
+    /// Largest backlog one drain found in the last second.
+    pub ring_peak_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -163,6 +166,19 @@ impl Collector for Metrics {
             "credwatch_output_write_failures",
             "Event/alert lines the local outputs could not write (full disk, closed pipe).",
             s.pipeline.events_write_failures + s.pipeline.alerts_write_failures,
+        )?;
+        gauge(
+            e,
+            "credwatch_ring_size_bytes",
+            "Size of the probes' ring buffer.",
+            s.ring_size_bytes as i64,
+        )?;
+        gauge(
+            e,
+            "credwatch_ring_peak_bytes",
+            "Largest backlog a drain found in the ring during the last second (drops start \
+             when it reaches the ring size).",
+            s.ring_peak_bytes as i64,
         )?;
         gauge(
             e,

@@ -366,8 +366,36 @@ fn metrics_parse_and_drop_counters_move() {
     assert_eq!(before.0, 0.0, "no drops before the flood");
     assert!(before.1.contains("# TYPE credwatch_events counter"));
     assert!(ureq::get(&health).call().unwrap().status() == 200);
-    let (_, out) = actor(ACTOR, &["flood", token.to_str().unwrap(), "200000"]);
+    // Scrape while the flood runs: the ring's peak backlog must show up.
+    let flood_token = token.clone();
+    let flood = std::thread::spawn(move || {
+        actor(ACTOR, &["flood", flood_token.to_str().unwrap(), "200000"]).1
+    });
+    let mut peak = 0.0f64;
+    while !flood.is_finished() {
+        if let Some(v) = ureq::get(&url)
+            .call()
+            .ok()
+            .and_then(|r| r.into_string().ok())
+            .and_then(|t| metric(&t, "credwatch_ring_peak_bytes", None))
+        {
+            peak = peak.max(v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = flood.join().unwrap();
     assert_eq!(out.trim(), "flooded 200000");
+    std::thread::sleep(Duration::from_millis(1200));
+    let text = ureq::get(&url).call().unwrap().into_string().unwrap();
+    peak = peak.max(metric(&text, "credwatch_ring_peak_bytes", None).unwrap_or(0.0));
+    assert_eq!(
+        metric(&text, "credwatch_ring_size_bytes", None),
+        Some(262144.0)
+    );
+    assert!(
+        peak > 0.0 && peak <= 262144.0,
+        "ring peak backlog {peak} during a flood that overflows a 256 KiB ring"
+    );
     let drops = wait_for("drops in /metrics", Duration::from_secs(10), || {
         let text = ureq::get(&url).call().ok()?.into_string().ok()?;
         labelled(&text, "credwatch_probe_drops_total", "probe", "open").filter(|v| *v > 0.0)

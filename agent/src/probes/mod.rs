@@ -255,6 +255,66 @@ impl Sensors {
     }
 }
 
+/// How many bytes are waiting in the ring: producer minus consumer position, read from a
+/// read-only mapping of the ring's two control pages (the kernel allows read-only mappings
+/// of them to anyone holding the map fd). aya's reader does not expose the positions.
+pub struct RingFill {
+    base: *mut libc::c_void,
+    len: usize,
+    page: usize,
+}
+
+// SAFETY: the mapping is read-only, lives as long as the struct, and is only read with
+// atomic loads.
+unsafe impl Send for RingFill {}
+
+impl RingFill {
+    pub fn new(fd: std::os::fd::BorrowedFd<'_>) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let len = 2 * page;
+        // SAFETY: mapping two pages of a ring buffer map fd read-only and shared; the result
+        // is checked before use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(anyhow!(
+                "mapping the ring buffer's positions: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(RingFill { base, len, page })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        // SAFETY: both positions are 8-byte aligned u64s at the start of their pages, inside
+        // the live mapping; the kernel updates them atomically.
+        let (cons, prod) = unsafe {
+            let cons = &*(self.base as *const AtomicU64);
+            let prod = &*((self.base as *const u8).add(self.page) as *const AtomicU64);
+            (cons.load(Ordering::Acquire), prod.load(Ordering::Acquire))
+        };
+        prod.saturating_sub(cons)
+    }
+}
+
+impl Drop for RingFill {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
 /// On 5.7+ aya attaches through BPF links, which always coexist with other programs and
 /// require zero flags; older kernels need BPF_F_ALLOW_MULTI to avoid evicting other tools.
 fn cgroup_mode() -> CgroupAttachMode {
