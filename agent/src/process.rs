@@ -166,40 +166,65 @@ impl ProcessTable {
         })
     }
 
-    /// The interactive session a process descends from, when it is an SSH login: an
-    /// ancestor is `sshd-session` (OpenSSH ≥ 9.8) or an `sshd` forked by `sshd` (older
-    /// per-connection processes; the listening daemon itself has another parent). A tty
-    /// already says "a human"; this also catches `ssh host cat ~/.aws/credentials`, which
-    /// has none. Ancestors unknown to the table are read from /proc.
+    /// The interactive session a process descends from, if any:
+    /// - an SSH login: an ancestor is `sshd-session` (OpenSSH ≥ 9.8) or an `sshd` forked by
+    ///   `sshd` (older per-connection processes; the listening daemon has another parent);
+    /// - a container exec (`kubectl exec`, `crictl exec`, `docker exec`): an ancestor is a
+    ///   direct child of the container runtime's shim but not the container's init (pid 1
+    ///   in its own pid namespace) — the init is the shim's only other kind of child.
+    ///
+    /// A tty already says "a human"; this also catches `ssh node cat …` and `kubectl exec`
+    /// without `-t`, which have none. Ancestors unknown to the table are read from /proc.
     pub fn session_of(&mut self, tgid: u32) -> Option<String> {
-        let mut cur = self.procs.get(&tgid)?.ppid;
+        let mut child = self.procs.get(&tgid)?.clone();
         for _ in 0..64 {
-            if cur <= 1 {
+            if child.ppid <= 1 {
                 return None;
             }
-            let entry = match self.procs.get(&cur) {
-                Some(e) => e.clone(),
-                None => {
-                    let e = self.read_proc(cur)?;
-                    self.insert(e.clone());
-                    e
-                }
-            };
-            let name = basename(&entry.exe);
-            let session = name == "sshd-session"
+            let parent = self.entry(child.ppid)?;
+            let name = basename(&parent.exe);
+            let ssh = name == "sshd-session"
                 || (name == "sshd"
                     && self
-                        .procs
-                        .get(&entry.ppid)
-                        .cloned()
-                        .or_else(|| self.read_proc(entry.ppid))
+                        .entry(parent.ppid)
                         .is_some_and(|p| basename(&p.exe) == "sshd"));
-            if session {
-                return Some(format!("ssh (sshd pid {})", entry.tgid));
+            if ssh {
+                return Some(format!("ssh (sshd pid {})", parent.tgid));
             }
-            cur = entry.ppid;
+            if is_runtime_shim(name)
+                && self
+                    .ns_pid(child.tgid)
+                    .is_some_and(|(levels, inner)| levels > 1 && inner != 1)
+            {
+                return Some(format!(
+                    "container exec (pid {} started by {name})",
+                    child.tgid
+                ));
+            }
+            child = parent;
         }
         None
+    }
+
+    fn entry(&mut self, tgid: u32) -> Option<ProcEntry> {
+        if let Some(e) = self.procs.get(&tgid) {
+            return Some(e.clone());
+        }
+        let e = self.read_proc(tgid)?;
+        self.insert(e.clone());
+        Some(e)
+    }
+
+    /// (pid namespace levels, pid in the innermost one) from `NSpid:` in /proc status.
+    fn ns_pid(&self, tgid: u32) -> Option<(usize, u32)> {
+        let status =
+            fs::read_to_string(self.proc_root.join(tgid.to_string()).join("status")).ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+        let pids: Vec<u32> = line
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        Some((pids.len(), *pids.last()?))
     }
 
     pub fn mark_exited(&mut self, tgid: u32, now_ns: u64) {
@@ -235,6 +260,12 @@ impl ProcessTable {
 
 fn basename(exe: &str) -> &str {
     exe.rsplit('/').next().unwrap_or(exe)
+}
+
+/// The per-container processes of containerd, CRI-O and podman that start a container's
+/// init and every exec into it.
+fn is_runtime_shim(name: &str) -> bool {
+    name.starts_with("containerd-shim") || name == "conmon" || name == "conmon-rs"
 }
 
 /// (comm, ppid, tty_nr) from /proc/<pid>/stat. comm is parenthesised and may itself contain
@@ -341,7 +372,7 @@ mod tests {
     }
 
     #[test]
-    fn ssh_sessions_are_found_through_the_ancestry() {
+    fn ssh_logins_and_container_execs_are_found_through_the_ancestry() {
         let root = tempfile::tempdir().unwrap();
         let write = |pid: u32, ppid: u32, exe: &str| {
             let d = root.path().join(pid.to_string());
@@ -362,8 +393,32 @@ mod tests {
         // A service started by systemd, and the listener's own helper: not sessions.
         write(900, 1, "/usr/bin/backup");
         write(910, 500, "/usr/bin/cat");
+        // A pod: shim → container init (pid 1 inside) → app; and an exec into it
+        // (`kubectl exec` without -t): shim → sh (pid 7 inside) → cat.
+        write(2000, 1, "/usr/bin/containerd-shim-runc-v2");
+        write(2001, 2000, "/app/server");
+        write(2002, 2001, "/usr/bin/cat");
+        write(2100, 2000, "/bin/sh");
+        write(2101, 2100, "/usr/bin/cat");
+        let nspid = |pid: u32, inner: u32| {
+            fs::write(
+                root.path().join(pid.to_string()).join("status"),
+                format!("Uid:\t0\t0\t0\t0\nNSpid:\t{pid}\t{inner}\n"),
+            )
+            .unwrap();
+        };
+        nspid(2001, 1);
+        nspid(2002, 12);
+        nspid(2100, 7);
+        nspid(2101, 8);
         let mut t = ProcessTable::new(root.path(), 64);
         t.bootstrap();
+        assert_eq!(
+            t.session_of(2101).as_deref(),
+            Some("container exec (pid 2100 started by containerd-shim-runc-v2)")
+        );
+        assert_eq!(t.session_of(2002), None, "the container's own processes");
+        assert_eq!(t.session_of(2001), None);
         assert_eq!(t.session_of(800).as_deref(), Some("ssh (sshd pid 600)"));
         assert_eq!(t.session_of(810).as_deref(), Some("ssh (sshd pid 610)"));
         assert_eq!(t.session_of(900), None);

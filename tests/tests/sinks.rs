@@ -3,7 +3,7 @@
 //! Prometheus text while drops are forced.
 
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::{BufRead, BufReader},
     net::{TcpListener, UdpSocket},
     path::Path,
     process::Command,
@@ -68,24 +68,30 @@ fn syslog_listeners() -> (u16, u16, Arc<Mutex<Vec<String>>>) {
         for conn in tcp.incoming() {
             let Ok(conn) = conn else { continue };
             let sink = sink.clone();
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(conn);
-                loop {
-                    let mut len = Vec::new();
-                    if r.read_until(b' ', &mut len).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let n: usize = String::from_utf8_lossy(&len).trim().parse().unwrap();
-                    let mut msg = vec![0u8; n];
-                    r.read_exact(&mut msg).unwrap();
-                    sink.lock()
-                        .unwrap()
-                        .push(format!("tcp:{}", String::from_utf8_lossy(&msg)));
-                }
-            });
+            std::thread::spawn(move || read_frames(BufReader::new(conn), "tcp:", &sink));
         }
     });
     (udp_port, tcp_port, got)
+}
+
+/// RFC 6587 octet-counted frames (`LEN SP MSG`) until EOF.
+fn read_frames(mut r: impl BufRead, tag: &str, sink: &Mutex<Vec<String>>) {
+    loop {
+        let mut len = Vec::new();
+        if r.read_until(b' ', &mut len).unwrap_or(0) == 0 {
+            return;
+        }
+        let Ok(n) = String::from_utf8_lossy(&len).trim().parse::<usize>() else {
+            return;
+        };
+        let mut msg = vec![0u8; n];
+        if r.read_exact(&mut msg).is_err() {
+            return;
+        }
+        sink.lock()
+            .unwrap()
+            .push(format!("{tag}{}", String::from_utf8_lossy(&msg)));
+    }
 }
 
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -236,6 +242,88 @@ fn replayed_alerts_reach_every_sink() {
         })
         .collect();
     assert_eq!(keys(&mut got), want, "ocsf file");
+}
+
+/// A syslog-over-TLS listener (RFC 5425) with a certificate for 127.0.0.1 from a private
+/// CA of its own; returns (port, CA PEM, received messages).
+fn tls_syslog_listener() -> (u16, String, Arc<Mutex<Vec<String>>>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![ck.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into()),
+        )
+        .unwrap();
+    let cfg = Arc::new(cfg);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            let (cfg, sink) = (cfg.clone(), sink.clone());
+            std::thread::spawn(move || {
+                let tls = rustls::ServerConnection::new(cfg).unwrap();
+                let stream = rustls::StreamOwned::new(tls, conn);
+                read_frames(BufReader::new(stream), "", &sink);
+            });
+        }
+    });
+    (port, ck.cert.pem(), got)
+}
+
+/// Syslog over TLS verifies the server against `ca_file`: the right CA delivers every
+/// alert, a wrong one delivers nothing (and says so).
+#[test]
+fn syslog_over_tls_checks_the_server_certificate() {
+    let w = workdir();
+    let (port, ca, got) = tls_syslog_listener();
+    let good = w.path().join("ca.pem");
+    std::fs::write(&good, ca).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let wrong = w.path().join("other-ca.pem");
+    std::fs::write(&wrong, other.cert.pem()).unwrap();
+    let policy = std::fs::read_to_string(fixture("replay-baselines.toml")).unwrap();
+    let run = |ca: &Path| {
+        let cfg = format!(
+            "{policy}\n[[alerts.syslog]]\naddress = \"tls://127.0.0.1:{port}\"\nca_file = \"{}\"\ntimeout = \"2s\"\n",
+            ca.display()
+        );
+        let path = w.path().join("credwatch.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let out = Command::new(credwatch_bin())
+            .args(["replay", "--config"])
+            .arg(&path)
+            .arg(fixture("replay-baselines-day0.ndjson"))
+            .arg(fixture("replay-baselines-later.ndjson"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run(&wrong);
+    assert!(
+        got.lock().unwrap().is_empty(),
+        "nothing reaches an unverified server"
+    );
+    assert!(stderr.contains("delivery failing"), "{stderr}");
+    run(&good);
+    let msgs = got.lock().unwrap().clone();
+    assert_eq!(msgs.len(), 11, "{msgs:#?}");
+    for m in &msgs {
+        let p = syslog_loose::parse_message(m, syslog_loose::Variant::RFC5424);
+        assert_eq!(p.appname, Some("credwatch"), "{m}");
+        let body: Value = serde_json::from_str(p.msg).unwrap();
+        assert!(body["alert"].is_string());
+    }
 }
 
 fn off_schedule_config(secret: &Path, extra: &str) -> String {

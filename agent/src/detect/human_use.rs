@@ -1,8 +1,7 @@
 //! human_use: a machine credential read by a process on a terminal — somebody at a shell,
-//! an ssh session or `kubectl exec -t` — or descending from an SSH login without one
-//! (`ssh node cat …`), rather than by the workload itself. (`kubectl exec` without `-t`
-//! leaves neither trace; telling it from the container's own processes needs the runtime's
-//! exec records, which are not read yet.)
+//! an ssh session or `kubectl exec -t` — or, without one, descending from an SSH login
+//! (`ssh node cat …`) or a container exec (`kubectl exec pod -- cat …`), rather than by the
+//! workload itself. The ancestry check is `ProcessTable::session_of`.
 
 use super::{Detector, short_fp};
 use crate::baseline::Baselines;
