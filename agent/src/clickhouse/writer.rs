@@ -254,9 +254,13 @@ impl Writer {
                         }
                     }
                     Some(Chunk::Alerts(rows)) => {
+                        // Batched like events (at most `flush_interval` late): an insert per
+                        // alert would make a part per alert in an alert storm. The SOC's
+                        // real-time feeds are the alert sinks, not this table.
                         add(&mut alerts, rows);
-                        // Alerts are few and urgent: the time bound alone would delay them.
-                        self.flush(TableKind::Alerts, &mut alerts).await;
+                        if self.full(&alerts) {
+                            self.flush(TableKind::Alerts, &mut alerts).await;
+                        }
                     }
                     None => break,
                 },
