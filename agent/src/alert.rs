@@ -40,6 +40,17 @@ pub enum Severity {
     Critical,
 }
 
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Low => "low",
+            Severity::Medium => "medium",
+            Severity::High => "high",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
 /// One event an alert rests on, reduced to what an analyst needs to act.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
@@ -154,6 +165,15 @@ impl Alert {
 pub enum AlertStatus {
     New,
     Update,
+}
+
+impl AlertStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertStatus::New => "new",
+            AlertStatus::Update => "update",
+        }
+    }
 }
 
 /// Folds repeats of the same finding (same dedup key) within `window` into one alert whose

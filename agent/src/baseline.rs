@@ -119,8 +119,9 @@ pub struct Baselines {
 struct Store {
     db: Database,
     path: PathBuf,
+    /// Subjects changed since the last checkpoint; their pairs are written with them (a
+    /// pair only changes through an event of its subject).
     dirty_subjects: HashSet<String>,
-    dirty_pairs: HashSet<(String, String)>,
     dirty_credentials: HashSet<String>,
     gone_subjects: HashSet<String>,
     gone_pairs: HashSet<(String, String)>,
@@ -156,7 +157,6 @@ impl Baselines {
             db,
             path,
             dirty_subjects: HashSet::new(),
-            dirty_pairs: HashSet::new(),
             dirty_credentials: HashSet::new(),
             gone_subjects: HashSet::new(),
             gone_pairs: HashSet::new(),
@@ -325,10 +325,10 @@ impl Baselines {
                 }
                 let last = self.credentials.entry(fp.to_owned()).or_insert(ts);
                 *last = (*last).max(ts);
-                if let Some(st) = &mut self.store {
+                if let Some(st) = &mut self.store
+                    && !st.dirty_credentials.contains(fp)
+                {
                     st.dirty_credentials.insert(fp.to_owned());
-                    st.dirty_pairs
-                        .insert((subject_key.to_owned(), fp.to_owned()));
                 }
             }
             _ => {}
@@ -371,7 +371,6 @@ impl Baselines {
             }
             let empty = sub.pairs.is_empty();
             if let Some(st) = &mut self.store {
-                st.dirty_pairs.remove(&(s.clone(), fp.clone()));
                 st.gone_pairs.insert((s.clone(), fp));
                 if empty {
                     st.dirty_subjects.remove(&s);
@@ -406,7 +405,13 @@ impl Baselines {
         let Some(st) = &mut self.store else {
             return Ok(0);
         };
-        let written = st.dirty_subjects.len() + st.dirty_pairs.len() + st.dirty_credentials.len();
+        let dirty_pairs: usize = st
+            .dirty_subjects
+            .iter()
+            .filter_map(|k| self.subjects.get(k))
+            .map(|s| s.pairs.len())
+            .sum();
+        let written = st.dirty_subjects.len() + dirty_pairs + st.dirty_credentials.len();
         if written == 0
             && st.gone_subjects.is_empty()
             && st.gone_pairs.is_empty()
@@ -427,9 +432,9 @@ impl Baselines {
                     t.remove(k.as_str())?;
                 }
                 let mut t = tx.open_table(PAIRS)?;
-                for (s, fp) in &st.dirty_pairs {
-                    if let Some(p) = self.subjects.get(s).and_then(|x| x.pairs.get(fp)) {
-                        t.insert((s.as_str(), fp.as_str()), serde_json::to_vec(p)?.as_slice())?;
+                for k in &st.dirty_subjects {
+                    for (fp, p) in self.subjects.get(k).iter().flat_map(|s| &s.pairs) {
+                        t.insert((k.as_str(), fp.as_str()), serde_json::to_vec(p)?.as_slice())?;
                     }
                 }
                 for (s, fp) in &st.gone_pairs {
@@ -450,7 +455,6 @@ impl Baselines {
         };
         write().with_context(|| format!("writing baseline store {}", st.path.display()))?;
         st.dirty_subjects.clear();
-        st.dirty_pairs.clear();
         st.dirty_credentials.clear();
         st.gone_subjects.clear();
         st.gone_pairs.clear();

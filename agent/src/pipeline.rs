@@ -169,13 +169,13 @@ impl Pipeline {
             ch.event(ev);
         }
         self.detectors.observe(ev, &mut self.fired);
-        let fired = std::mem::take(&mut self.fired);
-        for a in &fired {
+        // Taken out for the loop (outputs need `&mut self`), put back to keep its capacity.
+        let mut fired = std::mem::take(&mut self.fired);
+        for a in fired.drain(..) {
             *self.alert_counts.entry(a.alert.as_str()).or_default() += 1;
-            self.output_alert(a);
+            self.output_alert(&a);
         }
         self.fired = fired;
-        self.fired.clear();
     }
 
     fn output_alert(&mut self, a: &Alert) {

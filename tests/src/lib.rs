@@ -264,6 +264,42 @@ impl Stopped {
     }
 }
 
+/// A file under tests/fixtures.
+pub fn fixture(name: &str) -> String {
+    format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs the agent binary (`replay`, `migrate`, …) to completion.
+pub fn credwatch(args: &[&str]) -> std::process::Output {
+    assert!(
+        credwatch_bin().exists(),
+        "agent binary missing: run `cargo xtask test`"
+    );
+    Command::new(credwatch_bin()).args(args).output().unwrap()
+}
+
+/// Asserts the run succeeded; its stdout.
+pub fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "credwatch failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A schedule window that excludes the present: one hour, six hours from now (UTC).
+pub fn window_excluding_now() -> String {
+    let hour = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 3600
+        + 6)
+        % 24;
+    format!("daily {hour:02}:00-{:02}:00", (hour + 1) % 24)
+}
+
 pub fn read_ndjson(path: &Path) -> Vec<Value> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();

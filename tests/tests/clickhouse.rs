@@ -5,7 +5,6 @@
 use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
-    process::{Command, Output},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -18,29 +17,10 @@ use credwatch::{
     clickhouse::rows::{AlertRow, EventRow},
     event::Event,
 };
-use credwatch_tests::{Agent, bpf_available, clickhouse::TestClickHouse, credwatch_bin, workdir};
+use credwatch_tests::{
+    Agent, bpf_available, clickhouse::TestClickHouse, credwatch, fixture, ok, workdir,
+};
 use serde_json::Value;
-
-fn fixture(name: &str) -> String {
-    format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn credwatch(args: &[&str]) -> Output {
-    assert!(
-        credwatch_bin().exists(),
-        "agent binary missing: run `cargo xtask test`"
-    );
-    Command::new(credwatch_bin()).args(args).output().unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "credwatch failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn write_config(dir: &Path, text: &str) -> PathBuf {
     let p = dir.join("credwatch.toml");

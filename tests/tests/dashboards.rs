@@ -21,11 +21,10 @@
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
-    process::{Command, Output},
     time::Duration,
 };
 
-use credwatch_tests::{clickhouse::TestClickHouse, credwatch_bin, workdir};
+use credwatch_tests::{clickhouse::TestClickHouse, credwatch, fixture, ok, workdir};
 use serde_json::Value;
 
 const CLICKHOUSE: &str = "grafana-clickhouse-datasource";
@@ -615,26 +614,6 @@ fn dashboards_are_well_formed() {
 
 // ---------------------------------------------------------------------------------------
 // Running the queries.
-
-fn fixture(name: &str) -> String {
-    format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn credwatch(args: &[&str]) -> Output {
-    assert!(
-        credwatch_bin().exists(),
-        "agent binary missing: run `cargo xtask test`"
-    );
-    Command::new(credwatch_bin()).args(args).output().unwrap()
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "credwatch failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Schema, then the three replay fixtures through the pipeline with the baseline policy
 /// (alerts of most kinds). The returned directory holds the config and the replay state.

@@ -6,7 +6,7 @@ use std::{net::TcpListener, os::unix::fs::PermissionsExt, path::Path, process::C
 
 use credwatch_tests::{
     Agent, CID_A, CID_B, PodVolume, UID_A, UID_B, actor, bpf_available, credwatch_bin,
-    fake_sa_token, kubelet_fixture_port, pod_cgroup, workdir,
+    fake_sa_token, fixture, kubelet_fixture_port, pod_cgroup, window_excluding_now, workdir,
 };
 use serde_json::Value;
 
@@ -232,10 +232,6 @@ fn replay_of_hand_built_events_fires_exactly_the_expected_alerts() {
     );
 }
 
-fn fixture(name: &str) -> String {
-    format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
 /// `credwatch replay` with the baseline fixtures' policy; (alert, workload, dedup key) per
 /// alert line.
 fn replay_baselines(files: &[&str], state_dir: Option<&Path>) -> Vec<(String, String, String)> {
@@ -392,21 +388,14 @@ fn use_outside_a_declared_schedule_is_off_schedule() {
     let (night, always) = (w.path().join("backup-key"), w.path().join("service-key"));
     std::fs::write(&night, "fake-backup-credential").unwrap();
     std::fs::write(&always, "fake-service-credential").unwrap();
-    // A one-hour window six hours from now excludes the present; 00:00-24:00 includes it.
-    let hour = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        / 3600
-        + 6)
-        % 24;
+    // The first schedule excludes the present; 00:00-24:00 includes it.
     let cfg = format!(
         "[secrets]\ncatalog = false\npaths = [\"{n}\", \"{a}\"]\n\n\
-         [[credential]]\npath = \"{n}\"\npurpose = \"nightly backup\"\nschedule = [\"daily {hour:02}:00-{next:02}:00\"]\ntimezone = \"UTC\"\n\n\
+         [[credential]]\npath = \"{n}\"\npurpose = \"nightly backup\"\nschedule = [\"{window}\"]\ntimezone = \"UTC\"\n\n\
          [[credential]]\npath = \"{a}\"\nschedule = [\"daily 00:00-24:00\"]\n",
         n = night.display(),
         a = always.display(),
-        next = (hour + 1) % 24,
+        window = window_excluding_now(),
     );
     let agent = Agent::start(&cfg);
     let (pid, _) = actor(

@@ -6,21 +6,18 @@ use std::{
     io::{BufRead, BufReader},
     net::{TcpListener, UdpSocket},
     path::Path,
-    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use credwatch_tests::{Agent, actor, bpf_available, credwatch_bin, workdir};
+use credwatch_tests::{
+    Agent, actor, bpf_available, credwatch, fixture, ok, window_excluding_now, workdir,
+};
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_cw-actor");
-
-fn fixture(name: &str) -> String {
-    format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
-}
 
 /// (body, `X-Credwatch-Signature`) of each POST received.
 type Posts = Arc<Mutex<Vec<(String, Option<String>)>>>;
@@ -94,6 +91,17 @@ fn read_frames(mut r: impl BufRead, tag: &str, sink: &Mutex<Vec<String>>) {
     }
 }
 
+/// `credwatch replay` of the baseline fixtures (11 alerts) with the config at `cfg`.
+fn replay_baselines(cfg: &Path) -> std::process::Output {
+    credwatch(&[
+        "replay",
+        "--config",
+        cfg.to_str().unwrap(),
+        &fixture("replay-baselines-day0.ndjson"),
+        &fixture("replay-baselines-later.ndjson"),
+    ])
+}
+
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
@@ -125,10 +133,6 @@ fn assert_ocsf_detection_finding(o: &Value) {
 
 #[test]
 fn replayed_alerts_reach_every_sink() {
-    assert!(
-        credwatch_bin().exists(),
-        "agent binary missing: run `cargo xtask test`"
-    );
     let w = workdir();
     let (hook_port, hooks) = webhook_receiver();
     let (udp_port, tcp_port, syslog) = syslog_listeners();
@@ -146,19 +150,7 @@ fn replayed_alerts_reach_every_sink() {
     );
     let cfg_path = w.path().join("credwatch.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let out = Command::new(credwatch_bin())
-        .args(["replay", "--config"])
-        .arg(&cfg_path)
-        .arg(fixture("replay-baselines-day0.ndjson"))
-        .arg(fixture("replay-baselines-later.ndjson"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+    let stdout: Vec<Value> = ok(&replay_baselines(&cfg_path))
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
@@ -295,18 +287,8 @@ fn syslog_over_tls_checks_the_server_certificate() {
         );
         let path = w.path().join("credwatch.toml");
         std::fs::write(&path, cfg).unwrap();
-        let out = Command::new(credwatch_bin())
-            .args(["replay", "--config"])
-            .arg(&path)
-            .arg(fixture("replay-baselines-day0.ndjson"))
-            .arg(fixture("replay-baselines-later.ndjson"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = replay_baselines(&path);
+        ok(&out);
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     let stderr = run(&wrong);
@@ -327,19 +309,11 @@ fn syslog_over_tls_checks_the_server_certificate() {
 }
 
 fn off_schedule_config(secret: &Path, extra: &str) -> String {
-    // A one-hour window six hours from now excludes the present.
-    let hour = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        / 3600
-        + 6)
-        % 24;
     format!(
         "[secrets]\ncatalog = false\npaths = [\"{s}\"]\n[detect]\nsuppression_window = \"0s\"\n\
-         [[credential]]\npath = \"{s}\"\nschedule = [\"daily {hour:02}:00-{next:02}:00\"]\n{extra}",
+         [[credential]]\npath = \"{s}\"\nschedule = [\"{window}\"]\n{extra}",
         s = secret.display(),
-        next = (hour + 1) % 24,
+        window = window_excluding_now(),
     )
 }
 
@@ -392,7 +366,9 @@ fn a_dead_webhook_does_not_delay_stdout_alerts() {
         Duration::from_secs(20),
         || {
             let text = ureq::get(&url).call().ok()?.into_string().ok()?;
-            let v = metric(&text, "credwatch_sink_failures_total", Some("sink"))?;
+            let v = sample(&text, "credwatch_sink_failures_total", |l| {
+                l.get("sink").is_some()
+            })?;
             (v > 0.0).then_some(v)
         },
     );
@@ -400,15 +376,19 @@ fn a_dead_webhook_does_not_delay_stdout_alerts() {
     agent.stop();
 }
 
-/// Parses Prometheus text; the value of `name` (the sample whose label `label` exists, when
-/// given).
-fn metric(text: &str, name: &str, label: Option<&str>) -> Option<f64> {
+/// Parses Prometheus text: the value of the first sample of `name` whose labels pass
+/// `labels`.
+fn sample(
+    text: &str,
+    name: &str,
+    labels: impl Fn(&prometheus_parse::Labels) -> bool,
+) -> Option<f64> {
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines).ok()?;
     scrape
         .samples
         .iter()
-        .find(|s| s.metric == name && label.is_none_or(|l| s.labels.get(l).is_some()))
+        .find(|s| s.metric == name && labels(&s.labels))
         .and_then(|s| match s.value {
             prometheus_parse::Value::Counter(v)
             | prometheus_parse::Value::Gauge(v)
@@ -417,19 +397,12 @@ fn metric(text: &str, name: &str, label: Option<&str>) -> Option<f64> {
         })
 }
 
+fn metric(text: &str, name: &str) -> Option<f64> {
+    sample(text, name, |_| true)
+}
+
 fn labelled(text: &str, name: &str, label: &str, value: &str) -> Option<f64> {
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).ok()?;
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && s.labels.get(label) == Some(value))
-        .and_then(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => Some(v),
-            _ => None,
-        })
+    sample(text, name, |l| l.get(label) == Some(value))
 }
 
 #[test]
@@ -465,7 +438,7 @@ fn metrics_parse_and_drop_counters_move() {
             .call()
             .ok()
             .and_then(|r| r.into_string().ok())
-            .and_then(|t| metric(&t, "credwatch_ring_peak_bytes", None))
+            .and_then(|t| metric(&t, "credwatch_ring_peak_bytes"))
         {
             peak = peak.max(v);
         }
@@ -475,11 +448,8 @@ fn metrics_parse_and_drop_counters_move() {
     assert_eq!(out.trim(), "flooded 200000");
     std::thread::sleep(Duration::from_millis(1200));
     let text = ureq::get(&url).call().unwrap().into_string().unwrap();
-    peak = peak.max(metric(&text, "credwatch_ring_peak_bytes", None).unwrap_or(0.0));
-    assert_eq!(
-        metric(&text, "credwatch_ring_size_bytes", None),
-        Some(262144.0)
-    );
+    peak = peak.max(metric(&text, "credwatch_ring_peak_bytes").unwrap_or(0.0));
+    assert_eq!(metric(&text, "credwatch_ring_size_bytes"), Some(262144.0));
     assert!(
         peak > 0.0 && peak <= 262144.0,
         "ring peak backlog {peak} during a flood that overflows a 256 KiB ring"

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::{
     alert::{Alert, AlertKind, AlertStatus, Evidence, Severity},
     config::ClickHouse as Cfg,
-    event::{CredentialRef, Timestamp, Workload, WorkloadKind},
+    event::{CredentialRef, Timestamp, Workload},
 };
 
 /// Reads of one fingerprint on two or more nodes in [?, ?): one row per (fingerprint, node)
@@ -124,40 +124,40 @@ struct DormantRow {
     last_before: DateTime<Utc>,
 }
 
-fn workload(kind: &str, id: &str) -> Workload {
-    Workload {
-        kind: serde_json::from_value(serde_json::Value::String(kind.to_owned()))
-            .unwrap_or(WorkloadKind::Host),
-        id: id.to_owned(),
-        ..Default::default()
-    }
+/// Both row types start with the first read of a credential in the range; these turn it
+/// into the alert's workload and evidence.
+macro_rules! first_read {
+    ($row:ty) => {
+        impl $row {
+            fn workload(&self) -> Workload {
+                Workload {
+                    kind: super::rows::kind_of(&self.workload_kind),
+                    id: self.workload_id.clone(),
+                    ..Default::default()
+                }
+            }
+
+            fn evidence(&self, detail: String) -> Evidence {
+                Evidence {
+                    event_id: self.event_id.clone(),
+                    ts: Timestamp(self.first_ts),
+                    kind: "secret_read".into(),
+                    workload: self.workload_id.clone(),
+                    pid: self.pid,
+                    comm: self.comm.clone(),
+                    exe: self.exe.clone(),
+                    tty: None,
+                    secret_path: (!self.secret_path.is_empty()).then(|| self.secret_path.clone()),
+                    dst: None,
+                    detail: Some(detail),
+                }
+            }
+        }
+    };
 }
 
-#[allow(clippy::too_many_arguments)]
-fn evidence(
-    event_id: &str,
-    ts: DateTime<Utc>,
-    workload: &str,
-    pid: u32,
-    comm: &str,
-    exe: &str,
-    path: &str,
-    detail: String,
-) -> Evidence {
-    Evidence {
-        event_id: event_id.to_owned(),
-        ts: Timestamp(ts),
-        kind: "secret_read".into(),
-        workload: workload.to_owned(),
-        pid,
-        comm: comm.to_owned(),
-        exe: exe.to_owned(),
-        tty: None,
-        secret_path: (!path.is_empty()).then(|| path.to_owned()),
-        dst: None,
-        detail: Some(detail),
-    }
-}
+first_read!(ReadRow);
+first_read!(DormantRow);
 
 /// A fleet finding; summary, evidence and dedup key are filled in by the caller.
 fn alert(
@@ -226,7 +226,7 @@ pub async fn check(
             Severity::High,
             first.first_ts,
             last,
-            workload(&first.workload_kind, &first.workload_id),
+            first.workload(),
             cred,
         );
         a.summary = format!(
@@ -238,18 +238,7 @@ pub async fn check(
         );
         a.evidence = group
             .iter()
-            .map(|r| {
-                evidence(
-                    &r.event_id,
-                    r.first_ts,
-                    &r.workload_id,
-                    r.pid,
-                    &r.comm,
-                    &r.exe,
-                    &r.secret_path,
-                    format!("node {} ({} reads)", r.node, r.reads),
-                )
-            })
+            .map(|r| r.evidence(format!("node {} ({} reads)", r.node, r.reads)))
             .collect();
         a.dedup_key = format!("token_reuse|fleet|{}", first.fingerprint);
         out.push(a);
@@ -271,7 +260,7 @@ pub async fn check(
                 Severity::Medium,
                 r.first_ts,
                 r.first_ts,
-                workload(&r.workload_kind, &r.workload_id),
+                r.workload(),
                 CredentialRef {
                     fingerprint: r.fingerprint.clone(),
                     kind: r.credential_type.clone(),
@@ -284,20 +273,11 @@ pub async fn check(
                 super::super::detect::short_fp(&r.fingerprint),
                 r.node
             );
-            a.evidence = vec![evidence(
-                &r.event_id,
-                r.first_ts,
-                &r.workload_id,
-                r.pid,
-                &r.comm,
-                &r.exe,
-                &r.secret_path,
-                format!(
-                    "node {}; previous read {}",
-                    r.node,
-                    r.last_before.to_rfc3339()
-                ),
-            )];
+            a.evidence = vec![r.evidence(format!(
+                "node {}; previous read {}",
+                r.node,
+                r.last_before.to_rfc3339()
+            ))];
             a.dedup_key = format!(
                 "dormant_credential|fleet|{}|{}",
                 r.fingerprint,

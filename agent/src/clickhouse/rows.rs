@@ -116,7 +116,7 @@ fn back(ip: Ipv6Addr, family: u8) -> IpAddr {
     }
 }
 
-fn kind_of(s: &str) -> WorkloadKind {
+pub(super) fn kind_of(s: &str) -> WorkloadKind {
     match s {
         "pod" => WorkloadKind::Pod,
         "container" => WorkloadKind::Container,
@@ -385,13 +385,6 @@ impl ApproxSize for AlertRow {
     }
 }
 
-fn name<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 impl AlertRow {
     pub fn new(a: &Alert, id: String) -> Self {
         let cred = a.credential.clone().unwrap_or_default();
@@ -402,8 +395,8 @@ impl AlertRow {
             last_seen: a.last_seen.0,
             node: a.node.clone(),
             alert: a.alert.as_str().to_owned(),
-            severity: name(&a.severity),
-            status: name(&a.status),
+            severity: a.severity.as_str().to_owned(),
+            status: a.status.as_str().to_owned(),
             count: a.count,
             summary: a.summary.clone(),
             workload_kind: a.workload.kind.as_str().to_owned(),

@@ -36,7 +36,6 @@ pub fn detection_finding(a: &Alert) -> Value {
         AlertStatus::New => (1, "Create"),
         AlertStatus::Update => (2, "Update"),
     };
-    let severity = serde_json::to_value(a.severity).unwrap_or(Value::Null);
     let w = &a.workload;
     let workload_labels: Vec<String> = [
         w.service_account
@@ -97,7 +96,7 @@ pub fn detection_finding(a: &Alert) -> Value {
         "type_name": format!("Detection Finding: {activity}"),
         "time": ms(&a.ts),
         "severity_id": severity_id(a.severity),
-        "severity": severity,
+        "severity": a.severity.as_str(),
         "status_id": 1,
         "status": "New",
         "count": a.count,

@@ -120,13 +120,7 @@ impl Syslog {
     pub fn message(&self, a: &Alert) -> Vec<u8> {
         let mut params = BTreeMap::new();
         params.insert("alert".to_owned(), a.alert.as_str().to_owned());
-        params.insert(
-            "severity".to_owned(),
-            serde_json::to_value(a.severity)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-        );
+        params.insert("severity".to_owned(), a.severity.as_str().to_owned());
         params.insert("workload".to_owned(), a.workload.id.clone());
         if let Some(c) = &a.credential {
             params.insert("fingerprint".to_owned(), c.fingerprint.clone());
