@@ -51,6 +51,13 @@ fn main() {
         .unwrap_or(1_000_000);
     let tmp = std::env::temp_dir().join(format!("credwatch-throughput-{}", std::process::id()));
     std::fs::create_dir_all(tmp.join("cgroup")).unwrap();
+    // The synthetic processes' parent, pid 1, exists as on any host; without it every new
+    // process would cost two failed /proc reads that a real node never makes.
+    let init = tmp.join("proc/1");
+    std::fs::create_dir_all(&init).unwrap();
+    std::fs::write(init.join("stat"), "1 (init) S 0 1 1 0 -1").unwrap();
+    std::fs::write(init.join("status"), "Name:\tinit\nUid:\t0\t0\t0\t0\n").unwrap();
+    std::os::unix::fs::symlink("/sbin/init", init.join("exe")).unwrap();
     let secret = tmp.join("token");
     std::fs::write(&secret, "fake-throughput-token").unwrap();
     let key = inode_key(&std::fs::metadata(&secret).unwrap());

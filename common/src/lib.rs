@@ -59,6 +59,21 @@ pub const FLAG_NO_NAME: u32 = 2;
 pub const SETTING_WATCHED_DIRS: u32 = 0;
 pub const SETTINGS_LEN: u32 = 1;
 
+/// The probes test every opened file's inode number (and, when directories are watched, its
+/// parent's and grandparent's) against a bitmap before any hash lookup: a bitmap word is an
+/// inlined array access, a hash lookup is a helper call. 2^18 bits (32 KiB) per bitmap keeps
+/// false positives (which only cost the exact lookup) rare for thousands of watched inodes.
+pub const INO_FILTER_BITS_LOG2: u32 = 18;
+pub const INO_FILTER_WORDS: u32 = 1 << (INO_FILTER_BITS_LOG2 - 6);
+
+/// (word index, bit mask) of an inode number in an inode bitmap.
+#[inline(always)]
+pub const fn ino_filter_slot(ino: u64) -> (u32, u64) {
+    // Fibonacci hashing: inode numbers are often sequential; the multiply spreads them.
+    let h = ino.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - INO_FILTER_BITS_LOG2);
+    ((h >> 6) as u32, 1u64 << (h & 63))
+}
+
 /// Common prefix of every record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -225,14 +240,6 @@ pub struct KernelConfig {
     pub nr_creat: i32,
     pub nr_open_by_handle_at: i32,
     pub _pad: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ConnectArgs {
-    pub uaddr: u64,
-    pub fd: i32,
-    pub addrlen: i32,
 }
 
 /// Key of the sendmsg de-duplication map.

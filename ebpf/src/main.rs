@@ -14,7 +14,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_sock_addr},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_probe_read_user_buf,
         bpf_probe_read_user_str_bytes,
         generated::{
@@ -61,11 +61,13 @@ static WATCHED_DIRS: HashMap<InodeKey, u32> = HashMap::with_max_entries(16384, 0
 #[map]
 static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_LEN, 0);
 
-// LRU: a thread killed inside connect(2) never reaches the exit tracepoint, and its stash
-// must not pin a slot forever. (Connects may block for a round trip, so a per-CPU slot
-// would lose addresses.)
+/// Bitmaps over the inode numbers in SECRET_INODES and WATCHED_DIRS (see
+/// `ino_filter_slot`); the agent keeps them a superset of the maps.
 #[map]
-static CONNECT_ARGS: LruHashMap<u64, ConnectArgs> = LruHashMap::with_max_entries(16384, 0);
+static FILE_INO_FILTER: Array<u64> = Array::with_max_entries(INO_FILTER_WORDS, 0);
+
+#[map]
+static DIR_INO_FILTER: Array<u64> = Array::with_max_entries(INO_FILTER_WORDS, 0);
 
 #[map]
 static SEND_SEEN: LruHashMap<SendKey, u64> = LruHashMap::with_max_entries(16384, 0);
@@ -90,6 +92,12 @@ fn submit_flags() -> u64 {
 }
 
 #[inline(always)]
+fn in_filter(filter: &Array<u64>, ino: u64) -> bool {
+    let (word, bit) = ino_filter_slot(ino);
+    filter.get(word).is_some_and(|w| *w & bit != 0)
+}
+
+#[inline(always)]
 unsafe fn rd<T>(base: u64, off: u32) -> Result<T, i32> {
     if base == 0 {
         return Err(-1);
@@ -97,14 +105,30 @@ unsafe fn rd<T>(base: u64, off: u32) -> Result<T, i32> {
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
 }
 
+/// Load through a BTF-typed kernel pointer (from `bpf_get_current_task_btf` or a pointer
+/// loaded through one). The verifier checks the access against the kernel's BTF and emits a
+/// fault-tolerant load, so no helper call: several times cheaper than `bpf_probe_read_kernel`.
+/// `off` must come from CW_CONFIG: that map is frozen read-only, so the verifier sees a
+/// constant offset, which BTF-typed access requires.
+#[inline(always)]
+unsafe fn ld<T: Copy>(base: *const u8, off: u32) -> T {
+    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize).cast::<T>()) }
+}
+
 #[inline(always)]
 fn is_self(pid_tgid: u64) -> bool {
     (pid_tgid >> 32) as u32 == conf!(agent_tgid)
 }
 
+/// The current task as a BTF-typed pointer, for `ld`.
+#[inline(always)]
+fn current_task() -> *const u8 {
+    unsafe { bpf_get_current_task_btf() as *const u8 }
+}
+
 /// Fills the process part of a record from the current task.
 #[inline(always)]
-unsafe fn fill_header(h: *mut Header, kind: u32, task: u64) {
+unsafe fn fill_header(h: *mut Header, kind: u32, task: *const u8) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let hdr = unsafe { &mut *h };
     hdr.kind = kind;
@@ -113,19 +137,23 @@ unsafe fn fill_header(h: *mut Header, kind: u32, task: u64) {
     hdr.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
     hdr.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     hdr.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    let parent: u64 = unsafe { rd(task, conf!(task_real_parent)) }.unwrap_or(0);
-    hdr.ppid = unsafe { rd(parent, conf!(task_tgid)) }.unwrap_or(0);
-    let cred: u64 = unsafe { rd(task, conf!(task_cred)) }.unwrap_or(0);
-    hdr.uid = unsafe { rd(cred, conf!(cred_uid)) }.unwrap_or(u32::MAX);
-    hdr.euid = unsafe { rd(cred, conf!(cred_euid)) }.unwrap_or(u32::MAX);
-    hdr.gid = unsafe { rd(cred, conf!(cred_gid)) }.unwrap_or(u32::MAX);
-    hdr.egid = unsafe { rd(cred, conf!(cred_egid)) }.unwrap_or(u32::MAX);
+    unsafe {
+        let parent: *const u8 = ld(task, conf!(task_real_parent));
+        hdr.ppid = ld(parent, conf!(task_tgid));
+        let cred: *const u8 = ld(task, conf!(task_cred));
+        hdr.uid = ld(cred, conf!(cred_uid));
+        hdr.euid = ld(cred, conf!(cred_euid));
+        hdr.gid = ld(cred, conf!(cred_gid));
+        hdr.egid = ld(cred, conf!(cred_egid));
+    }
 }
 
 #[inline(always)]
-unsafe fn cap_effective(task: u64) -> u64 {
-    let cred: u64 = unsafe { rd(task, conf!(task_cred)) }.unwrap_or(0);
-    unsafe { rd(cred, conf!(cred_cap_effective)) }.unwrap_or(0)
+unsafe fn cap_effective(task: *const u8) -> u64 {
+    unsafe {
+        let cred: *const u8 = ld(task, conf!(task_cred));
+        ld(cred, conf!(cred_cap_effective))
+    }
 }
 
 // ---------------------------------------------------------------- process lifecycle
@@ -137,17 +165,17 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let rec = entry.as_mut_ptr();
-    let task = unsafe { bpf_get_current_task() };
+    let task = current_task();
     unsafe {
         fill_header(&raw mut (*rec).hdr, KIND_EXEC, task);
         (*rec).cap_effective = cap_effective(task);
         (*rec).flags = 0;
         (*rec)._pad = 0;
         (*rec).tty[0] = 0;
-        let signal: u64 = rd(task, conf!(task_signal)).unwrap_or(0);
-        let tty: u64 = rd(signal, conf!(signal_tty)).unwrap_or(0);
-        if tty != 0 {
-            let name = (tty + conf!(tty_name) as u64) as *const u8;
+        let signal: *const u8 = ld(task, conf!(task_signal));
+        let tty: *const u8 = ld(signal, conf!(signal_tty));
+        if !tty.is_null() {
+            let name = tty.wrapping_add(conf!(tty_name) as usize);
             let _ = bpf_probe_read_kernel_str_bytes(name, &mut (*rec).tty);
         }
         (*rec).filename[0] = 0;
@@ -177,10 +205,10 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         return 0;
     };
     let rec = entry.as_mut_ptr();
-    let task = unsafe { bpf_get_current_task() };
+    let task = current_task();
     unsafe {
         fill_header(&raw mut (*rec).hdr, KIND_EXIT, task);
-        (*rec).exit_code = rd(task, conf!(task_exit_code)).unwrap_or(0);
+        (*rec).exit_code = ld(task, conf!(task_exit_code));
         (*rec)._pad = 0;
     }
     entry.submit(submit_flags());
@@ -188,6 +216,31 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 }
 
 // ---------------------------------------------------------------- secret opens
+
+/// fd → `struct file *` of the current task. The fd table is reached through BTF-typed
+/// loads; the array slot itself needs a probe read (the verifier types `struct file **`
+/// as a plain number).
+#[inline(always)]
+unsafe fn fd_file(task: *const u8, fd: u32) -> Result<u64, i32> {
+    unsafe {
+        let files: *const u8 = ld(task, conf!(task_files));
+        let fdt: *const u8 = ld(files, conf!(files_fdt));
+        let max_fds: u32 = ld(fdt, conf!(fdtable_max_fds));
+        if fd >= max_fds {
+            return Err(-1);
+        }
+        let fd_array: u64 = ld(fdt, conf!(fdtable_fd));
+        rd(fd_array, fd * 8)
+    }
+}
+
+/// Kernel-encoded dev_t of an inode's filesystem.
+#[inline(always)]
+unsafe fn inode_dev(inode: u64) -> Result<u64, i32> {
+    let sb: u64 = unsafe { rd(inode, conf!(inode_i_sb)) }?;
+    let dev: u32 = unsafe { rd(sb, conf!(sb_s_dev)) }?;
+    Ok(dev as u64)
+}
 
 /// Shared by the exit tracepoints of every open syscall: resolve the returned fd to its
 /// (dev, inode) and emit only if that inode, or its parent or grandparent directory, is
@@ -210,26 +263,24 @@ pub fn sys_exit_open_family(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
-    let task = unsafe { bpf_get_current_task() };
-    let files: u64 = unsafe { rd(task, conf!(task_files)) }?;
-    let fdt: u64 = unsafe { rd(files, conf!(files_fdt)) }?;
-    let max_fds: u32 = unsafe { rd(fdt, conf!(fdtable_max_fds)) }?;
-    if fd >= max_fds {
-        return Err(-1);
-    }
-    let fd_array: u64 = unsafe { rd(fdt, conf!(fdtable_fd)) }?;
-    let file: u64 = unsafe { rd(fd_array, fd * 8) }?;
+    let task = current_task();
+    let file = unsafe { fd_file(task, fd) }?;
     let inode: u64 = unsafe { rd(file, conf!(file_f_inode)) }?;
     let ino: u64 = unsafe { rd(inode, conf!(inode_i_ino)) }?;
-    let sb: u64 = unsafe { rd(inode, conf!(inode_i_sb)) }?;
-    let dev: u32 = unsafe { rd(sb, conf!(sb_s_dev)) }?;
-    let dev = dev as u64;
 
+    // The device is read only once an inode number passed a bitmap: an unrelated open
+    // costs three reads and bitmap tests, no hash lookup.
+    let mut dev = None;
     let mut matched = 0;
     let mut dir_ino = 0;
-    if unsafe { SECRET_INODES.get(&InodeKey { dev, ino }) }.is_some() {
-        matched = MATCH_FILE;
-    } else if SETTINGS.get(SETTING_WATCHED_DIRS).is_some_and(|n| *n > 0) {
+    if in_filter(&FILE_INO_FILTER, ino) {
+        let d = unsafe { inode_dev(inode) }?;
+        dev = Some(d);
+        if unsafe { SECRET_INODES.get(&InodeKey { dev: d, ino }) }.is_some() {
+            matched = MATCH_FILE;
+        }
+    }
+    if matched == 0 && SETTINGS.get(SETTING_WATCHED_DIRS).is_some_and(|n| *n > 0) {
         // A file that appeared in a watched directory since the agent's last rescan (a
         // rotated token lands in a new `..<timestamp>` dir, hence the grandparent too).
         let dentry: u64 = unsafe { rd(file, conf!(file_f_path_dentry)) }?;
@@ -242,10 +293,19 @@ unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
             }
             let pinode: u64 = unsafe { rd(parent, conf!(dentry_d_inode)) }?;
             let pino: u64 = unsafe { rd(pinode, conf!(inode_i_ino)) }?;
-            if unsafe { WATCHED_DIRS.get(&InodeKey { dev, ino: pino }) }.is_some() {
-                matched = level;
-                dir_ino = pino;
-                break;
+            if in_filter(&DIR_INO_FILTER, pino) {
+                // Directories live on the file's filesystem (mount points aside, which
+                // the agent never watches across).
+                let dv = match dev {
+                    Some(v) => v,
+                    None => unsafe { inode_dev(inode) }?,
+                };
+                dev = Some(dv);
+                if unsafe { WATCHED_DIRS.get(&InodeKey { dev: dv, ino: pino }) }.is_some() {
+                    matched = level;
+                    dir_ino = pino;
+                    break;
+                }
             }
             d = parent;
             level += 1;
@@ -254,6 +314,10 @@ unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
     if matched == 0 {
         return Ok(());
     }
+    let dev = match dev {
+        Some(v) => v,
+        None => unsafe { inode_dev(inode) }?,
+    };
 
     let Some(mut entry) = EVENTS.reserve::<SecretOpen>(0) else {
         count_drop(PROBE_OPEN);
@@ -292,13 +356,13 @@ unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
         (*rec).open_flags = rd(file, conf!(file_f_flags)).unwrap_or(0);
         (*rec).flags = 0;
         (*rec).name[0] = 0;
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
+        let regs = bpf_task_pt_regs(task as *mut _) as *const u8;
         (*rec).dfd = match dfd_arg {
-            Some(off) => rd::<u64>(regs, off).unwrap_or(0) as i32,
+            Some(off) => ld::<u64>(regs, off) as i32,
             None => -100, // AT_FDCWD
         };
         if let Some(off) = name_arg {
-            let name: u64 = rd(regs, off).unwrap_or(0);
+            let name: u64 = ld(regs, off);
             match bpf_probe_read_user_str_bytes(name as *const u8, &mut (*rec).name) {
                 Ok(s) if s.len() >= PATH_LEN - 1 => (*rec).flags |= FLAG_TRUNCATED,
                 Ok(_) => {}
@@ -312,49 +376,40 @@ unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
 
 // ---------------------------------------------------------------- connects
 
+/// connect(2) exit: the arguments are still in the registers saved at syscall entry, so
+/// there is no entry probe and no per-call stash map (an entry probe plus an LRU insert cost
+/// more than the whole exit path).
 #[tracepoint]
-pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     if is_self(id) {
         return 0;
     }
-    let fd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1) as i32;
-    let uaddr: u64 = unsafe { ctx.read_at(24) }.unwrap_or(0);
-    let addrlen = unsafe { ctx.read_at::<i64>(32) }.unwrap_or(0) as i32;
-    if uaddr == 0 {
-        return 0;
-    }
-    // Cheap pre-filter: only internet sockets are destinations (not AF_UNIX, netlink...).
-    let family = unsafe { bpf_probe_read_user(uaddr as *const u16) }.unwrap_or(0);
-    if family != AF_INET && family != AF_INET6 {
-        return 0;
-    }
-    if CONNECT_ARGS
-        .insert(&id, &ConnectArgs { uaddr, fd, addrlen }, 0)
-        .is_err()
-    {
-        count_drop(PROBE_CONNECT);
-    }
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    let Some(args) = (unsafe { CONNECT_ARGS.get(&id) }).copied() else {
-        return 0;
-    };
-    let _ = CONNECT_ARGS.remove(&id);
     let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(0);
-    let _ = unsafe { try_connect_exit(&args, ret) };
+    let _ = unsafe { try_connect_exit(ret) };
     0
 }
 
 #[inline(always)]
-unsafe fn try_connect_exit(args: &ConnectArgs, ret: i64) -> Result<(), i32> {
-    let family: u16 = unsafe { bpf_probe_read_user(args.uaddr as *const u16) }?;
-    let port_be: u16 = unsafe { bpf_probe_read_user((args.uaddr + 2) as *const u16) }?;
-    let task = unsafe { bpf_get_current_task() };
+unsafe fn try_connect_exit(ret: i64) -> Result<(), i32> {
+    let task = current_task();
+    let (fd, uaddr) = unsafe {
+        let regs = bpf_task_pt_regs(task as *mut _) as *const u8;
+        (
+            ld::<u64>(regs, conf!(regs_arg0)) as i32,
+            ld::<u64>(regs, conf!(regs_arg1)),
+        )
+    };
+    if uaddr == 0 {
+        return Ok(());
+    }
+    // sockaddr_in: family, port, IPv4 address in the first 8 bytes. Only internet sockets
+    // are destinations (not AF_UNIX, netlink...).
+    let head: [u8; 8] = unsafe { bpf_probe_read_user(uaddr as *const [u8; 8]) }?;
+    let family = u16::from_ne_bytes([head[0], head[1]]);
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
     let Some(mut entry) = EVENTS.reserve::<Connect>(0) else {
         count_drop(PROBE_CONNECT);
         return Ok(());
@@ -363,20 +418,18 @@ unsafe fn try_connect_exit(args: &ConnectArgs, ret: i64) -> Result<(), i32> {
     unsafe {
         fill_header(&raw mut (*rec).hdr, KIND_CONNECT, task);
         (*rec).family = family;
-        (*rec).port = u16::from_be(port_be);
+        (*rec).port = u16::from_be_bytes([head[2], head[3]]);
         (*rec)._pad = 0;
         (*rec).addr = [0; 16];
         (*rec).op = OP_CONNECT;
         // A non-blocking connect returns -EINPROGRESS: started, outcome not yet known.
         (*rec).ret = ret as i32;
-        let src = if family == AF_INET6 {
-            args.uaddr + 8
+        if family == AF_INET6 {
+            let _ = bpf_probe_read_user_buf((uaddr + 8) as *const u8, &mut (*rec).addr);
         } else {
-            args.uaddr + 4
-        };
-        let n = if family == AF_INET6 { 16 } else { 4 };
-        let _ = bpf_probe_read_user_buf(src as *const u8, &mut (&mut (*rec).addr)[..n]);
-        (*rec).sock_type = socket_type(task, args.fd);
+            (&mut (*rec).addr)[..4].copy_from_slice(&head[4..8]);
+        }
+        (*rec).sock_type = socket_type(task, fd);
     }
     entry.submit(submit_flags());
     Ok(())
@@ -384,19 +437,12 @@ unsafe fn try_connect_exit(args: &ConnectArgs, ret: i64) -> Result<(), i32> {
 
 /// fd → struct file → struct socket → type (SOCK_STREAM/SOCK_DGRAM); 0 if unreadable.
 #[inline(always)]
-unsafe fn socket_type(task: u64, fd: i32) -> u16 {
+unsafe fn socket_type(task: *const u8, fd: i32) -> u16 {
     let read = || -> Result<u16, i32> {
         if fd < 0 {
             return Err(-1);
         }
-        let files: u64 = unsafe { rd(task, conf!(task_files)) }?;
-        let fdt: u64 = unsafe { rd(files, conf!(files_fdt)) }?;
-        let max_fds: u32 = unsafe { rd(fdt, conf!(fdtable_max_fds)) }?;
-        if fd as u32 >= max_fds {
-            return Err(-1);
-        }
-        let fd_array: u64 = unsafe { rd(fdt, conf!(fdtable_fd)) }?;
-        let file: u64 = unsafe { rd(fd_array, fd as u32 * 8) }?;
+        let file = unsafe { fd_file(task, fd as u32) }?;
         let sock: u64 = unsafe { rd(file, conf!(file_private_data)) }?;
         unsafe { rd::<u16>(sock, conf!(socket_type)) }
     };
@@ -444,7 +490,7 @@ fn on_sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
         return 1;
     };
     let rec = entry.as_mut_ptr();
-    let task = unsafe { bpf_get_current_task() };
+    let task = current_task();
     unsafe {
         fill_header(&raw mut (*rec).hdr, KIND_CONNECT, task);
         (*rec).family = key.family;
@@ -488,7 +534,7 @@ pub fn sys_exit_priv(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let rec = entry.as_mut_ptr();
-    let task = unsafe { bpf_get_current_task() };
+    let task = current_task();
     unsafe {
         fill_header(&raw mut (*rec).hdr, KIND_PRIV_CHANGE, task);
         (*rec).syscall_nr = ctx.read_at::<i32>(8).unwrap_or(-1) as u32;

@@ -16,7 +16,9 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, TracePoint},
 };
-use credwatch_common::{InodeKey, KernelConfig, PROBE_COUNT, SETTING_WATCHED_DIRS};
+use credwatch_common::{
+    INO_FILTER_WORDS, InodeKey, KernelConfig, PROBE_COUNT, SETTING_WATCHED_DIRS, ino_filter_slot,
+};
 use tracing::{debug, info, warn};
 
 /// The probe object, built from `ebpf/` by build.rs.
@@ -70,6 +72,8 @@ pub struct Sensors {
     watched_dirs: BpfHashMap<MapData, InodeKey, u32>,
     drops: PerCpuArray<MapData, u64>,
     settings: Array<MapData, u32>,
+    file_filter: InoFilter,
+    dir_filter: InoFilter,
     in_map: HashSet<InodeKey>,
     dirs_in_map: HashSet<InodeKey>,
     pub cgroup2_root: PathBuf,
@@ -140,13 +144,6 @@ impl Sensors {
         )?;
         attach_tracepoint(
             &mut ebpf,
-            "sys_enter_connect",
-            "syscalls",
-            &["sys_enter_connect"],
-            &mut attached,
-        )?;
-        attach_tracepoint(
-            &mut ebpf,
             "sys_exit_connect",
             "syscalls",
             &["sys_exit_connect"],
@@ -191,6 +188,8 @@ impl Sensors {
             BpfHashMap::try_from(ebpf.take_map("WATCHED_DIRS").context("map WATCHED_DIRS")?)?;
         let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").context("map DROPS")?)?;
         let settings = Array::try_from(ebpf.take_map("SETTINGS").context("map SETTINGS")?)?;
+        let file_filter = InoFilter::new(&mut ebpf, "FILE_INO_FILTER")?;
+        let dir_filter = InoFilter::new(&mut ebpf, "DIR_INO_FILTER")?;
         info!(programs = attached.len(), cgroup2 = %cgroup2_root.display(), "probes attached");
         Ok(Sensors {
             _ebpf: ebpf,
@@ -200,6 +199,8 @@ impl Sensors {
             watched_dirs,
             drops,
             settings,
+            file_filter,
+            dir_filter,
             in_map: HashSet::new(),
             dirs_in_map: HashSet::new(),
             cgroup2_root,
@@ -219,18 +220,34 @@ impl Sensors {
         files: &HashSet<InodeKey>,
         dirs: &HashSet<InodeKey>,
     ) -> Result<()> {
-        sync_map(
+        // Each bitmap must cover its map at every instant (a clear bit hides an inode from
+        // the probe): add entries, then rewrite the bitmap, then remove entries.
+        add_entries(
             &mut self.secret_inodes,
             &mut self.in_map,
             files,
             "SECRET_INODES",
         )?;
-        sync_map(
+        add_entries(
             &mut self.watched_dirs,
             &mut self.dirs_in_map,
             dirs,
             "WATCHED_DIRS",
         )?;
+        self.file_filter.set(files)?;
+        self.dir_filter.set(dirs)?;
+        remove_entries(
+            &mut self.secret_inodes,
+            &mut self.in_map,
+            files,
+            "SECRET_INODES",
+        );
+        remove_entries(
+            &mut self.watched_dirs,
+            &mut self.dirs_in_map,
+            dirs,
+            "WATCHED_DIRS",
+        );
         // Lets the probes skip the directory walk entirely when nothing is watched.
         self.settings
             .set(SETTING_WATCHED_DIRS, self.dirs_in_map.len() as u32, 0)
@@ -324,24 +341,71 @@ fn cgroup_mode() -> CgroupAttachMode {
     }
 }
 
-fn sync_map(
+fn add_entries(
     map: &mut BpfHashMap<MapData, InodeKey, u32>,
     current: &mut HashSet<InodeKey>,
     wanted: &HashSet<InodeKey>,
     name: &str,
 ) -> Result<()> {
-    for key in current.difference(wanted).copied().collect::<Vec<_>>() {
-        if let Err(e) = map.remove(&key) {
-            debug!("{name}: removing {key:?}: {e}");
-        }
-        current.remove(&key);
-    }
     for key in wanted.difference(current).copied().collect::<Vec<_>>() {
         map.insert(key, 1, 0)
             .with_context(|| format!("{name} is full ({} entries)", current.len()))?;
         current.insert(key);
     }
     Ok(())
+}
+
+fn remove_entries(
+    map: &mut BpfHashMap<MapData, InodeKey, u32>,
+    current: &mut HashSet<InodeKey>,
+    wanted: &HashSet<InodeKey>,
+    name: &str,
+) {
+    for key in current.difference(wanted).copied().collect::<Vec<_>>() {
+        if let Err(e) = map.remove(&key) {
+            debug!("{name}: removing {key:?}: {e}");
+        }
+        current.remove(&key);
+    }
+}
+
+/// The probes' bitmap over inode numbers (`ino_filter_slot`), mirrored here so only the
+/// words that change are written.
+struct InoFilter {
+    map: Array<MapData, u64>,
+    words: Vec<u64>,
+    name: &'static str,
+}
+
+impl InoFilter {
+    fn new(ebpf: &mut Ebpf, name: &'static str) -> Result<Self> {
+        let map = Array::try_from(
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name}"))?,
+        )?;
+        Ok(InoFilter {
+            map,
+            words: vec![0; INO_FILTER_WORDS as usize],
+            name,
+        })
+    }
+
+    fn set(&mut self, keys: &HashSet<InodeKey>) -> Result<()> {
+        let mut want = vec![0u64; INO_FILTER_WORDS as usize];
+        for k in keys {
+            let (word, bit) = ino_filter_slot(k.ino);
+            want[word as usize] |= bit;
+        }
+        for (i, (have, want)) in self.words.iter_mut().zip(&want).enumerate() {
+            if have != want {
+                self.map
+                    .set(i as u32, *want, 0)
+                    .with_context(|| format!("updating {}", self.name))?;
+                *have = *want;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
