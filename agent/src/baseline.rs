@@ -10,13 +10,14 @@
 //! from event timestamps only, so replays learn the same profiles.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::BTreeSet,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use chrono::{Datelike, Timelike};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tracing::warn;

@@ -1,14 +1,17 @@
 //! Correlator: a secret read followed, in the same process and within the window, by a
 //! connect becomes a `credential_use` (workload, credential, destination, time).
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
-use crate::event::{Event, EventKind, Timestamp};
+use crate::event::{CredentialRef, Event, EventKind, SecretRef, Timestamp};
 
+/// What a use needs from its read (not the whole event: cloning that per read was a
+/// measurable share of the pipeline).
 struct Read {
     event_id: String,
     ts: Timestamp,
-    event: Event,
+    secret: Option<SecretRef>,
+    credential: CredentialRef,
     /// Destinations already reported for this read: one use per (read, destination).
     reported: Vec<(std::net::IpAddr, u16)>,
 }
@@ -44,14 +47,15 @@ impl Correlator {
                 let list = self.reads.entry(tgid).or_default();
                 let fp = &ev.credential.as_ref().expect("checked").fingerprint;
                 // A re-read of the same credential restarts its window.
-                list.retain(|r| r.event.credential.as_ref().map(|c| &c.fingerprint) != Some(fp));
+                list.retain(|r| &r.credential.fingerprint != fp);
                 if list.len() >= self.max_reads_per_process {
                     list.remove(0);
                 }
                 list.push(Read {
                     event_id: ev.id.clone(),
                     ts: ev.ts,
-                    event: ev.clone(),
+                    secret: ev.secret.clone(),
+                    credential: ev.credential.clone().expect("checked"),
                     reported: Vec::new(),
                 });
                 Vec::new()
@@ -79,8 +83,8 @@ impl Correlator {
                     let mut u = Event::new(next_id(), ev.ts, &ev.node, EventKind::CredentialUse);
                     u.process = ev.process.clone();
                     u.workload = ev.workload.clone();
-                    u.secret = r.event.secret.clone();
-                    u.credential = r.event.credential.clone();
+                    u.secret = r.secret.clone();
+                    u.credential = Some(r.credential.clone());
                     u.dst = ev.dst.clone();
                     u.result = ev.result.clone();
                     u.read_event = Some(r.event_id.clone());

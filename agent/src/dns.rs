@@ -1,7 +1,9 @@
 //! DNS answers captured in the kernel → ip→name cache, so a connect to 10.96.0.1 reads as
 //! `kubernetes.default.svc.cluster.local`.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
+
+use foldhash::{HashMap, HashMapExt};
 
 use simple_dns::{Packet, rdata::RData};
 

@@ -4,7 +4,9 @@
 //! Forks are not traced: every record carries the parent's tgid, and a child that never
 //! exec'd inherits its parent's executable and terminal here.
 
-use std::{collections::HashMap, fs, path::PathBuf};
+use std::{fs, path::PathBuf};
+
+use foldhash::{HashMap, HashMapExt};
 
 use crate::event::{ProcessInfo, sanitize};
 

@@ -2,11 +2,12 @@
 //! host process). Pod names and service accounts come from the kubelet's pod list.
 
 use std::{
-    collections::HashMap,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
+
+use foldhash::{HashMap, HashMapExt};
 
 use crate::{
     event::{Workload, WorkloadKind},

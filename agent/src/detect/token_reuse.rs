@@ -1,7 +1,9 @@
 //! token_reuse: one credential (by fingerprint, so copies in different files count) used by
 //! two or more workloads on this node within the window.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
+
+use foldhash::{HashMap, HashMapExt};
 
 use super::{Detector, short_fp};
 use crate::baseline::Baselines;
