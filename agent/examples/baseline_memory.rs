@@ -40,7 +40,7 @@ fn main() {
             "bench",
             EventKind::CredentialUse,
         );
-        ev.workload = Workload {
+        ev.workload = std::sync::Arc::new(Workload {
             kind: WorkloadKind::Pod,
             id: format!("pod:ns-{}/app-{}", i / 1000, i / 100),
             spiffe_id: Some(format!(
@@ -49,7 +49,7 @@ fn main() {
                 i / 100
             )),
             ..Default::default()
-        };
+        });
         ev.process.exe = "/app/server".into();
         ev.credential = Some(CredentialRef {
             fingerprint: format!("hmac-sha256:{i:064x}"),

@@ -31,7 +31,7 @@ fn event(i: u64) -> Event {
     e.process.ppid = 1;
     e.process.comm = "api-server".into();
     e.process.exe = "/usr/local/bin/api-server".into();
-    e.workload = Workload {
+    e.workload = std::sync::Arc::new(Workload {
         kind: WorkloadKind::Pod,
         id: format!("pod:payments/api-{}", i % 50),
         namespace: Some("payments".into()),
@@ -42,7 +42,7 @@ fn event(i: u64) -> Event {
         container_id: Some("a1a1a1a1a1a1".into()),
         cgroup_id: 9001,
         ..Default::default()
-    };
+    });
     if kind != EventKind::Connect {
         e.secret = Some(SecretRef {
             path: Some(

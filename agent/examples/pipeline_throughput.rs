@@ -28,7 +28,7 @@ fn bytes_of<T>(v: &T) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
 }
 
-fn header(kind: u32, tgid: u32, ts: u64) -> c::Header {
+fn header(kind: u32, tgid: u32, ts: u64, cgroup_id: u64) -> c::Header {
     let mut comm = [0u8; 16];
     comm[..3].copy_from_slice(b"api");
     c::Header {
@@ -41,10 +41,14 @@ fn header(kind: u32, tgid: u32, ts: u64) -> c::Header {
         gid: 1000,
         egid: 1000,
         ts_ns: ts,
-        cgroup_id: 1,
+        cgroup_id,
         comm,
     }
 }
+
+const POD_LIST: &str = r#"{"kind":"PodList","apiVersion":"v1","metadata":{},"items":[
+  {"metadata":{"name":"api-7f9c","namespace":"payments","uid":"0a1b2c3d-4e5f-4789-abcd-ef0123456789"},
+   "spec":{"serviceAccountName":"payments-api","containers":[{"name":"api","image":"x"}]}}]}"#;
 
 fn main() {
     let n: u64 = std::env::args()
@@ -60,6 +64,15 @@ fn main() {
     std::fs::write(init.join("stat"), "1 (init) S 0 1 1 0 -1").unwrap();
     std::fs::write(init.join("status"), "Name:\tinit\nUid:\t0\t0\t0\t0\n").unwrap();
     std::os::unix::fs::symlink("/sbin/init", init.join("exe")).unwrap();
+    // The processes run in a pod's container, in a kubelet-style cgroup tree, and the pod
+    // is in the kubelet's list: the common case on a node.
+    let scope = tmp.join(
+        "cgroup/kubepods.slice/kubepods-besteffort.slice/\
+         kubepods-besteffort-pod0a1b2c3d_4e5f_4789_abcd_ef0123456789.slice/\
+         cri-containerd-3f1e5b2a9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f.scope",
+    );
+    std::fs::create_dir_all(&scope).unwrap();
+    let pod_cgroup = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&scope).unwrap());
     let secret = tmp.join("token");
     std::fs::write(&secret, "fake-throughput-token").unwrap();
     let key = inode_key(&std::fs::metadata(&secret).unwrap());
@@ -80,7 +93,7 @@ fn main() {
         clock: BootClock::now(),
         procs: ProcessTable::new(tmp.join("proc"), 1 << 20),
         workloads: WorkloadResolver::new(tmp.join("cgroup"), "cluster.local"),
-        pods: PodDirectory::default(),
+        pods: PodDirectory::from_pod_list(POD_LIST.as_bytes()).unwrap(),
         names: NameCache::new(1 << 16),
         inventory: inv,
         inventory_dirty: false,
@@ -104,7 +117,7 @@ fn main() {
     for i in 0..1024u32 {
         let tgid = 10_000 + i;
         let mut exec = c::Exec {
-            hdr: header(c::KIND_EXEC, tgid, 0),
+            hdr: header(c::KIND_EXEC, tgid, 0, pod_cgroup),
             cap_effective: 0,
             flags: 0,
             tty: [0; 16],
@@ -113,7 +126,7 @@ fn main() {
         };
         exec.filename[..8].copy_from_slice(b"/app/api");
         let mut open = c::SecretOpen {
-            hdr: header(c::KIND_SECRET_OPEN, tgid, 0),
+            hdr: header(c::KIND_SECRET_OPEN, tgid, 0, pod_cgroup),
             dev: key.dev,
             ino: key.ino,
             dir_ino: 0,
@@ -127,7 +140,7 @@ fn main() {
         };
         open.name[..5].copy_from_slice(b"token");
         let conn = c::Connect {
-            hdr: header(c::KIND_CONNECT, tgid, 0),
+            hdr: header(c::KIND_CONNECT, tgid, 0, pod_cgroup),
             family: libc::AF_INET as u16,
             sock_type: libc::SOCK_STREAM as u16,
             port: 443,
@@ -137,7 +150,7 @@ fn main() {
             op: c::OP_CONNECT,
         };
         let exit = c::Exit {
-            hdr: header(c::KIND_EXIT, tgid, 0),
+            hdr: header(c::KIND_EXIT, tgid, 0, pod_cgroup),
             exit_code: 0,
             _pad: 0,
         };

@@ -1,7 +1,7 @@
 //! Alerts: what detectors conclude, with the evidence that proves it, de-duplicated so a
 //! repeating finding grows a `count` instead of flooding the SOC.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -105,7 +105,7 @@ pub struct Alert {
     pub node: String,
     /// One line an analyst can read in a queue.
     pub summary: String,
-    pub workload: Workload,
+    pub workload: Arc<Workload>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialRef>,
     pub evidence: Vec<Evidence>,
@@ -253,7 +253,7 @@ mod tests {
             last_seen: Timestamp::from_unix_nanos(0),
             node: "n".into(),
             summary: String::new(),
-            workload: Workload::default(),
+            workload: Arc::default(),
             credential: None,
             evidence: Vec::new(),
             count: 0,

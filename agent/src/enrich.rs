@@ -1,7 +1,10 @@
 //! Probe record → enriched event: process table, workload resolver, secret inventory and
 //! DNS names applied in that order. Live-only stage; replay starts after it.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
 use credwatch_common::{self as c, InodeKey};
 use tracing::debug;
@@ -276,7 +279,7 @@ impl Enricher {
                 // Answers arrive in softirq context: the receiving socket's cgroup names
                 // the workload, but no process does.
                 if ev.workload.kind == crate::event::WorkloadKind::Host {
-                    ev.workload.id = "host".into();
+                    Arc::make_mut(&mut ev.workload).id = "host".into();
                 }
                 ev.dns = Some(answer);
                 out.push(ev);

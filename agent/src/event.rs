@@ -1,7 +1,7 @@
 //! The enriched event: what `--events` writes as NDJSON, what `replay` reads back, what sinks
 //! store. Field names follow the contract in the design brief; extend, never rename.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -254,7 +254,8 @@ pub struct Event {
     pub node: String,
     pub kind: EventKind,
     pub process: ProcessInfo,
-    pub workload: Workload,
+    /// Shared: every event of a workload carries the same resolved identity.
+    pub workload: Arc<Workload>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<SecretRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,7 +288,7 @@ impl Event {
             node: node.to_owned(),
             kind,
             process: ProcessInfo::default(),
-            workload: Workload::default(),
+            workload: Arc::default(),
             secret: None,
             credential: None,
             dst: None,

@@ -21,9 +21,16 @@ pub struct PodMeta {
 #[derive(Clone, Debug, Default)]
 pub struct PodDirectory {
     pods: HashMap<String, PodMeta>,
+    /// Distinct for every parsed list (0 for the empty default), so caches of what was
+    /// resolved against a directory know when it was replaced.
+    generation: u64,
 }
 
 impl PodDirectory {
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn by_uid(&self, uid: &str) -> Option<&PodMeta> {
         self.pods.get(uid)
     }
@@ -75,7 +82,11 @@ impl PodDirectory {
                 },
             );
         }
-        Ok(PodDirectory { pods })
+        static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Ok(PodDirectory {
+            pods,
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        })
     }
 }
 

@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::Arc;
+
 use foldhash::{HashMap, HashMapExt};
 
 use crate::{
@@ -153,18 +155,66 @@ impl CgroupPaths {
 pub struct WorkloadResolver {
     pub cgroups: CgroupPaths,
     pub trust_domain: String,
+    /// Resolved identities by cgroup id: every event of a workload shares one.
+    cache: HashMap<u64, Cached>,
 }
+
+struct Cached {
+    pods_generation: u64,
+    /// A host workload is named by uid and executable too; other kinds by the cgroup alone.
+    uid: u32,
+    exe: String,
+    workload: Arc<Workload>,
+}
+
+/// Bound on cached identities; past it the cache starts over (cgroups come and go).
+const MAX_CACHED: usize = 1 << 16;
 
 impl WorkloadResolver {
     pub fn new(cgroup_root: impl Into<PathBuf>, trust_domain: &str) -> Self {
         WorkloadResolver {
             cgroups: CgroupPaths::new(cgroup_root),
             trust_domain: trust_domain.to_owned(),
+            cache: HashMap::new(),
         }
     }
 
-    /// `uid` and `exe` name host workloads (no container, pod or unit).
+    /// [`Self::resolve_uncached`], remembered per cgroup until the pod directory changes.
+    /// cgroup ids are never reused while the kernel runs, so an id's path cannot change.
     pub fn resolve(
+        &mut self,
+        cgroup_id: u64,
+        uid: u32,
+        exe: &str,
+        pods: &PodDirectory,
+    ) -> Arc<Workload> {
+        if let Some(c) = self.cache.get(&cgroup_id)
+            && c.pods_generation == pods.generation()
+            && (c.workload.kind != WorkloadKind::Host || (c.uid == uid && c.exe == exe))
+        {
+            return c.workload.clone();
+        }
+        let w = Arc::new(self.resolve_uncached(cgroup_id, uid, exe, pods));
+        // An unknown cgroup may appear at the next walk: not cached.
+        if w.cgroup.is_some() {
+            if self.cache.len() >= MAX_CACHED {
+                self.cache.clear();
+            }
+            self.cache.insert(
+                cgroup_id,
+                Cached {
+                    pods_generation: pods.generation(),
+                    uid,
+                    exe: exe.to_owned(),
+                    workload: w.clone(),
+                },
+            );
+        }
+        w
+    }
+
+    /// `uid` and `exe` name host workloads (no container, pod or unit).
+    pub fn resolve_uncached(
         &mut self,
         cgroup_id: u64,
         uid: u32,

@@ -135,11 +135,15 @@ pub struct ClickHouseRate {
     pub rows: u64,
     pub seconds: f64,
     pub rows_per_s: f64,
+    /// The test engine alone on the same rows (in-process, from a file, no HTTP): the most
+    /// any client could get through it on this machine.
+    pub engine_rows_per_s: f64,
 }
 
 /// The agent's ClickHouse writer into a fresh test ClickHouse (the same server the tests use).
 pub fn clickhouse_rate(root: &Path, work: &Path) -> Result<ClickHouseRate> {
     let python = crate::ensure_test_clickhouse(root)?;
+    let python = python.as_path();
     let data = work.join("chdb");
     let _ = fs::remove_dir_all(&data);
     let mut front = Command::new(python)
@@ -152,7 +156,7 @@ pub fn clickhouse_rate(root: &Path, work: &Path) -> Result<ClickHouseRate> {
         .context("starting the test ClickHouse")?;
     let mut line = String::new();
     BufReader::new(front.stdout.take().unwrap()).read_line(&mut line)?;
-    let result = (|| {
+    let agent = (|| {
         let url = line
             .trim()
             .strip_prefix("listening on ")
@@ -172,16 +176,38 @@ pub fn clickhouse_rate(root: &Path, work: &Path) -> Result<ClickHouseRate> {
             .filter_map(|x| x.parse().ok())
             .collect();
         match v.as_slice() {
-            [rate, rows, secs] => Ok(ClickHouseRate {
-                rows: *rows as u64,
-                seconds: *secs,
-                rows_per_s: *rate,
-            }),
+            [rate, rows, secs] => Ok((*rate, *rows as u64, *secs)),
             _ => bail!("clickhouse_throughput printed {text:?}"),
         }
     })();
+    // chdb holds its data dir exclusively: the front must be gone before the engine-only run.
     let _ = front.kill();
     let _ = front.wait();
+    let result = agent.and_then(|(rate, rows, seconds)| {
+        let out = Command::new(python)
+            .arg(root.join("tests/clickhouse/ceiling.py"))
+            .arg("--data")
+            .arg(&data)
+            .args(["--database", "bench"])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let engine = text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .with_context(|| {
+                format!(
+                    "ceiling.py printed {text:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+        Ok(ClickHouseRate {
+            rows,
+            seconds,
+            rows_per_s: rate,
+            engine_rows_per_s: engine,
+        })
+    });
     let _ = fs::remove_dir_all(&data);
     result
 }

@@ -176,7 +176,7 @@ fn alert(
         last_seen: Timestamp(last),
         node: "fleet".into(),
         summary: String::new(),
-        workload,
+        workload: workload.into(),
         credential: Some(credential),
         evidence: Vec::new(),
         count: 1,

@@ -6,6 +6,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv6Addr},
+    sync::Arc,
 };
 
 use chrono::{DateTime, Utc};
@@ -264,7 +265,7 @@ impl EventRow {
             tty: opt(self.tty),
             session: opt(self.session),
         };
-        e.workload = Workload {
+        e.workload = Arc::new(Workload {
             kind: kind_of(&self.workload_kind),
             id: self.workload_id,
             namespace: opt(self.namespace),
@@ -276,7 +277,7 @@ impl EventRow {
             unit: opt(self.unit),
             cgroup_id: self.cgroup_id,
             cgroup: opt(self.cgroup),
-        };
+        });
         if !self.opened_as.is_empty() || self.inode != 0 || !self.secret_path.is_empty() {
             e.secret = Some(SecretRef {
                 path: opt(self.secret_path),

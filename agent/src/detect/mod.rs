@@ -160,7 +160,7 @@ pub(crate) mod testutil {
             "node-1",
             EventKind::SecretRead,
         );
-        e.workload = w;
+        e.workload = w.into();
         e.process.tgid = 100;
         e.process.comm = "api".into();
         e.secret = Some(SecretRef {

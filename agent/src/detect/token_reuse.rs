@@ -1,7 +1,7 @@
 //! token_reuse: one credential (by fingerprint, so copies in different files count) used by
 //! two or more workloads on this node within the window.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use foldhash::{HashMap, HashMapExt};
 
@@ -13,7 +13,7 @@ use crate::{
 };
 
 struct Holder {
-    workload: Workload,
+    workload: Arc<Workload>,
     uid: u32,
     last_ns: i64,
     evidence: Evidence,
