@@ -179,11 +179,7 @@ fn main() {
     let cpu = thread_cpu_seconds() - cpu0;
     let secs = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&tmp);
-    println!(
-        "{:.0} {:.0} {n} {events}",
-        n as f64 / cpu,
-        n as f64 / secs
-    );
+    println!("{:.0} {:.0} {n} {events}", n as f64 / cpu, n as f64 / secs);
 }
 
 fn thread_cpu_seconds() -> f64 {

@@ -379,10 +379,7 @@ struct InoFilter {
 
 impl InoFilter {
     fn new(ebpf: &mut Ebpf, name: &'static str) -> Result<Self> {
-        let map = Array::try_from(
-            ebpf.take_map(name)
-                .with_context(|| format!("map {name}"))?,
-        )?;
+        let map = Array::try_from(ebpf.take_map(name).with_context(|| format!("map {name}"))?)?;
         Ok(InoFilter {
             map,
             words: vec![0; INO_FILTER_WORDS as usize],
