@@ -12,6 +12,33 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc.h (the same index in its v2 and v3; the -sys crate
+/// is pinned and `purge_delay_option_is_the_one_we_mean` checks it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Return freed memory to the kernel at once. By default mimalloc keeps it for a while and
+/// only purges when the freeing thread allocates again, so the start-up peak (kernel BTF,
+/// the /proc walk) stayed resident: 97 MiB idle instead of 39 MiB, at no measured cost in
+/// throughput.
+pub fn tune_allocator() {
+    // SAFETY: setting a documented option; mimalloc reads options atomically.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
+#[cfg(test)]
+mod allocator_tests {
+    #[test]
+    fn purge_delay_option_is_the_one_we_mean() {
+        // purge_delay defaults to 1000 ms (mimalloc v3, 10 in v2); its neighbours (the
+        // deprecated eager-commit delay, NUMA nodes) default to 1 and 0, so a shifted index
+        // shows up here.
+        let get = |o| unsafe { libmimalloc_sys::mi_option_get(o) };
+        assert!(matches!(get(super::MI_OPTION_PURGE_DELAY), 10 | 1000));
+        super::tune_allocator();
+        assert_eq!(get(super::MI_OPTION_PURGE_DELAY), 0);
+    }
+}
+
 pub mod agent;
 pub mod alert;
 pub mod baseline;

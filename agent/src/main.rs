@@ -107,6 +107,7 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
 }
 
 fn main() -> ExitCode {
+    credwatch::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("CREDWATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
