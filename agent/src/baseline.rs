@@ -59,7 +59,9 @@ pub struct PairProfile {
 
 impl PairProfile {
     pub fn knows_destination(&self, d: &Destination) -> bool {
-        dest_keys(d).iter().any(|k| self.destinations.contains(k))
+        let mut known = false;
+        for_each_dest_key(d, |k| known |= self.destinations.contains(k));
+        known
     }
 
     pub fn active_in_hour_of_week(&self, h: usize) -> bool {
@@ -72,16 +74,23 @@ impl PairProfile {
     }
 }
 
-pub fn dest_keys(d: &Destination) -> Vec<String> {
-    let mut v = vec![format!("{}:{}/{}", d.ip, d.port, d.proto)];
+/// Calls `f` with each key a destination is learned under (address, then name), formatted
+/// into one buffer: on the per-use path, a key is only allocated when it is new.
+pub fn for_each_dest_key(d: &Destination, mut f: impl FnMut(&str)) {
+    use std::fmt::Write;
+    let mut k = String::with_capacity(64);
+    let _ = write!(k, "{}:{}/{}", d.ip, d.port, d.proto);
+    f(&k);
     if let Some(n) = &d.name {
-        v.push(format!(
-            "{}:{}/{}",
-            n.trim_end_matches('.'),
-            d.port,
-            d.proto
-        ));
+        k.clear();
+        let _ = write!(k, "{}:{}/{}", n.trim_end_matches('.'), d.port, d.proto);
+        f(&k);
     }
+}
+
+pub fn dest_keys(d: &Destination) -> Vec<String> {
+    let mut v = Vec::with_capacity(2);
+    for_each_dest_key(d, |k| v.push(k.to_owned()));
     v
 }
 
@@ -317,11 +326,11 @@ impl Baselines {
                     let h = hour_of_week(ev.ts);
                     p.hours[h / 64] |= 1 << (h % 64);
                     if let Some(d) = &ev.dst {
-                        for k in dest_keys(d) {
-                            if p.destinations.len() < MAX_SET {
-                                p.destinations.insert(k);
+                        for_each_dest_key(d, |k| {
+                            if p.destinations.len() < MAX_SET && !p.destinations.contains(k) {
+                                p.destinations.insert(k.to_owned());
                             }
-                        }
+                        });
                     }
                 }
                 let last = self.credentials.entry(fp.to_owned()).or_insert(ts);
