@@ -88,6 +88,29 @@ impl Evidence {
         }
     }
 
+    /// `*self = Evidence::of(ev)`, reusing this evidence's string buffers (detectors that
+    /// keep the latest evidence per holder do this on every read).
+    pub fn refresh(&mut self, ev: &Event) {
+        self.event_id.clone_from(&ev.id);
+        self.ts = ev.ts;
+        self.kind.clear();
+        self.kind.push_str(ev.kind.as_str());
+        self.workload.clone_from(&ev.workload.id);
+        self.pid = ev.process.tgid;
+        self.comm.clone_from(&ev.process.comm);
+        self.exe.clone_from(&ev.process.exe);
+        self.tty.clone_from(&ev.process.tty);
+        match ev.secret.as_ref().and_then(|s| s.path.as_ref()) {
+            Some(p) => match &mut self.secret_path {
+                Some(mine) => mine.clone_from(p),
+                None => self.secret_path = Some(p.clone()),
+            },
+            None => self.secret_path = None,
+        }
+        self.dst.clone_from(&ev.dst);
+        self.detail = None;
+    }
+
     pub fn with_detail(mut self, d: impl Into<String>) -> Self {
         self.detail = Some(d.into());
         self
@@ -260,6 +283,35 @@ mod tests {
             status: AlertStatus::New,
             dedup_key: key.into(),
         }
+    }
+
+    #[test]
+    fn refreshed_evidence_equals_fresh_evidence() {
+        use crate::event::{EventKind, SecretRef};
+        let mut read = Event::new(
+            "a-1".into(),
+            Timestamp::from_unix_nanos(5),
+            "n",
+            EventKind::SecretRead,
+        );
+        read.process.comm = "api".into();
+        read.process.tty = Some("pts/1".into());
+        read.secret = Some(SecretRef {
+            path: Some("/secrets/token".into()),
+            ..Default::default()
+        });
+        let mut connect = Event::new(
+            "a-2".into(),
+            Timestamp::from_unix_nanos(9),
+            "n",
+            EventKind::Connect,
+        );
+        connect.process.exe = "/usr/bin/curl".into();
+        let mut e = Evidence::of(&read).with_detail("x");
+        e.refresh(&connect);
+        assert_eq!(e, Evidence::of(&connect));
+        e.refresh(&read);
+        assert_eq!(e, Evidence::of(&read));
     }
 
     #[test]

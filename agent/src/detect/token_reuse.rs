@@ -65,12 +65,18 @@ impl Detector for TokenReuse {
                 return;
             }
         }
-        let holders = self.by_fp.entry(cred.fingerprint.clone()).or_default();
+        if !self.by_fp.contains_key(&cred.fingerprint) {
+            self.by_fp.insert(cred.fingerprint.clone(), Vec::new());
+        }
+        let holders = self
+            .by_fp
+            .get_mut(&cred.fingerprint)
+            .expect("inserted above");
         holders.retain(|h| now.saturating_sub(h.last_ns) <= self.window_ns);
         let uid = ev.process.uid;
         if let Some(h) = holders.iter_mut().find(|h| !distinct(h, &ev.workload, uid)) {
             h.last_ns = now;
-            h.evidence = Evidence::of(ev);
+            h.evidence.refresh(ev);
         } else if holders.len() < MAX_HOLDERS {
             holders.push(Holder {
                 workload: ev.workload.clone(),
