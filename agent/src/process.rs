@@ -8,7 +8,7 @@ use std::{fs, path::PathBuf};
 
 use foldhash::{HashMap, HashMapExt};
 
-use crate::event::{ProcessInfo, sanitize};
+use crate::event::sanitize;
 
 #[derive(Clone, Debug, Default)]
 pub struct ProcEntry {
@@ -241,22 +241,6 @@ impl ProcessTable {
             e.exited_ns
                 .is_none_or(|t| now_ns.saturating_sub(t) < EXIT_GRACE_NS)
         });
-    }
-
-    pub fn info(e: &ProcEntry, pid: u32, gid: u32, egid: u32) -> ProcessInfo {
-        ProcessInfo {
-            pid,
-            tgid: e.tgid,
-            ppid: e.ppid,
-            uid: e.uid,
-            euid: e.euid,
-            gid,
-            egid,
-            comm: e.comm.clone(),
-            exe: e.exe.clone(),
-            tty: e.tty.clone(),
-            session: None,
-        }
     }
 }
 

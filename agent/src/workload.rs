@@ -4,10 +4,9 @@
 use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
-
-use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt};
 

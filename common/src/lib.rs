@@ -192,8 +192,9 @@ impl InodeKey {
 }
 
 /// Offsets into kernel structs, resolved from the running kernel's BTF by the agent and
-/// written into the probes' read-only global before load. A zero offset for a pointer
-/// field means "not available on this kernel"; probes then leave the dependent field empty.
+/// written into the probes' read-only global before load. The agent refuses to load when
+/// one is missing. Because the global is a frozen read-only map, the verifier sees each
+/// offset as a constant, which BTF-typed loads (`ld` in the probes) require.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KernelConfig {
