@@ -91,24 +91,38 @@ impl Evidence {
     /// `*self = Evidence::of(ev)`, reusing this evidence's string buffers (detectors that
     /// keep the latest evidence per holder do this on every read).
     pub fn refresh(&mut self, ev: &Event) {
-        self.event_id.clone_from(&ev.id);
-        self.ts = ev.ts;
-        self.kind.clear();
-        self.kind.push_str(ev.kind.as_str());
-        self.workload.clone_from(&ev.workload.id);
-        self.pid = ev.process.tgid;
-        self.comm.clone_from(&ev.process.comm);
-        self.exe.clone_from(&ev.process.exe);
-        self.tty.clone_from(&ev.process.tty);
+        // Destructured so a field added to `Evidence` cannot be forgotten here.
+        let Evidence {
+            event_id,
+            ts,
+            kind,
+            workload,
+            pid,
+            comm,
+            exe,
+            tty,
+            secret_path,
+            dst,
+            detail,
+        } = self;
+        event_id.clone_from(&ev.id);
+        *ts = ev.ts;
+        kind.clear();
+        kind.push_str(ev.kind.as_str());
+        workload.clone_from(&ev.workload.id);
+        *pid = ev.process.tgid;
+        comm.clone_from(&ev.process.comm);
+        exe.clone_from(&ev.process.exe);
+        tty.clone_from(&ev.process.tty);
         match ev.secret.as_ref().and_then(|s| s.path.as_ref()) {
-            Some(p) => match &mut self.secret_path {
+            Some(p) => match secret_path {
                 Some(mine) => mine.clone_from(p),
-                None => self.secret_path = Some(p.clone()),
+                None => *secret_path = Some(p.clone()),
             },
-            None => self.secret_path = None,
+            None => *secret_path = None,
         }
-        self.dst.clone_from(&ev.dst);
-        self.detail = None;
+        dst.clone_from(&ev.dst);
+        *detail = None;
     }
 
     pub fn with_detail(mut self, d: impl Into<String>) -> Self {

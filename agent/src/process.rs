@@ -22,6 +22,10 @@ pub struct ProcEntry {
     pub cap_effective: u64,
     /// Boot-time ns of the exit, once seen; the entry is evicted a grace period later.
     pub exited_ns: Option<u64>,
+    /// What `session_of` found, and under which parent: the ancestry walk (and the /proc
+    /// read a container's processes need) then runs once per process, not once per secret
+    /// read. A reparented process is asked again.
+    session: Option<(u32, Option<String>)>,
 }
 
 pub struct ProcessTable {
@@ -131,6 +135,7 @@ impl ProcessTable {
             tty: parent.tty,
             cap_effective: parent.cap_effective,
             exited_ns: None,
+            session: None,
         })
     }
 
@@ -165,6 +170,7 @@ impl ProcessTable {
             tty: tty_name(tty_nr),
             cap_effective,
             exited_ns: None,
+            session: None,
         })
     }
 
@@ -178,6 +184,21 @@ impl ProcessTable {
     /// A tty already says "a human"; this also catches `ssh node cat …` and `kubectl exec`
     /// without `-t`, which have none. Ancestors unknown to the table are read from /proc.
     pub fn session_of(&mut self, tgid: u32) -> Option<String> {
+        let e = self.procs.get(&tgid)?;
+        let ppid = e.ppid;
+        if let Some((under, found)) = &e.session
+            && *under == ppid
+        {
+            return found.clone();
+        }
+        let found = self.find_session(tgid);
+        if let Some(e) = self.procs.get_mut(&tgid) {
+            e.session = Some((ppid, found.clone()));
+        }
+        found
+    }
+
+    fn find_session(&mut self, tgid: u32) -> Option<String> {
         let mut child = self.procs.get(&tgid)?.clone();
         for _ in 0..64 {
             if child.ppid <= 1 {

@@ -233,12 +233,17 @@ unsafe fn fd_file(task: *const u8, fd: u32) -> Result<u64, i32> {
     }
 }
 
-/// Kernel-encoded dev_t of an inode's filesystem.
+/// Kernel-encoded dev_t of an inode's filesystem, read on first need (after a bitmap hit)
+/// and kept in `dev` for the later lookups of the same open.
 #[inline(always)]
-unsafe fn inode_dev(inode: u64) -> Result<u64, i32> {
+unsafe fn dev_once(dev: &mut Option<u64>, inode: u64) -> Result<u64, i32> {
+    if let Some(d) = *dev {
+        return Ok(d);
+    }
     let sb: u64 = unsafe { rd(inode, conf!(inode_i_sb)) }?;
-    let dev: u32 = unsafe { rd(sb, conf!(sb_s_dev)) }?;
-    Ok(dev as u64)
+    let d = unsafe { rd::<u32>(sb, conf!(sb_s_dev)) }? as u64;
+    *dev = Some(d);
+    Ok(d)
 }
 
 /// Shared by the exit tracepoints of every open syscall: resolve the returned fd to its
@@ -273,8 +278,7 @@ unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
     let mut matched = 0;
     let mut dir_ino = 0;
     if in_filter(&FILE_INO_FILTER, ino) {
-        let d = unsafe { inode_dev(inode) }?;
-        dev = Some(d);
+        let d = unsafe { dev_once(&mut dev, inode) }?;
         if unsafe { SECRET_INODES.get(&InodeKey { dev: d, ino }) }.is_some() {
             matched = MATCH_FILE;
         }
@@ -295,11 +299,7 @@ unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
             if in_filter(&DIR_INO_FILTER, pino) {
                 // Directories live on the file's filesystem (mount points aside, which
                 // the agent never watches across).
-                let dv = match dev {
-                    Some(v) => v,
-                    None => unsafe { inode_dev(inode) }?,
-                };
-                dev = Some(dv);
+                let dv = unsafe { dev_once(&mut dev, inode) }?;
                 if unsafe { WATCHED_DIRS.get(&InodeKey { dev: dv, ino: pino }) }.is_some() {
                     matched = level;
                     dir_ino = pino;
@@ -313,10 +313,7 @@ unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
     if matched == 0 {
         return Ok(());
     }
-    let dev = match dev {
-        Some(v) => v,
-        None => unsafe { inode_dev(inode) }?,
-    };
+    let dev = unsafe { dev_once(&mut dev, inode) }?;
 
     let Some(mut entry) = EVENTS.reserve::<SecretOpen>(0) else {
         count_drop(PROBE_OPEN);
