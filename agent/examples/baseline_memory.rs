@@ -51,11 +51,14 @@ fn main() {
             ..Default::default()
         });
         ev.process.exe = "/app/server".into();
-        ev.credential = Some(CredentialRef {
-            fingerprint: format!("hmac-sha256:{i:064x}"),
-            kind: "k8s_sa_token".into(),
-            ..Default::default()
-        });
+        ev.credential = Some(
+            CredentialRef {
+                fingerprint: format!("hmac-sha256:{i:064x}"),
+                kind: "k8s_sa_token".into(),
+                ..Default::default()
+            }
+            .into(),
+        );
         ev.dst = Some(Destination {
             ip: format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255)
                 .parse()

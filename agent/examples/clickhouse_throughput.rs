@@ -4,7 +4,7 @@
 //! URL, then the row count is checked. Used by `cargo xtask bench`; prints
 //! `rows_per_second rows seconds`.
 
-use std::{net::IpAddr, time::Instant};
+use std::{net::IpAddr, sync::Arc, time::Instant};
 
 use credwatch::{
     clickhouse::{ClickHouseSink, migrate},
@@ -44,7 +44,7 @@ fn event(i: u64) -> Event {
         ..Default::default()
     });
     if kind != EventKind::Connect {
-        e.secret = Some(SecretRef {
+        e.secret = Some(Arc::new(SecretRef {
             path: Some(
                 "/var/lib/kubelet/pods/0a1b/volumes/kubernetes.io~projected/kube-api-access/token"
                     .into(),
@@ -57,13 +57,13 @@ fn event(i: u64) -> Event {
             matched: "file".into(),
             fd: 3,
             ..Default::default()
-        });
-        e.credential = Some(CredentialRef {
+        }));
+        e.credential = Some(Arc::new(CredentialRef {
             fingerprint: format!("hmac-sha256:{:064x}", i % 100),
             kind: "k8s_sa_token".into(),
             labels: [("namespace".to_owned(), "payments".to_owned())].into(),
             owner: None,
-        });
+        }));
     }
     if kind != EventKind::SecretRead {
         e.dst = Some(Destination {

@@ -99,6 +99,7 @@ fn main() {
         inventory_dirty: false,
         pod_miss: None,
         stats: EnrichStats::default(),
+        owners: Default::default(),
     };
     let mut pipeline = Pipeline::new(
         Correlator::new(std::time::Duration::from_secs(30)),

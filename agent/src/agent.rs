@@ -201,7 +201,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     }
     let ids = IdGen::new();
     let mut enricher = Enricher {
-        node: node_name(&cfg),
+        node: node_name(&cfg).into(),
         clock: BootClock::now(),
         procs: ProcessTable::new("/proc", 1 << 20),
         workloads: WorkloadResolver::new(
@@ -214,6 +214,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         inventory_dirty: false,
         pod_miss: None,
         stats: EnrichStats::default(),
+        owners: Default::default(),
     };
 
     // After attaching: processes started from here on are seen by the probes.

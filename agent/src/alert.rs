@@ -185,7 +185,7 @@ impl Alert {
             ts: ev.ts,
             first_seen: ev.ts,
             last_seen: ev.ts,
-            node: ev.node.clone(),
+            node: ev.node.to_string(),
             summary,
             workload: ev.workload.clone(),
             credential: None,
@@ -310,10 +310,13 @@ mod tests {
         );
         read.process.comm = "api".into();
         read.process.tty = Some("pts/1".into());
-        read.secret = Some(SecretRef {
-            path: Some("/secrets/token".into()),
-            ..Default::default()
-        });
+        read.secret = Some(
+            SecretRef {
+                path: Some("/secrets/token".into()),
+                ..Default::default()
+            }
+            .into(),
+        );
         let mut connect = Event::new(
             "a-2".into(),
             Timestamp::from_unix_nanos(9),

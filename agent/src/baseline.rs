@@ -11,6 +11,7 @@
 
 use std::{
     collections::BTreeSet,
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -77,13 +78,35 @@ impl PairProfile {
 /// Calls `f` with each key a destination is learned under (address, then name), formatted
 /// into one buffer: on the per-use path, a key is only allocated when it is new.
 pub fn for_each_dest_key(d: &Destination, mut f: impl FnMut(&str)) {
-    use std::fmt::Write;
+    let mut num = itoa::Buffer::new();
     let mut k = String::with_capacity(64);
-    let _ = write!(k, "{}:{}/{}", d.ip, d.port, d.proto);
+    // IPv4 by hand: `Display` through `fmt::write` was most of this function's cost.
+    match d.ip {
+        IpAddr::V4(a) => {
+            for (i, o) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    k.push('.');
+                }
+                k.push_str(num.format(o));
+            }
+        }
+        IpAddr::V6(a) => {
+            use std::fmt::Write;
+            let _ = write!(k, "{a}");
+        }
+    }
+    let mut port_proto = |k: &mut String| {
+        k.push(':');
+        k.push_str(num.format(d.port));
+        k.push('/');
+        k.push_str(&d.proto);
+    };
+    port_proto(&mut k);
     f(&k);
     if let Some(n) = &d.name {
         k.clear();
-        let _ = write!(k, "{}:{}/{}", n.trim_end_matches('.'), d.port, d.proto);
+        k.push_str(n.trim_end_matches('.'));
+        port_proto(&mut k);
         f(&k);
     }
 }
@@ -279,24 +302,31 @@ impl Baselines {
         }
         let ts = ev.ts.unix_nanos();
         let subject_key = subject_of(&ev.workload);
-        if !self.subjects.contains_key(subject_key) {
-            let s = Subject {
-                profile: SubjectProfile {
-                    first_seen: ts,
-                    last_seen: ts,
-                    ..Default::default()
-                },
-                pairs: HashMap::new(),
-            };
-            self.subjects.insert(subject_key.to_owned(), s);
-        }
         let learning_ns = self.learning_ns;
-        let s = self.subjects.get_mut(subject_key).expect("inserted above");
+        // Looked up once, keys allocated only when new: this runs for every read and use.
+        let s = match self.subjects.get_mut(subject_key) {
+            Some(s) => s,
+            None => self
+                .subjects
+                .entry(subject_key.to_owned())
+                .or_insert_with(|| Subject {
+                    profile: SubjectProfile {
+                        first_seen: ts,
+                        last_seen: ts,
+                        ..Default::default()
+                    },
+                    pairs: HashMap::new(),
+                }),
+        };
         let learning = ts < s.profile.first_seen.saturating_add(learning_ns);
         s.profile.last_seen = s.profile.last_seen.max(ts);
         let mut new_pair = false;
         match (ev.kind, &ev.credential) {
-            (EventKind::PrivChange, _) if learning && s.profile.priv_exes.len() < MAX_SET => {
+            (EventKind::PrivChange, _)
+                if learning
+                    && s.profile.priv_exes.len() < MAX_SET
+                    && !s.profile.priv_exes.contains(&ev.process.exe) =>
+            {
                 s.profile.priv_exes.insert(ev.process.exe.clone());
             }
             (EventKind::PrivChange, _) => {}
@@ -306,17 +336,16 @@ impl Baselines {
                 {
                     s.profile.secrets.insert(fp.to_owned());
                 }
-                if !s.pairs.contains_key(fp) {
-                    new_pair = true;
-                    s.pairs.insert(
-                        fp.to_owned(),
-                        PairProfile {
+                let p = match s.pairs.get_mut(fp) {
+                    Some(p) => p,
+                    None => {
+                        new_pair = true;
+                        s.pairs.entry(fp.to_owned()).or_insert_with(|| PairProfile {
                             first_seen: ts,
                             ..Default::default()
-                        },
-                    );
-                }
-                let p = s.pairs.get_mut(fp).expect("inserted above");
+                        })
+                    }
+                };
                 p.last_seen = p.last_seen.max(ts);
                 p.uses += 1;
                 if learning {
@@ -333,8 +362,12 @@ impl Baselines {
                         });
                     }
                 }
-                let last = self.credentials.entry(fp.to_owned()).or_insert(ts);
-                *last = (*last).max(ts);
+                match self.credentials.get_mut(fp) {
+                    Some(last) => *last = (*last).max(ts),
+                    None => {
+                        self.credentials.insert(fp.to_owned(), ts);
+                    }
+                }
                 if let Some(st) = &mut self.store
                     && !st.dirty_credentials.contains(fp)
                 {
@@ -502,6 +535,33 @@ mod tests {
             name: Some("db.internal".into()),
         });
         e
+    }
+
+    #[test]
+    fn destination_keys_are_address_then_name() {
+        for ip in [
+            "0.0.0.0",
+            "10.96.0.1",
+            "255.255.255.255",
+            "::1",
+            "fd00::a:1",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let d = Destination {
+                ip,
+                port: 65535,
+                proto: "udp".into(),
+                name: Some("db.internal.".into()),
+            };
+            assert_eq!(
+                dest_keys(&d),
+                [
+                    format!("{ip}:65535/udp"),
+                    "db.internal:65535/udp".to_owned()
+                ]
+            );
+        }
     }
 
     #[test]

@@ -1,17 +1,19 @@
 //! Correlator: a secret read followed, in the same process and within the window, by a
 //! connect becomes a `credential_use` (workload, credential, destination, time).
 
+use std::sync::Arc;
+
 use foldhash::{HashMap, HashMapExt};
 
 use crate::event::{CredentialRef, Event, EventKind, SecretRef, Timestamp};
 
 /// What a use needs from its read (not the whole event: cloning that per read was a
-/// measurable share of the pipeline).
+/// measurable share of the pipeline). Secret and credential are shared with the read event.
 struct Read {
     event_id: String,
     ts: Timestamp,
-    secret: Option<SecretRef>,
-    credential: CredentialRef,
+    secret: Option<Arc<SecretRef>>,
+    credential: Arc<CredentialRef>,
     /// Destinations already reported for this read: one use per (read, destination).
     reported: Vec<(std::net::IpAddr, u16)>,
 }
@@ -80,11 +82,12 @@ impl Correlator {
                         continue;
                     }
                     r.reported.push(key);
-                    let mut u = Event::new(next_id(), ev.ts, &ev.node, EventKind::CredentialUse);
+                    let mut u =
+                        Event::new(next_id(), ev.ts, ev.node.clone(), EventKind::CredentialUse);
                     u.process = ev.process.clone();
                     u.workload = ev.workload.clone();
                     u.secret = r.secret.clone();
-                    u.credential = Some(r.credential.clone());
+                    u.credential = Some(Arc::clone(&r.credential));
                     u.dst = ev.dst.clone();
                     u.result = ev.result.clone();
                     u.read_event = Some(r.event_id.clone());
@@ -128,11 +131,14 @@ mod tests {
 
     fn read(tgid: u32, ts_ms: i64, fp: &str) -> Event {
         let mut e = ev(EventKind::SecretRead, tgid, ts_ms);
-        e.credential = Some(CredentialRef {
-            fingerprint: fp.into(),
-            kind: "k8s_sa_token".into(),
-            ..Default::default()
-        });
+        e.credential = Some(
+            CredentialRef {
+                fingerprint: fp.into(),
+                kind: "k8s_sa_token".into(),
+                ..Default::default()
+            }
+            .into(),
+        );
         e
     }
 

@@ -13,8 +13,8 @@ use crate::{
     decode::Record,
     dns::{NameCache, parse_answer},
     event::{
-        Destination, Event, EventKind, ExecInfo, PrivChange, ProcessInfo, SecretRef, Timestamp,
-        cstr, sanitize,
+        CredentialRef, Destination, Event, EventKind, ExecInfo, Label, PrivChange, ProcessInfo,
+        SecretRef, Timestamp, cstr, sanitize,
     },
     inventory::Inventory,
     kubelet::PodDirectory,
@@ -108,7 +108,7 @@ pub struct EnrichStats {
 }
 
 pub struct Enricher {
-    pub node: String,
+    pub node: Arc<str>,
     pub clock: BootClock,
     pub procs: ProcessTable,
     pub workloads: WorkloadResolver,
@@ -120,6 +120,68 @@ pub struct Enricher {
     /// Poked when a pod uid is not in the pod list yet (a pod newer than the last refresh).
     pub pod_miss: Option<std::sync::Arc<tokio::sync::Notify>>,
     pub stats: EnrichStats,
+    pub owners: OwnerNames,
+}
+
+/// Inventory credentials with their owning pod named from the pod list. Naming it means a
+/// deep copy of the credential, and pod tokens are read all the time, so the result is kept
+/// per secret until the inventory entry or the pod list changes.
+#[derive(Default)]
+pub struct OwnerNames {
+    named: foldhash::HashMap<InodeKey, NamedOwner>,
+}
+
+struct NamedOwner {
+    /// The inventory's credential this was made from.
+    from: Arc<CredentialRef>,
+    pods_generation: u64,
+    named: Arc<CredentialRef>,
+}
+
+impl OwnerNames {
+    /// Bounded by the inventory in practice; a hard cap keeps a churn of short-lived
+    /// secrets from growing it.
+    const MAX: usize = 65536;
+
+    fn name(
+        &mut self,
+        key: InodeKey,
+        cred: &Arc<CredentialRef>,
+        owner_pod_uid: Option<&str>,
+        pods: &PodDirectory,
+    ) -> Arc<CredentialRef> {
+        let (Some(_), Some(uid)) = (&cred.owner, owner_pod_uid) else {
+            return Arc::clone(cred);
+        };
+        if let Some(n) = self.named.get(&key)
+            && Arc::ptr_eq(&n.from, cred)
+            && n.pods_generation == pods.generation()
+        {
+            return Arc::clone(&n.named);
+        }
+        let Some(pod) = pods.by_uid(uid) else {
+            return Arc::clone(cred);
+        };
+        let mut named = CredentialRef::clone(cred);
+        if let Some(owner) = named.owner.as_mut() {
+            owner.namespace = Some(pod.namespace.clone());
+            owner.pod = Some(pod.name.clone());
+            owner.id = format!("pod:{}/{}", pod.namespace, pod.name);
+        }
+        let named = Arc::new(named);
+        if self.named.len() >= Self::MAX {
+            self.named.clear();
+        }
+        self.named.insert(
+            key,
+            NamedOwner {
+                from: Arc::clone(cred),
+                pods_generation: pods.generation(),
+                named: Arc::clone(&named),
+            },
+        );
+        named
+    }
 }
 
 fn kind_access(flags: i32) -> &'static str {
@@ -141,7 +203,7 @@ fn open_syscall(n: u32) -> &'static str {
     }
 }
 
-pub fn connect_result(ret: i32, op: u32) -> String {
+pub fn connect_result(ret: i32, op: u32) -> Label {
     if op == c::OP_SENDMSG {
         return "sent".into();
     }
@@ -156,7 +218,7 @@ pub fn connect_result(ret: i32, op: u32) -> String {
         libc::EAGAIN => "again".into(),
         libc::EISCONN => "already_connected".into(),
         libc::EALREADY => "already_in_progress".into(),
-        e => format!("errno_{e}"),
+        e => format!("errno_{e}").into(),
     }
 }
 
@@ -194,11 +256,11 @@ impl Enricher {
                 let tty = sanitize(cstr(&r.tty));
                 entry.tty = (!tty.is_empty()).then(|| crate::process::kernel_tty_name(&tty));
                 let mut ev = self.base(ids, ts, EventKind::Exec, &h, &comm);
-                ev.exec = Some(ExecInfo {
+                ev.exec = Some(Box::new(ExecInfo {
                     filename,
                     cap_effective: r.cap_effective,
                     truncated: r.flags & c::FLAG_TRUNCATED != 0,
-                });
+                }));
                 // A set-id binary (or file capabilities) changes credentials at exec.
                 let known = old_uid != u32::MAX;
                 let gained_caps = r.cap_effective & !old_caps != 0;
@@ -208,13 +270,13 @@ impl Enricher {
                     p.id = ids.next_id();
                     p.kind = EventKind::PrivChange;
                     p.exec = None;
-                    p.priv_change = Some(PrivChange::new(
+                    p.priv_change = Some(Box::new(PrivChange::new(
                         "exec",
                         (old_uid, old_euid, old_caps),
                         h.uid,
                         h.euid,
                         r.cap_effective,
-                    ));
+                    )));
                     p
                 });
                 out.push(ev);
@@ -253,13 +315,13 @@ impl Enricher {
                 entry.euid = h.euid;
                 entry.cap_effective = r.cap_effective;
                 let mut ev = self.base(ids, ts, EventKind::PrivChange, &h, &comm);
-                ev.priv_change = Some(PrivChange::new(
+                ev.priv_change = Some(Box::new(PrivChange::new(
                     syscall_name(r.syscall_nr),
                     (old_uid, old_euid, old_caps),
                     h.uid,
                     h.euid,
                     r.cap_effective,
-                ));
+                )));
                 out.push(ev);
             }
             Record::Dns(r) => {
@@ -270,14 +332,14 @@ impl Enricher {
                 };
                 answer.server = ip_of(r.family, &r.server);
                 self.names.insert(&answer, ts.unix_nanos());
-                let mut ev = Event::new(ids.next_id(), ts, &self.node, EventKind::Dns);
+                let mut ev = Event::new(ids.next_id(), ts, self.node.clone(), EventKind::Dns);
                 ev.workload = self.workloads.resolve(h.cgroup_id, 0, "", &self.pods);
                 // Answers arrive in softirq context: the receiving socket's cgroup names
                 // the workload, but no process does.
                 if ev.workload.kind == crate::event::WorkloadKind::Host {
                     Arc::make_mut(&mut ev.workload).id = "host".into();
                 }
-                ev.dns = Some(answer);
+                ev.dns = Some(Box::new(answer));
                 out.push(ev);
             }
         }
@@ -291,7 +353,7 @@ impl Enricher {
         h: &c::Header,
         comm: &str,
     ) -> Event {
-        let mut ev = Event::new(ids.next_id(), ts, &self.node, kind);
+        let mut ev = Event::new(ids.next_id(), ts, self.node.clone(), kind);
         let e = self.procs.lookup(h.tgid, h.ppid, comm);
         // The record's view is fresher than the table's for ids and comm; the table knows
         // the executable and terminal.
@@ -351,13 +413,7 @@ impl Enricher {
             }
         }
         // Only the parts the event carries (the entry also holds scan bookkeeping).
-        let Some((path, mut cred, owner_pod_uid)) = self.inventory.get(&key).map(|e| {
-            (
-                e.path.clone(),
-                e.credential.clone(),
-                e.owner_pod_uid.clone(),
-            )
-        }) else {
+        let Some(entry) = self.inventory.get(&key) else {
             debug!(
                 ino = r.ino,
                 "open in watched dir is not an inventoried secret"
@@ -371,9 +427,16 @@ impl Enricher {
             self.stats.secret_non_reads += 1;
             return;
         }
+        let path = entry.path.clone();
+        let cred = self.owners.name(
+            key,
+            &entry.credential,
+            entry.owner_pod_uid.as_deref(),
+            &self.pods,
+        );
         let mut ev = self.base(ids, ts, EventKind::SecretRead, h, comm);
         ev.process.session = self.procs.session_of(h.tgid);
-        ev.secret = Some(SecretRef {
+        ev.secret = Some(Arc::new(SecretRef {
             path: Some(path),
             opened_as: sanitize(cstr(&r.name)),
             dev: user_dev(r.dev),
@@ -388,14 +451,7 @@ impl Enricher {
             }
             .into(),
             fd: r.fd,
-        });
-        if let (Some(owner), Some(uid)) = (cred.owner.as_mut(), owner_pod_uid.as_deref())
-            && let Some(pod) = self.pods.by_uid(uid)
-        {
-            owner.namespace = Some(pod.namespace.clone());
-            owner.pod = Some(pod.name.clone());
-            owner.id = format!("pod:{}/{}", pod.namespace, pod.name);
-        }
+        }));
         ev.credential = Some(cred);
         out.push(ev);
     }
@@ -451,6 +507,46 @@ mod tests {
         assert_eq!((nonce.len(), seq), (16, "1"));
         assert!(nonce.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(b, format!("{nonce}-2"));
+    }
+
+    #[test]
+    fn owner_is_named_from_the_pod_list_and_kept_until_it_changes() {
+        let list = |name: &str| {
+            format!(
+                r#"{{"kind":"PodList","apiVersion":"v1","metadata":{{}},"items":[{{"metadata":
+                {{"name":"{name}","namespace":"payments","uid":"u-1"}},"spec":{{}}}}]}}"#
+            )
+        };
+        let cred = Arc::new(CredentialRef {
+            fingerprint: "hmac-sha256:00".into(),
+            owner: Some(crate::event::Owner {
+                id: "pod:uid/u-1".into(),
+                pod_uid: Some("u-1".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let key = InodeKey { dev: 1, ino: 2 };
+        let mut names = OwnerNames::default();
+        let pods = PodDirectory::from_pod_list(list("api-1").as_bytes()).unwrap();
+        let a = names.name(key, &cred, Some("u-1"), &pods);
+        assert_eq!(a.owner.as_ref().unwrap().id, "pod:payments/api-1");
+        assert!(Arc::ptr_eq(&a, &names.name(key, &cred, Some("u-1"), &pods)));
+        // A new pod list (the pod was replaced under the same uid) names it again.
+        let pods = PodDirectory::from_pod_list(list("api-2").as_bytes()).unwrap();
+        let b = names.name(key, &cred, Some("u-1"), &pods);
+        assert_eq!(b.owner.as_ref().unwrap().id, "pod:payments/api-2");
+        // So does a rescanned inventory entry.
+        let rescanned = Arc::new(CredentialRef::clone(&cred));
+        assert!(!Arc::ptr_eq(
+            &b,
+            &names.name(key, &rescanned, Some("u-1"), &pods)
+        ));
+        // Not in the pod list yet: the inventory's own owner (by uid) stands.
+        assert!(Arc::ptr_eq(
+            &cred,
+            &names.name(key, &cred, Some("u-9"), &pods)
+        ));
     }
 
     #[test]

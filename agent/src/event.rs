@@ -1,10 +1,14 @@
 //! The enriched event: what `--events` writes as NDJSON, what `replay` reads back, what sinks
 //! store. Field names follow the contract in the design brief; extend, never rename.
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{borrow::Cow, collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A value from a small fixed vocabulary (`tcp`, `openat`, `read`, `refused`…): static when
+/// the agent sets it, so the per-event path does not allocate it; owned when read back.
+pub type Label = Cow<'static, str>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -19,6 +23,16 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    pub const ALL: [EventKind; 7] = [
+        EventKind::Exec,
+        EventKind::Exit,
+        EventKind::SecretRead,
+        EventKind::Connect,
+        EventKind::CredentialUse,
+        EventKind::PrivChange,
+        EventKind::Dns,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Exec => "exec",
@@ -149,15 +163,15 @@ pub struct SecretRef {
     pub inode: u64,
     /// `open`, `openat`, `openat2`, `creat`, `open_by_handle_at`.
     #[serde(default)]
-    pub syscall: String,
+    pub syscall: Label,
     /// `read`, `write` or `read_write`.
     #[serde(default)]
-    pub access: String,
+    pub access: Label,
     #[serde(default)]
     pub open_flags: i32,
     /// `file` (inode in the inventory) or `watched_dir` (new file in a watched directory).
     #[serde(default)]
-    pub matched: String,
+    pub matched: Label,
     #[serde(default)]
     pub fd: i32,
 }
@@ -194,7 +208,7 @@ pub struct Destination {
     pub ip: IpAddr,
     pub port: u16,
     /// `tcp` or `udp` (`unknown` when the socket type could not be read).
-    pub proto: String,
+    pub proto: Label,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
@@ -246,33 +260,35 @@ pub struct DnsAnswer {
     pub server: Option<IpAddr>,
 }
 
+/// Kept small (it is moved several times per event): the parts only some kinds carry are
+/// boxed, and the parts a credential use copies from its read are shared.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Unique per event on a node: `<agent run nonce>-<sequence>`; ClickHouse deduplicates on it.
     pub id: String,
     pub ts: Timestamp,
-    pub node: String,
+    pub node: Arc<str>,
     pub kind: EventKind,
     pub process: ProcessInfo,
     /// Shared: every event of a workload carries the same resolved identity.
     pub workload: Arc<Workload>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret: Option<SecretRef>,
+    pub secret: Option<Arc<SecretRef>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credential: Option<CredentialRef>,
+    pub credential: Option<Arc<CredentialRef>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dst: Option<Destination>,
     /// Connect outcome: `ok`, `in_progress`, `refused`, `sent` (unconnected UDP) or the errno name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<String>,
+    pub result: Option<Label>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exec: Option<ExecInfo>,
+    pub exec: Option<Box<ExecInfo>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub priv_change: Option<PrivChange>,
+    pub priv_change: Option<Box<PrivChange>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dns: Option<DnsAnswer>,
+    pub dns: Option<Box<DnsAnswer>>,
     /// For `credential_use`: id and time of the `secret_read` it follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_event: Option<String>,
@@ -281,11 +297,11 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn new(id: String, ts: Timestamp, node: &str, kind: EventKind) -> Self {
+    pub fn new(id: String, ts: Timestamp, node: impl Into<Arc<str>>, kind: EventKind) -> Self {
         Event {
             id,
             ts,
-            node: node.to_owned(),
+            node: node.into(),
             kind,
             process: ProcessInfo::default(),
             workload: Arc::default(),
@@ -306,6 +322,12 @@ impl Event {
 /// Escapes control characters and replaces invalid UTF-8 so an attacker-chosen name
 /// (comm, path) cannot forge log lines or terminal escapes downstream.
 pub fn sanitize(bytes: &[u8]) -> String {
+    // Nearly every name is printable ASCII: one pass over the bytes instead of decoding.
+    if bytes.iter().all(|&b| (0x20..0x7f).contains(&b))
+        && let Ok(s) = std::str::from_utf8(bytes)
+    {
+        return s.to_owned();
+    }
     let s = String::from_utf8_lossy(bytes);
     if !s.chars().any(char::is_control) {
         return s.into_owned();
@@ -332,9 +354,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn all_kinds_are_listed_in_discriminant_order() {
+        for (i, k) in EventKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{k:?}");
+        }
+    }
+
+    #[test]
     fn control_characters_are_escaped() {
         assert_eq!(sanitize(b"evil\x1b[2Jname\n"), "evil\\u{1b}[2Jname\\n");
         assert_eq!(sanitize(b"plain"), "plain");
+        assert_eq!(sanitize(b"del\x7f"), "del\\u{7f}");
+        assert_eq!(sanitize("caf\u{e9}".as_bytes()), "caf\u{e9}");
         assert_eq!(sanitize(b"bad\xffutf8"), "bad\u{fffd}utf8");
     }
 

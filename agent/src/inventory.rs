@@ -7,6 +7,7 @@ use std::{
     io::Read,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -70,7 +71,8 @@ const NOT_SECRETS: &[&str] = &["**/*.pub", "**/ca.crt", "**/namespace", "**/*.cr
 pub struct SecretEntry {
     pub path: String,
     pub key: InodeKey,
-    pub credential: CredentialRef,
+    /// Shared with every event that reads it.
+    pub credential: Arc<CredentialRef>,
     /// Pod uid when the file lives in a kubelet pod volume.
     pub owner_pod_uid: Option<String>,
     size: u64,
@@ -363,7 +365,7 @@ impl Inventory {
         SecretEntry {
             path: path_str.to_owned(),
             key,
-            credential,
+            credential: Arc::new(credential),
             owner_pod_uid,
             size: meta.len(),
             mtime_ns: mtime_ns(meta),

@@ -32,6 +32,9 @@ enum Monitor {
     Credwatch,
     Auditd,
     Bpftrace,
+    /// bpftrace on the syscall exit tracepoints credwatch uses, with a filter that is never
+    /// true: what attaching any program there costs on this kernel, before it does anything.
+    Floor,
 }
 
 impl Monitor {
@@ -41,6 +44,7 @@ impl Monitor {
             Monitor::Credwatch => "credwatch",
             Monitor::Auditd => "auditd",
             Monitor::Bpftrace => "bpftrace",
+            Monitor::Floor => "tracepoint-floor",
         }
     }
 }
@@ -115,7 +119,7 @@ pub fn bench(root: &Path) -> Result<()> {
         }
     }
     match ensure_tool("bpftrace", "bpftrace") {
-        Ok(()) => monitors.push(Monitor::Bpftrace),
+        Ok(()) => monitors.extend([Monitor::Bpftrace, Monitor::Floor]),
         Err(e) => {
             unavailable.insert("bpftrace", format!("{e:#}"));
         }
@@ -198,13 +202,19 @@ pub fn bench(root: &Path) -> Result<()> {
     for m in &monitors[1..] {
         md.push_str(&format!(" {} +ns |", m.name()));
     }
-    for m in &monitors[2..] {
+    // The peers a user would pick instead; the floor is a reference, not a peer.
+    let peers: Vec<Monitor> = monitors[2..]
+        .iter()
+        .copied()
+        .filter(|m| *m != Monitor::Floor)
+        .collect();
+    for m in &peers {
         md.push_str(&format!(" {} ÷ credwatch |", m.name()));
     }
     md.push('\n');
     md.push_str(&format!(
         "|---|---|{}\n",
-        "---|".repeat(monitors.len() - 1 + monitors.len() - 2)
+        "---|".repeat(monitors.len() - 1 + peers.len())
     ));
     let mut json_rows: Vec<serde_json::Value> = Vec::new();
     for w in &workloads {
@@ -220,7 +230,7 @@ pub fn bench(root: &Path) -> Result<()> {
             md.push_str(&format!(" {added:+.0} |"));
             row[format!("{}_added_ns", m.name())] = finite(added);
         }
-        for m in &monitors[2..] {
+        for m in &peers {
             let added = med(*m, w.name).map(|v| v - base).unwrap_or(f64::NAN);
             let ratio = added / cw_added;
             md.push_str(&format!(" {ratio:.1}× |"));
@@ -459,12 +469,18 @@ fn start(m: Monitor, agent: &Path, work: &Path, secret: &str) -> Result<Running>
                 lost_before: audit_lost(),
             }
         }
-        Monitor::Bpftrace => {
+        Monitor::Bpftrace | Monitor::Floor => {
             let out = work.join("bpftrace.out");
-            let script = format!(
-                "tracepoint:syscalls:sys_enter_openat /str(args->filename) == \"{secret}\"/ {{ printf(\"open %d %s\\n\", pid, comm); }}\n\
-                 tracepoint:syscalls:sys_exit_connect {{ printf(\"connect %d %s %d\\n\", pid, comm, args->ret); }}\n"
-            );
+            let script = if m == Monitor::Floor {
+                "tracepoint:syscalls:sys_exit_openat,tracepoint:syscalls:sys_exit_connect \
+                 /pid == 0/ { @n = count(); }\n"
+                    .to_owned()
+            } else {
+                format!(
+                    "tracepoint:syscalls:sys_enter_openat /str(args->filename) == \"{secret}\"/ {{ printf(\"open %d %s\\n\", pid, comm); }}\n\
+                     tracepoint:syscalls:sys_exit_connect {{ printf(\"connect %d %s %d\\n\", pid, comm, args->ret); }}\n"
+                )
+            };
             let child = Command::new("bpftrace")
                 .args(["-e", &script])
                 .stdout(fs::File::create(&out)?)

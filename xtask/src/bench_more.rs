@@ -331,6 +331,7 @@ pub fn chart(path: &Path, rows: &[(String, Vec<(&'static str, f64)>)]) -> Result
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
         RGBColor(44, 160, 44),
+        RGBColor(150, 150, 150),
     ];
     let width = 0.8 / monitors.len().max(1) as f64;
     for (mi, m) in monitors.iter().enumerate() {

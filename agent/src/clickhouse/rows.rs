@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     alert::Alert,
     event::{
-        CredentialRef, Destination, DnsAnswer, Event, EventKind, ExecInfo, Owner, PrivChange,
-        ProcessInfo, SecretRef, Timestamp, Workload, WorkloadKind,
+        CredentialRef, Destination, DnsAnswer, Event, EventKind, ExecInfo, Label, Owner,
+        PrivChange, ProcessInfo, SecretRef, Timestamp, Workload, WorkloadKind,
     },
 };
 
@@ -154,18 +154,18 @@ impl From<&Event> for EventRow {
     fn from(e: &Event) -> Self {
         let p = &e.process;
         let w = &e.workload;
-        let sec = e.secret.clone().unwrap_or_default();
-        let cred = e.credential.clone().unwrap_or_default();
+        let sec = e.secret.as_deref().cloned().unwrap_or_default();
+        let cred = e.credential.as_deref().cloned().unwrap_or_default();
         let owner = cred.owner.clone().unwrap_or_default();
-        let exec = e.exec.clone().unwrap_or_default();
-        let pc = e.priv_change.clone().unwrap_or_default();
-        let dns = e.dns.clone().unwrap_or_default();
+        let exec = e.exec.as_deref().cloned().unwrap_or_default();
+        let pc = e.priv_change.as_deref().cloned().unwrap_or_default();
+        let dns = e.dns.as_deref().cloned().unwrap_or_default();
         let (dst_family, dst_ip, dst_port, dst_proto, dst_name) = match &e.dst {
             Some(d) => (
                 if d.ip.is_ipv4() { 4 } else { 6 },
                 v6(d.ip),
                 d.port,
-                d.proto.clone(),
+                d.proto.to_string(),
                 s(&d.name),
             ),
             None => (0, Ipv6Addr::UNSPECIFIED, 0, String::new(), String::new()),
@@ -173,7 +173,7 @@ impl From<&Event> for EventRow {
         EventRow {
             id: e.id.clone(),
             ts: e.ts.0,
-            node: e.node.clone(),
+            node: e.node.to_string(),
             kind: e.kind.as_str().to_owned(),
             pid: p.pid,
             tgid: p.tgid,
@@ -201,10 +201,10 @@ impl From<&Event> for EventRow {
             opened_as: sec.opened_as,
             dev: sec.dev,
             inode: sec.inode,
-            syscall: sec.syscall,
-            access: sec.access,
+            syscall: sec.syscall.into_owned(),
+            access: sec.access.into_owned(),
             open_flags: sec.open_flags,
-            matched: sec.matched,
+            matched: sec.matched.into_owned(),
             fd: sec.fd,
             fingerprint: cred.fingerprint,
             credential_type: cred.kind,
@@ -224,7 +224,7 @@ impl From<&Event> for EventRow {
             dst_port,
             dst_proto,
             dst_name,
-            result: s(&e.result),
+            result: e.result.as_deref().unwrap_or_default().to_owned(),
             exec_filename: exec.filename,
             exec_cap_effective: exec.cap_effective,
             exec_truncated: exec.truncated,
@@ -251,7 +251,7 @@ impl EventRow {
     /// IPv4-mapped addresses come back as IPv4.
     pub fn into_event(self) -> Option<Event> {
         let kind: EventKind = serde_json::from_value(serde_json::Value::String(self.kind)).ok()?;
-        let mut e = Event::new(self.id, Timestamp(self.ts), &self.node, kind);
+        let mut e = Event::new(self.id, Timestamp(self.ts), self.node, kind);
         e.process = ProcessInfo {
             pid: self.pid,
             tgid: self.tgid,
@@ -279,20 +279,20 @@ impl EventRow {
             cgroup: opt(self.cgroup),
         });
         if !self.opened_as.is_empty() || self.inode != 0 || !self.secret_path.is_empty() {
-            e.secret = Some(SecretRef {
+            e.secret = Some(Arc::new(SecretRef {
                 path: opt(self.secret_path),
                 opened_as: self.opened_as,
                 dev: self.dev,
                 inode: self.inode,
-                syscall: self.syscall,
-                access: self.access,
+                syscall: self.syscall.into(),
+                access: self.access.into(),
                 open_flags: self.open_flags,
-                matched: self.matched,
+                matched: self.matched.into(),
                 fd: self.fd,
-            });
+            }));
         }
         if !self.fingerprint.is_empty() {
-            e.credential = Some(CredentialRef {
+            e.credential = Some(Arc::new(CredentialRef {
                 fingerprint: self.fingerprint,
                 kind: self.credential_type,
                 labels: self.labels,
@@ -304,27 +304,27 @@ impl EventRow {
                     pod_uid: opt(self.owner_pod_uid),
                     source: self.owner_source,
                 }),
-            });
+            }));
         }
         if self.dst_family != 0 {
             e.dst = Some(Destination {
                 ip: back(self.dst_ip, self.dst_family),
                 port: self.dst_port,
-                proto: self.dst_proto,
+                proto: self.dst_proto.into(),
                 name: opt(self.dst_name),
             });
         }
-        e.result = opt(self.result);
+        e.result = opt(self.result).map(Label::from);
         if kind == EventKind::Exec {
-            e.exec = Some(ExecInfo {
+            e.exec = Some(Box::new(ExecInfo {
                 filename: self.exec_filename,
                 cap_effective: self.exec_cap_effective,
                 truncated: self.exec_truncated,
-            });
+            }));
         }
         e.exit_code = self.exit_code;
         if !self.priv_via.is_empty() {
-            e.priv_change = Some(PrivChange {
+            e.priv_change = Some(Box::new(PrivChange {
                 via: self.priv_via,
                 old_uid: self.priv_old_uid,
                 old_euid: self.priv_old_euid,
@@ -332,15 +332,15 @@ impl EventRow {
                 new_euid: self.priv_new_euid,
                 old_cap_effective: self.priv_old_caps,
                 new_cap_effective: self.priv_new_caps,
-            });
+            }));
         }
         if kind == EventKind::Dns {
-            e.dns = Some(DnsAnswer {
+            e.dns = Some(Box::new(DnsAnswer {
                 name: self.dns_name,
                 addrs: self.dns_addrs.into_iter().map(|a| back(a, 4)).collect(),
                 ttl: self.dns_ttl,
                 server: self.dns_server.map(|a| back(a, 4)),
-            });
+            }));
         }
         e.read_event = opt(self.read_event);
         e.read_ts = self.read_ts.map(Timestamp);

@@ -77,6 +77,7 @@ impl Detector for HumanUse {
 mod tests {
     use super::*;
     use crate::detect::testutil::*;
+    use std::sync::Arc;
 
     #[test]
     fn token_read_on_a_terminal_is_human_use() {
@@ -108,9 +109,10 @@ mod tests {
         );
         let mut own = read("e2", 0, host(1000, "/usr/bin/ssh"), "fp", None);
         own.process.tty = Some("pts/1".into());
-        let c = own.credential.as_mut().unwrap();
+        let c = Arc::make_mut(own.credential.as_mut().unwrap());
         c.kind = "ssh_private_key".into();
-        own.secret.as_mut().unwrap().path = Some("/home/alice/.ssh/id_ed25519".into());
+        Arc::make_mut(own.secret.as_mut().unwrap()).path =
+            Some("/home/alice/.ssh/id_ed25519".into());
         HumanUse.observe(&own, &base(), &mut out);
         assert!(out.is_empty(), "{out:#?}");
     }

@@ -163,16 +163,22 @@ pub(crate) mod testutil {
         e.workload = w.into();
         e.process.tgid = 100;
         e.process.comm = "api".into();
-        e.secret = Some(SecretRef {
-            path: Some(format!("/secrets/{fp}")),
-            ..Default::default()
-        });
-        e.credential = Some(CredentialRef {
-            fingerprint: fp.into(),
-            kind: "k8s_sa_token".into(),
-            owner,
-            ..Default::default()
-        });
+        e.secret = Some(
+            SecretRef {
+                path: Some(format!("/secrets/{fp}")),
+                ..Default::default()
+            }
+            .into(),
+        );
+        e.credential = Some(
+            CredentialRef {
+                fingerprint: fp.into(),
+                kind: "k8s_sa_token".into(),
+                owner,
+                ..Default::default()
+            }
+            .into(),
+        );
         e
     }
 

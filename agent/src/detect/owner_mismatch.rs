@@ -8,7 +8,7 @@ use super::{Detector, short_fp};
 use crate::{
     alert::{Alert, AlertKind, Evidence, Severity},
     baseline::Baselines,
-    event::{Event, EventKind, Owner, Workload, WorkloadKind},
+    event::{CredentialRef, Event, EventKind, Owner, Workload, WorkloadKind},
     policy::Policy,
 };
 
@@ -52,7 +52,7 @@ impl Detector for OwnerMismatch {
             return;
         }
         // The alert shows the owner the decision was made against.
-        let mut cred = cred.clone();
+        let mut cred = CredentialRef::clone(cred);
         cred.owner = Some(owner.clone());
         let cred = &cred;
         out.push(Alert::about(

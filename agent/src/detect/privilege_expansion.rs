@@ -272,7 +272,8 @@ mod tests {
             e.kind = EventKind::PrivChange;
             e.credential = None;
             e.process.exe = exe.into();
-            e.priv_change = Some(PrivChange::new("exec", (1000, 1000, 0), 1000, 0, u64::MAX));
+            e.priv_change =
+                Some(PrivChange::new("exec", (1000, 1000, 0), 1000, 0, u64::MAX).into());
             e
         };
         run(&mut d, &mut b, &[gain("p1", 0, "/usr/bin/sudo")]);
