@@ -65,13 +65,11 @@ impl Detector for TokenReuse {
                 return;
             }
         }
-        if !self.by_fp.contains_key(&cred.fingerprint) {
-            self.by_fp.insert(cred.fingerprint.clone(), Vec::new());
-        }
-        let holders = self
-            .by_fp
-            .get_mut(&cred.fingerprint)
-            .expect("inserted above");
+        // One lookup, the key allocated only for a new fingerprint (the per-read path).
+        let holders = match self.by_fp.get_mut(&cred.fingerprint) {
+            Some(h) => h,
+            None => self.by_fp.entry(cred.fingerprint.clone()).or_default(),
+        };
         holders.retain(|h| now.saturating_sub(h.last_ns) <= self.window_ns);
         let uid = ev.process.uid;
         if let Some(h) = holders.iter_mut().find(|h| !distinct(h, &ev.workload, uid)) {
