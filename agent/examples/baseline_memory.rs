@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use credwatch::{
     baseline::Baselines,
-    event::{CredentialRef, Destination, Event, EventKind, Timestamp, Workload, WorkloadKind},
+    event::{
+        Body, CredentialRef, CredentialType, CredentialUse, Destination, Event, Timestamp,
+        Workload, WorkloadId, WorkloadKind,
+    },
 };
 
 fn rss_bytes() -> u64 {
@@ -34,15 +37,32 @@ fn main() {
     // 100 credentials per workload, like a node of pods each holding a handful of secrets
     // and the host holding many.
     for i in 0..n {
-        let mut ev = Event::new(
-            format!("e{i}"),
-            Timestamp::from_unix_nanos(1_795_000_000_000_000_000 + i as i64),
-            "bench",
-            EventKind::CredentialUse,
-        );
+        let credential = CredentialRef {
+            fingerprint: format!("hmac-sha256:{i:064x}"),
+            kind: CredentialType::K8sSaToken,
+            ..Default::default()
+        };
+        let dst = Destination {
+            ip: format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255)
+                .parse()
+                .unwrap(),
+            port: 443,
+            proto: "tcp".into(),
+            name: Some(format!("svc-{}.ns.svc.cluster.local", i % 1000)),
+        };
+        let ts = Timestamp::from_unix_nanos(1_795_000_000_000_000_000 + i as i64);
+        let body = Body::CredentialUse(Box::new(CredentialUse {
+            secret: None,
+            credential: credential.into(),
+            dst,
+            result: "ok".into(),
+            read_event: format!("r{i}"),
+            read_ts: ts,
+        }));
+        let mut ev = Event::new(format!("e{i}"), ts, "bench", body);
         ev.workload = std::sync::Arc::new(Workload {
             kind: WorkloadKind::Pod,
-            id: format!("pod:ns-{}/app-{}", i / 1000, i / 100),
+            id: WorkloadId::pod(&format!("ns-{}", i / 1000), &format!("app-{}", i / 100)),
             spiffe_id: Some(format!(
                 "spiffe://cluster.local/ns/ns-{}/sa/app-{}",
                 i / 1000,
@@ -51,22 +71,6 @@ fn main() {
             ..Default::default()
         });
         ev.process.exe = "/app/server".into();
-        ev.credential = Some(
-            CredentialRef {
-                fingerprint: format!("hmac-sha256:{i:064x}"),
-                kind: "k8s_sa_token".into(),
-                ..Default::default()
-            }
-            .into(),
-        );
-        ev.dst = Some(Destination {
-            ip: format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255)
-                .parse()
-                .unwrap(),
-            port: 443,
-            proto: "tcp".into(),
-            name: Some(format!("svc-{}.ns.svc.cluster.local", i % 1000)),
-        });
         b.learn(&ev);
     }
     let after = rss_bytes();

@@ -10,22 +10,55 @@ use credwatch::{
     clickhouse::{ClickHouseSink, migrate},
     config::Config,
     event::{
-        CredentialRef, Destination, Event, EventKind, SecretRef, Timestamp, Workload, WorkloadKind,
+        Body, Connect, CredentialRef, CredentialType, CredentialUse, Destination, Event,
+        SecretRead, SecretRef, Timestamp, Workload, WorkloadId, WorkloadKind,
     },
 };
 
 fn event(i: u64) -> Event {
-    let kind = match i % 4 {
-        0 => EventKind::SecretRead,
-        1 | 2 => EventKind::Connect,
-        _ => EventKind::CredentialUse,
+    let secret = Arc::new(SecretRef {
+        path: Some(
+            "/var/lib/kubelet/pods/0a1b/volumes/kubernetes.io~projected/kube-api-access/token"
+                .into(),
+        ),
+        opened_as: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
+        dev: 2049,
+        inode: 1001 + i % 100,
+        syscall: "openat".into(),
+        access: "read".into(),
+        matched: "file".into(),
+        fd: 3,
+        ..Default::default()
+    });
+    let credential = Arc::new(CredentialRef {
+        fingerprint: format!("hmac-sha256:{:064x}", i % 100),
+        kind: CredentialType::K8sSaToken,
+        labels: [("namespace".to_owned(), "payments".to_owned())].into(),
+        owner: None,
+    });
+    let dst = Destination {
+        ip: IpAddr::from([10, 0, (i % 200) as u8, 7]),
+        port: 443,
+        proto: "tcp".into(),
+        name: Some("api.internal".into()),
     };
-    let mut e = Event::new(
-        format!("bench-{i}"),
-        Timestamp::from_unix_nanos(1_795_000_000_000_000_000 + i as i64 * 1000),
-        "bench-node",
-        kind,
-    );
+    let ts = Timestamp::from_unix_nanos(1_795_000_000_000_000_000 + i as i64 * 1000);
+    let body = match i % 4 {
+        0 => Body::SecretRead(SecretRead { secret, credential }),
+        1 | 2 => Body::Connect(Connect {
+            dst,
+            result: "ok".into(),
+        }),
+        _ => Body::CredentialUse(Box::new(CredentialUse {
+            secret: Some(secret),
+            credential,
+            dst,
+            result: "ok".into(),
+            read_event: format!("bench-{}", i - 3),
+            read_ts: ts,
+        })),
+    };
+    let mut e = Event::new(format!("bench-{i}"), ts, "bench-node", body);
     e.process.pid = 1000 + (i % 5000) as u32;
     e.process.tgid = e.process.pid;
     e.process.ppid = 1;
@@ -33,7 +66,7 @@ fn event(i: u64) -> Event {
     e.process.exe = "/usr/local/bin/api-server".into();
     e.workload = std::sync::Arc::new(Workload {
         kind: WorkloadKind::Pod,
-        id: format!("pod:payments/api-{}", i % 50),
+        id: WorkloadId::pod("payments", &format!("api-{}", i % 50)),
         namespace: Some("payments".into()),
         pod: Some(format!("api-{}", i % 50)),
         pod_uid: Some("0a1b2c3d-4e5f-4789-abcd-ef0123456789".into()),
@@ -43,37 +76,6 @@ fn event(i: u64) -> Event {
         cgroup_id: 9001,
         ..Default::default()
     });
-    if kind != EventKind::Connect {
-        e.secret = Some(Arc::new(SecretRef {
-            path: Some(
-                "/var/lib/kubelet/pods/0a1b/volumes/kubernetes.io~projected/kube-api-access/token"
-                    .into(),
-            ),
-            opened_as: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
-            dev: 2049,
-            inode: 1001 + i % 100,
-            syscall: "openat".into(),
-            access: "read".into(),
-            matched: "file".into(),
-            fd: 3,
-            ..Default::default()
-        }));
-        e.credential = Some(Arc::new(CredentialRef {
-            fingerprint: format!("hmac-sha256:{:064x}", i % 100),
-            kind: "k8s_sa_token".into(),
-            labels: [("namespace".to_owned(), "payments".to_owned())].into(),
-            owner: None,
-        }));
-    }
-    if kind != EventKind::SecretRead {
-        e.dst = Some(Destination {
-            ip: IpAddr::from([10, 0, (i % 200) as u8, 7]),
-            port: 443,
-            proto: "tcp".into(),
-            name: Some("api.internal".into()),
-        });
-        e.result = Some("ok".into());
-    }
     e
 }
 
@@ -90,9 +92,7 @@ fn main() -> anyhow::Result<()> {
         "[clickhouse]\nurl = \"{url}\"\ndatabase = \"bench\"\nbatch_rows = 100000\nqueue_rows = 1000000\n"
     ))?;
     let ch = cfg.clickhouse.as_ref().expect("section above");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = credwatch::current_thread_runtime()?;
     rt.block_on(migrate(ch))?;
     let events: Vec<Event> = (0..n).map(event).collect();
     let state = std::env::temp_dir().join(format!("credwatch-chbench-{}", std::process::id()));

@@ -8,16 +8,13 @@
 use std::{mem::size_of, time::Instant};
 
 use credwatch::{
-    baseline::Baselines,
-    correlate::Correlator,
+    config::Config,
     credential::Fingerprinter,
     decode::decode,
-    detect::{DetectOptions, Detectors},
-    dns::NameCache,
-    enrich::{BootClock, EnrichStats, Enricher, IdGen},
+    enrich::{Enricher, IdGen},
     inventory::{Inventory, inode_key},
     kubelet::PodDirectory,
-    pipeline::Pipeline,
+    pipeline::PipelineBuilder,
     process::ProcessTable,
     workload::WorkloadResolver,
 };
@@ -28,11 +25,11 @@ fn bytes_of<T>(v: &T) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
 }
 
-fn header(kind: u32, tgid: u32, ts: u64, cgroup_id: u64) -> c::Header {
+fn header(kind: c::RecordKind, tgid: u32, ts: u64, cgroup_id: u64) -> c::Header {
     let mut comm = [0u8; 16];
     comm[..3].copy_from_slice(b"api");
     c::Header {
-        kind,
+        kind: kind as u32,
         pid: tgid,
         tgid,
         ppid: 1,
@@ -88,29 +85,16 @@ fn main() {
     .unwrap();
     inv.rescan();
 
-    let mut enricher = Enricher {
-        node: "bench".into(),
-        clock: BootClock::now(),
-        procs: ProcessTable::new(tmp.join("proc"), 1 << 20),
-        workloads: WorkloadResolver::new(tmp.join("cgroup"), "cluster.local"),
-        pods: PodDirectory::from_pod_list(POD_LIST.as_bytes()).unwrap(),
-        names: NameCache::new(1 << 16),
-        inventory: inv,
-        inventory_dirty: false,
-        pod_miss: None,
-        stats: EnrichStats::default(),
-        owners: Default::default(),
-    };
-    let mut pipeline = Pipeline::new(
-        Correlator::new(std::time::Duration::from_secs(30)),
-        Detectors::new(
-            &DetectOptions::default(),
-            Default::default(),
-            Baselines::in_memory(DetectOptions::default().learning_period, 100_000),
-        ),
-        None,
-        None,
+    let mut enricher = Enricher::new(
+        "bench".into(),
+        inv,
+        WorkloadResolver::new(tmp.join("cgroup"), "cluster.local"),
+        ProcessTable::new(tmp.join("proc"), 1 << 20),
     );
+    enricher.set_pods(PodDirectory::from_pod_list(POD_LIST.as_bytes()).unwrap());
+    // The default configuration: every detector, baselines in memory, no outputs.
+    let cfg = Config::default();
+    let mut pipeline = PipelineBuilder::new(&cfg).build().unwrap();
     let mut ids = IdGen::new();
 
     // One process lifecycle = exec, secret read, connect, exit.
@@ -118,7 +102,7 @@ fn main() {
     for i in 0..1024u32 {
         let tgid = 10_000 + i;
         let mut exec = c::Exec {
-            hdr: header(c::KIND_EXEC, tgid, 0, pod_cgroup),
+            hdr: header(c::RecordKind::Exec, tgid, 0, pod_cgroup),
             cap_effective: 0,
             flags: 0,
             tty: [0; 16],
@@ -127,31 +111,31 @@ fn main() {
         };
         exec.filename[..8].copy_from_slice(b"/app/api");
         let mut open = c::SecretOpen {
-            hdr: header(c::KIND_SECRET_OPEN, tgid, 0, pod_cgroup),
+            hdr: header(c::RecordKind::SecretOpen, tgid, 0, pod_cgroup),
             dev: key.dev,
             ino: key.ino,
             dir_ino: 0,
-            matched: c::MATCH_FILE,
-            syscall: c::OPEN_SYS_OPENAT,
+            matched: c::MatchKind::File as u32,
+            syscall: c::OpenSyscall::Openat as u32,
             fd: 3,
             open_flags: 0,
-            dfd: -100,
             flags: 0,
+            _pad: 0,
             name: [0; 256],
         };
         open.name[..5].copy_from_slice(b"token");
         let conn = c::Connect {
-            hdr: header(c::KIND_CONNECT, tgid, 0, pod_cgroup),
+            hdr: header(c::RecordKind::Connect, tgid, 0, pod_cgroup),
             family: libc::AF_INET as u16,
             sock_type: libc::SOCK_STREAM as u16,
             port: 443,
             _pad: 0,
             addr: [10, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             ret: 0,
-            op: c::OP_CONNECT,
+            op: c::ConnectOp::Connect as u32,
         };
         let exit = c::Exit {
-            hdr: header(c::KIND_EXIT, tgid, 0, pod_cgroup),
+            hdr: header(c::RecordKind::Exit, tgid, 0, pod_cgroup),
             exit_code: 0,
             _pad: 0,
         };
@@ -174,7 +158,7 @@ fn main() {
             pipeline.handle(ev, &mut ids);
         }
         if i % 4096 == 4095 {
-            enricher.procs.evict_exited(u64::MAX);
+            enricher.forget_exited(u64::MAX);
         }
     }
     let cpu = thread_cpu_seconds() - cpu0;

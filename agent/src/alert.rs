@@ -5,7 +5,9 @@ use std::{collections::HashMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{CredentialRef, Destination, Event, Timestamp, Workload};
+use crate::event::{
+    CredentialRef, Destination, Event, EventKind, Timestamp, Workload, WorkloadId, duration_ns,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -56,8 +58,8 @@ impl Severity {
 pub struct Evidence {
     pub event_id: String,
     pub ts: Timestamp,
-    pub kind: String,
-    pub workload: String,
+    pub kind: EventKind,
+    pub workload: WorkloadId,
     pub pid: u32,
     pub comm: String,
     pub exe: String,
@@ -76,14 +78,14 @@ impl Evidence {
         Evidence {
             event_id: ev.id.clone(),
             ts: ev.ts,
-            kind: ev.kind.as_str().to_owned(),
+            kind: ev.kind(),
             workload: ev.workload.id.clone(),
             pid: ev.process.tgid,
             comm: ev.process.comm.clone(),
             exe: ev.process.exe.clone(),
             tty: ev.process.tty.clone(),
-            secret_path: ev.secret.as_ref().and_then(|s| s.path.clone()),
-            dst: ev.dst.clone(),
+            secret_path: ev.secret_path().map(str::to_owned),
+            dst: ev.dst().cloned(),
             detail: None,
         }
     }
@@ -107,21 +109,26 @@ impl Evidence {
         } = self;
         event_id.clone_from(&ev.id);
         *ts = ev.ts;
-        kind.clear();
-        kind.push_str(ev.kind.as_str());
+        *kind = ev.kind();
         workload.clone_from(&ev.workload.id);
         *pid = ev.process.tgid;
         comm.clone_from(&ev.process.comm);
         exe.clone_from(&ev.process.exe);
         tty.clone_from(&ev.process.tty);
-        match ev.secret.as_ref().and_then(|s| s.path.as_ref()) {
+        match ev.secret_path() {
             Some(p) => match secret_path {
-                Some(mine) => mine.clone_from(p),
-                None => *secret_path = Some(p.clone()),
+                Some(mine) => {
+                    mine.clear();
+                    mine.push_str(p);
+                }
+                None => *secret_path = Some(p.to_owned()),
             },
             None => *secret_path = None,
         }
-        dst.clone_from(&ev.dst);
+        match (dst.as_mut(), ev.dst()) {
+            (Some(mine), Some(d)) => mine.clone_from(d),
+            (_, d) => *dst = d.cloned(),
+        }
         *detail = None;
     }
 
@@ -225,7 +232,7 @@ pub struct Dedup {
 impl Dedup {
     pub fn new(window: std::time::Duration) -> Self {
         Dedup {
-            window_ns: window.as_nanos().min(i64::MAX as u128) as i64,
+            window_ns: duration_ns(window),
             seen: HashMap::new(),
         }
     }
@@ -301,28 +308,29 @@ mod tests {
 
     #[test]
     fn refreshed_evidence_equals_fresh_evidence() {
-        use crate::event::{EventKind, SecretRef};
-        let mut read = Event::new(
-            "a-1".into(),
-            Timestamp::from_unix_nanos(5),
-            "n",
-            EventKind::SecretRead,
-        );
+        use crate::event::{Body, Connect, SecretRead, SecretRef};
+        let secret = SecretRef {
+            path: Some("/secrets/token".into()),
+            ..Default::default()
+        };
+        let body = Body::SecretRead(SecretRead {
+            secret: secret.into(),
+            credential: Default::default(),
+        });
+        let mut read = Event::new("a-1".into(), Timestamp::from_unix_nanos(5), "n", body);
         read.process.comm = "api".into();
         read.process.tty = Some("pts/1".into());
-        read.secret = Some(
-            SecretRef {
-                path: Some("/secrets/token".into()),
-                ..Default::default()
-            }
-            .into(),
-        );
-        let mut connect = Event::new(
-            "a-2".into(),
-            Timestamp::from_unix_nanos(9),
-            "n",
-            EventKind::Connect,
-        );
+        let dst = Destination {
+            ip: "10.0.0.1".parse().unwrap(),
+            port: 443,
+            proto: "tcp".into(),
+            name: None,
+        };
+        let body = Body::Connect(Connect {
+            dst,
+            result: "ok".into(),
+        });
+        let mut connect = Event::new("a-2".into(), Timestamp::from_unix_nanos(9), "n", body);
         connect.process.exe = "/usr/bin/curl".into();
         let mut e = Evidence::of(&read).with_detail("x");
         e.refresh(&connect);

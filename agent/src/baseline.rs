@@ -23,7 +23,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::event::{Destination, Event, EventKind, Timestamp, Workload};
+use crate::event::{Body, Destination, Event, Timestamp, Workload, duration_ns};
 
 const SUBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("subjects");
 const PAIRS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("pairs");
@@ -126,13 +126,6 @@ pub fn subject_of(w: &Workload) -> &str {
     w.spiffe_id.as_deref().unwrap_or(&w.id)
 }
 
-/// A privilege gain: to uid 0, or capabilities it did not have.
-pub fn is_priv_gain(ev: &Event) -> bool {
-    ev.priv_change.as_ref().is_some_and(|p| {
-        (p.new_euid == 0 && p.old_euid != 0) || p.new_cap_effective & !p.old_cap_effective != 0
-    })
-}
-
 #[derive(Default)]
 struct Subject {
     profile: SubjectProfile,
@@ -161,15 +154,11 @@ struct Store {
     gone_credentials: HashSet<String>,
 }
 
-fn nanos(d: Duration) -> i64 {
-    d.as_nanos().min(i64::MAX as u128) as i64
-}
-
 impl Baselines {
     /// In memory only (replay without a state dir, tests).
     pub fn in_memory(learning_period: Duration, max_entries: usize) -> Self {
         Baselines {
-            learning_ns: nanos(learning_period),
+            learning_ns: duration_ns(learning_period),
             max_entries: max_entries.max(1),
             subjects: HashMap::new(),
             credentials: HashMap::new(),
@@ -292,9 +281,9 @@ impl Baselines {
 
     /// Folds an event into the profiles. Called after the detectors judged it.
     pub fn learn(&mut self, ev: &Event) {
-        let relevant = match ev.kind {
-            EventKind::SecretRead | EventKind::CredentialUse => ev.credential.is_some(),
-            EventKind::PrivChange => is_priv_gain(ev),
+        let relevant = match &ev.body {
+            Body::SecretRead(_) | Body::CredentialUse(_) => true,
+            Body::PrivChange(p) => p.is_gain(),
             _ => false,
         };
         if !relevant {
@@ -321,15 +310,15 @@ impl Baselines {
         let learning = ts < s.profile.first_seen.saturating_add(learning_ns);
         s.profile.last_seen = s.profile.last_seen.max(ts);
         let mut new_pair = false;
-        match (ev.kind, &ev.credential) {
-            (EventKind::PrivChange, _)
+        match (&ev.body, ev.credential()) {
+            (Body::PrivChange(_), _)
                 if learning
                     && s.profile.priv_exes.len() < MAX_SET
                     && !s.profile.priv_exes.contains(&ev.process.exe) =>
             {
                 s.profile.priv_exes.insert(ev.process.exe.clone());
             }
-            (EventKind::PrivChange, _) => {}
+            (Body::PrivChange(_), _) => {}
             (_, Some(cred)) => {
                 let fp = cred.fingerprint.as_str();
                 if learning && s.profile.secrets.len() < MAX_SET && !s.profile.secrets.contains(fp)
@@ -354,7 +343,7 @@ impl Baselines {
                     }
                     let h = hour_of_week(ev.ts);
                     p.hours[h / 64] |= 1 << (h % 64);
-                    if let Some(d) = &ev.dst {
+                    if let Some(d) = ev.dst() {
                         for_each_dest_key(d, |k| {
                             if p.destinations.len() < MAX_SET && !p.destinations.contains(k) {
                                 p.destinations.insert(k.to_owned());
@@ -526,15 +515,16 @@ mod tests {
     const HOUR: i64 = 3600;
 
     fn connect_use(id: &str, ts_s: i64, fp: &str, port: u16) -> Event {
-        let mut e = read(id, ts_s, pod("payments", "api", "ua"), fp, None);
-        e.kind = EventKind::CredentialUse;
-        e.dst = Some(Destination {
-            ip: "10.0.0.1".parse().unwrap(),
-            port,
-            proto: "tcp".into(),
-            name: Some("db.internal".into()),
-        });
-        e
+        let e = read(id, ts_s, pod("payments", "api", "ua"), fp, None);
+        used(
+            e,
+            Destination {
+                ip: "10.0.0.1".parse().unwrap(),
+                port,
+                proto: "tcp".into(),
+                name: Some("db.internal".into()),
+            },
+        )
     }
 
     #[test]

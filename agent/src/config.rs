@@ -1,11 +1,16 @@
-//! TOML configuration. Unknown keys are errors (a typo must not silently disable a watch);
-//! every error names the file and line.
+//! TOML configuration: the top-level table that assembles each component's own section.
+//! Every component owns its config type and its checks ([`Validate`]); this module parses,
+//! runs the checks, and turns every error (type errors from parsing and the semantic
+//! checks alike) into `LINE: key: message` so `credwatch check-config` can name the line.
+//! Unknown keys are errors: a typo must not silently disable a watch.
 
-use std::{path::Path, time::Duration};
+use std::{fmt::Display, path::Path, sync::Arc};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::Deserialize;
-use toml::Spanned;
+use toml::{Spanned, de::DeValue};
+
+use crate::{clickhouse, correlate, credential, detect, inventory, kubelet, metrics, policy};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -13,478 +18,138 @@ pub struct Config {
     /// Node name in events; defaults to the host name.
     pub node: Option<String>,
     #[serde(default)]
-    pub secrets: Secrets,
+    pub secrets: inventory::Config,
     #[serde(default)]
-    pub kubernetes: Kubernetes,
+    pub kubernetes: kubelet::Config,
     #[serde(default)]
-    pub fingerprint: Fingerprint,
+    pub fingerprint: credential::FingerprintConfig,
     #[serde(default)]
-    pub correlate: Correlate,
+    pub correlate: correlate::Config,
     #[serde(default)]
-    pub detect: Detect,
+    pub detect: detect::Config,
     /// `[[credential]]` policy entries.
     #[serde(default)]
-    pub credential: Vec<Spanned<CredentialPolicy>>,
+    pub credential: Vec<policy::CredentialPolicy>,
     /// `[[allow]]` known-good findings.
     #[serde(default)]
-    pub allow: Vec<Spanned<AllowEntry>>,
+    pub allow: Vec<policy::AllowEntry>,
     #[serde(default)]
-    pub sensors: Sensors,
+    pub sensors: crate::probes::Config,
     /// Events and alerts to ClickHouse; absent: no ClickHouse sink.
-    pub clickhouse: Option<ClickHouse>,
+    pub clickhouse: Option<clickhouse::Config>,
     /// Where alerts go besides `--alerts` (stdout by default).
     #[serde(default)]
-    pub alerts: Alerts,
+    pub alerts: crate::sinks::Config,
     #[serde(default)]
-    pub metrics: MetricsConfig,
+    pub metrics: metrics::Config,
+    /// `credential` and `allow` compiled (once, while checking them).
+    #[serde(skip)]
+    pub policy: Arc<policy::Policy>,
 }
 
-/// Alert output format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AlertFormat {
-    /// credwatch's own alert JSON.
-    #[default]
-    Json,
-    /// OCSF 1.3 Detection Finding (class 2004).
-    Ocsf,
+/// One finding of a semantic check: the dotted key it is about (`clickhouse.batch_rows`,
+/// `alerts.webhook[1].url`) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Alerts {
-    /// Format of the `--alerts` output (stdout by default).
-    #[serde(default)]
-    pub format: AlertFormat,
-    #[serde(default)]
-    pub file: Vec<FileSink>,
-    #[serde(default)]
-    pub webhook: Vec<WebhookSink>,
-    #[serde(default)]
-    pub syslog: Vec<SyslogSink>,
+/// Collects problems while a component checks its section; keys are relative to where the
+/// section lives.
+#[derive(Debug, Default)]
+pub struct Checker {
+    prefix: Vec<String>,
+    problems: Vec<Problem>,
 }
 
-/// JSON lines to a file, rotated by size (`alerts.jsonl` → `alerts.jsonl.1` …).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSink {
-    pub path: String,
-    #[serde(default)]
-    pub format: AlertFormat,
-    #[serde(default = "default_rotate_bytes")]
-    pub max_bytes: u64,
-    /// Rotated files kept.
-    #[serde(default = "default_keep")]
-    pub keep: usize,
-}
-
-/// HTTP POST of each alert as a JSON body.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookSink {
-    pub url: String,
-    #[serde(default)]
-    pub format: AlertFormat,
-    /// Key for an `X-Credwatch-Signature: sha256=<hex HMAC of the body>` header.
-    pub secret_file: Option<String>,
-    /// Extra headers (`Authorization = "Bearer …"` belongs in a file, not here).
-    #[serde(default)]
-    pub headers: std::collections::BTreeMap<String, String>,
-    #[serde(default = "default_sink_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Attempts per alert before it is dropped (and counted).
-    #[serde(default = "default_attempts")]
-    pub max_attempts: u32,
-    /// Alerts waiting for this sink; beyond it new ones are dropped (and counted).
-    #[serde(default = "default_sink_queue")]
-    pub queue: usize,
-}
-
-/// RFC 5424 syslog: `udp://host:514`, `tcp://host:601` (octet counting), `tls://host:6514`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SyslogSink {
-    pub address: String,
-    /// CA bundle for `tls://` (default: the web PKI roots).
-    pub ca_file: Option<String>,
-    #[serde(default = "default_facility")]
-    pub facility: String,
-    #[serde(default = "default_app_name")]
-    pub app_name: String,
-    #[serde(default)]
-    pub format: AlertFormat,
-    #[serde(default = "default_sink_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    #[serde(default = "default_sink_queue")]
-    pub queue: usize,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Prometheus `/metrics` and `/healthz`; `""` turns them off. Localhost by default.
-    #[serde(default = "default_metrics_listen")]
-    pub listen: String,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            listen: default_metrics_listen(),
+impl Checker {
+    pub fn fail(&mut self, key: &str, message: impl Display) {
+        let mut path = self.prefix.join(".");
+        if !key.is_empty() {
+            if !path.is_empty() && !key.starts_with('[') {
+                path.push('.');
+            }
+            path.push_str(key);
         }
+        self.problems.push(Problem {
+            key: path,
+            message: message.to_string(),
+        });
+    }
+
+    pub fn check(&mut self, ok: bool, key: &str, message: impl Display) {
+        if !ok {
+            self.fail(key, message);
+        }
+    }
+
+    /// Runs `f` with keys relative to `name` (a table, or `name[i]` for an array item).
+    pub fn within(&mut self, name: impl Into<String>, f: impl FnOnce(&mut Checker)) {
+        let name = name.into();
+        match (name.starts_with('['), self.prefix.last_mut()) {
+            (true, Some(last)) => {
+                let before = last.len();
+                last.push_str(&name);
+                f(self);
+                self.prefix.last_mut().expect("pushed").truncate(before);
+            }
+            _ => {
+                self.prefix.push(name);
+                f(self);
+                self.prefix.pop();
+            }
+        }
+    }
+
+    /// Each item of an array of tables, as `name[i]`.
+    pub fn each<T: Validate>(&mut self, name: &str, items: &[T]) {
+        self.within(name, |c| {
+            for (i, item) in items.iter().enumerate() {
+                c.within(format!("[{i}]"), |c| item.validate(c));
+            }
+        });
+    }
+
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
     }
 }
 
-fn default_metrics_listen() -> String {
-    "127.0.0.1:9464".into()
-}
-fn default_rotate_bytes() -> u64 {
-    100 << 20
-}
-fn default_keep() -> usize {
-    5
-}
-fn default_sink_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_attempts() -> u32 {
-    5
-}
-fn default_sink_queue() -> usize {
-    10_000
-}
-fn default_facility() -> String {
-    "auth".into()
-}
-fn default_app_name() -> String {
-    "credwatch".into()
+/// The checks a component's config needs beyond its types: whatever would fail or panic
+/// later (zero intervals, empty queues, bad globs, unreachable schemes).
+pub trait Validate {
+    fn validate(&self, c: &mut Checker);
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClickHouse {
-    /// HTTP(S) endpoint, `http://clickhouse:8123`.
-    pub url: String,
-    #[serde(default = "default_ch_database")]
-    pub database: String,
-    pub user: Option<String>,
-    pub password: Option<String>,
-    /// File holding the password (a mounted Secret); preferred over `password`.
-    pub password_file: Option<String>,
-    /// CA bundle for an `https://` endpoint (default: the system's web PKI roots).
-    pub ca_file: Option<String>,
-    /// A batch is sent when it has this many rows…
-    #[serde(default = "default_batch_rows")]
-    pub batch_rows: usize,
-    /// …or about this many bytes…
-    #[serde(default = "default_batch_bytes")]
-    pub batch_bytes: usize,
-    /// …or is this old.
-    #[serde(default = "default_flush", with = "humantime_serde")]
-    pub flush_interval: Duration,
-    /// Rows waiting in memory for the writer; beyond it the agent counts drops.
-    #[serde(default = "default_queue_rows")]
-    pub queue_rows: usize,
-    /// Batches ClickHouse could not take wait on disk (under the state dir) up to this size.
-    #[serde(default = "default_spool_bytes")]
-    pub spool_max_bytes: u64,
-    /// `drop_oldest` (default: keep the newest data) or `drop_newest` when the spool is full.
-    #[serde(default)]
-    pub spool_full: SpoolFull,
-    #[serde(default = "default_ch_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Rows older than this are deleted by ClickHouse (TTL), in days.
-    #[serde(default = "default_ttl_days")]
-    pub ttl_days: u32,
-    /// Cluster name: `ON CLUSTER`, Replicated tables and Distributed tables over them.
-    pub cluster: Option<String>,
-    /// Apply the schema at start (idempotent); turn off where the SOC owns the DDL.
-    #[serde(default = "yes")]
-    pub migrate_on_start: bool,
+/// `http://` or `https://`, which every URL-shaped setting needs.
+pub fn check_http_url(c: &mut Checker, key: &str, url: &str) {
+    c.check(
+        url.starts_with("http://") || url.starts_with("https://"),
+        key,
+        format_args!("must start with http:// or https:// (got {url:?})"),
+    );
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SpoolFull {
-    #[default]
-    DropOldest,
-    DropNewest,
+/// A duration that drives a timer or a window must not be zero.
+pub fn check_nonzero(c: &mut Checker, key: &str, d: std::time::Duration) {
+    c.check(!d.is_zero(), key, "must be longer than 0s");
 }
 
-fn default_ch_database() -> String {
-    "credwatch".into()
-}
-fn default_batch_rows() -> usize {
-    50_000
-}
-fn default_batch_bytes() -> usize {
-    32 << 20
-}
-fn default_flush() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_queue_rows() -> usize {
-    500_000
-}
-fn default_spool_bytes() -> u64 {
-    1 << 30
-}
-fn default_ch_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_ttl_days() -> u32 {
-    90
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Secrets {
-    /// Globs of secret files, on top of the built-in catalog.
-    #[serde(default)]
-    pub paths: Vec<Spanned<String>>,
-    /// Directories whose new files are caught in the kernel before the next rescan.
-    #[serde(default)]
-    pub watch_dirs: Vec<Spanned<String>>,
-    /// Watch the built-in catalog of credential locations.
-    #[serde(default = "yes")]
-    pub catalog: bool,
-    #[serde(default = "default_rescan", with = "humantime_serde")]
-    pub rescan_interval: Duration,
-    /// Credentials are read at most this many bytes to fingerprint them.
-    #[serde(default = "default_max_read")]
-    pub max_read_bytes: u64,
-    /// Where the host's `/` is visible (a container: `/proc/1/root` with hostPID);
-    /// `CREDWATCH_HOST_ROOT` overrides it. Paths everywhere else stay host paths.
-    pub host_root: Option<String>,
-}
-
-impl Default for Secrets {
-    fn default() -> Self {
-        Secrets {
-            paths: Vec::new(),
-            watch_dirs: Vec::new(),
-            catalog: true,
-            rescan_interval: default_rescan(),
-            max_read_bytes: default_max_read(),
-            host_root: None,
+impl Validate for Config {
+    fn validate(&self, c: &mut Checker) {
+        c.within("secrets", |c| self.secrets.validate(c));
+        c.within("kubernetes", |c| self.kubernetes.validate(c));
+        c.within("fingerprint", |c| self.fingerprint.validate(c));
+        c.within("correlate", |c| self.correlate.validate(c));
+        c.within("detect", |c| self.detect.validate(c));
+        c.within("sensors", |c| self.sensors.validate(c));
+        if let Some(ch) = &self.clickhouse {
+            c.within("clickhouse", |c| ch.validate(c));
         }
+        c.within("alerts", |c| self.alerts.validate(c));
+        c.within("metrics", |c| self.metrics.validate(c));
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Kubernetes {
-    /// Kubelet read-only API (`/pods`); `None` disables pod metadata lookups.
-    pub kubelet_url: Option<String>,
-    #[serde(default = "default_kubelet_root")]
-    pub kubelet_root: String,
-    #[serde(default = "default_trust_domain")]
-    pub trust_domain: String,
-    /// Bearer token for the kubelet (the agent's own service-account token in a DaemonSet).
-    pub token_path: Option<String>,
-    /// CA bundle for the kubelet's serving certificate.
-    pub ca_file: Option<String>,
-    /// Accept any kubelet certificate (self-signed serving certs); off by default.
-    #[serde(default)]
-    pub insecure_skip_tls_verify: bool,
-    #[serde(default = "default_kubelet_refresh", with = "humantime_serde")]
-    pub refresh_interval: Duration,
-}
-
-impl Default for Kubernetes {
-    fn default() -> Self {
-        Kubernetes {
-            kubelet_url: None,
-            kubelet_root: default_kubelet_root(),
-            trust_domain: default_trust_domain(),
-            token_path: None,
-            ca_file: None,
-            insecure_skip_tls_verify: false,
-            refresh_interval: default_kubelet_refresh(),
-        }
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fingerprint {
-    /// HMAC key; share it across a fleet so fingerprints compare between nodes.
-    pub key: Option<String>,
-    /// File holding the key (preferred over `key`: keeps it out of the ConfigMap).
-    pub key_file: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Correlate {
-    /// A connect this soon after a secret read by the same process is a credential use.
-    #[serde(default = "default_window", with = "humantime_serde")]
-    pub window: Duration,
-}
-
-impl Default for Correlate {
-    fn default() -> Self {
-        Correlate {
-            window: default_window(),
-        }
-    }
-}
-
-/// What one credential may do. Named by `path` (glob) or `fingerprint`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CredentialPolicy {
-    pub path: Option<String>,
-    pub fingerprint: Option<String>,
-    /// Free text for the analyst ("nightly backup to S3").
-    pub purpose: Option<String>,
-    /// Weekday/time windows it may be used in: `"Mon-Fri 09:00-17:00"`, `"daily 02:00-03:00"`.
-    #[serde(default)]
-    pub schedule: Vec<String>,
-    /// IANA timezone of the windows (default UTC).
-    pub timezone: Option<String>,
-    /// How long a run started by a cron `schedule` entry may use the credential.
-    #[serde(default, with = "humantime_serde")]
-    pub run_for: Option<Duration>,
-    /// The workload the credential belongs to (`pod:payments/api-*`, `unit:backup.service`,
-    /// `spiffe://cluster.local/ns/payments/sa/api`); overrides the kubelet-volume owner.
-    pub owner: Option<String>,
-    /// Other workloads that may read it without an `owner_mismatch` (same selector syntax).
-    #[serde(default)]
-    pub allowed_workloads: Vec<String>,
-    /// Where it may be used: `10.0.0.0/8`, `10.1.2.3:443`, `[2001:db8::]/32:443`,
-    /// `*.amazonaws.com:443`, `*:5432`. A use elsewhere is `privilege_expansion`.
-    #[serde(default)]
-    pub allowed_destinations: Vec<String>,
-}
-
-/// A known-good finding: alerts matching every given field are not raised.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AllowEntry {
-    /// Alert kind (`token_reuse`, …); all kinds when absent.
-    pub alert: Option<String>,
-    /// Workload selector, as in `[[credential]] owner`.
-    pub workload: Option<String>,
-    pub fingerprint: Option<String>,
-    /// Glob of the secret's inventory path.
-    pub path: Option<String>,
-    /// Destination pattern, as in `allowed_destinations`.
-    pub destination: Option<String>,
-    /// Why this is fine; required so the allowlist documents itself.
-    pub reason: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Detect {
-    /// One credential used by two workloads within this window is token reuse.
-    #[serde(default = "default_hour", with = "humantime_serde")]
-    pub reuse_window: Duration,
-    /// Repeats of one finding within this window raise its count instead of a new alert.
-    #[serde(default = "default_hour", with = "humantime_serde")]
-    pub suppression_window: Duration,
-    /// How long each workload's behaviour with its credentials is learned before new
-    /// destinations, secrets, executables and hours are findings; `0s` turns learning off.
-    #[serde(default = "default_learning", with = "humantime_serde")]
-    pub learning_period: Duration,
-    /// A credential first used again after this much silence is `dormant_credential`;
-    /// `0s` turns it off.
-    #[serde(default = "default_dormant", with = "humantime_serde")]
-    pub dormant_after: Duration,
-    /// Bound on learned (workload, credential) profiles; the least recently active go first.
-    #[serde(default = "default_max_baselines")]
-    pub max_baselines: usize,
-}
-
-impl Default for Detect {
-    fn default() -> Self {
-        Detect {
-            reuse_window: default_hour(),
-            suppression_window: default_hour(),
-            learning_period: default_learning(),
-            dormant_after: default_dormant(),
-            max_baselines: default_max_baselines(),
-        }
-    }
-}
-
-impl Detect {
-    pub fn options(&self) -> crate::detect::DetectOptions {
-        crate::detect::DetectOptions {
-            reuse_window: self.reuse_window,
-            suppression_window: self.suppression_window,
-            learning_period: self.learning_period,
-            dormant_after: self.dormant_after,
-        }
-    }
-}
-
-fn default_learning() -> Duration {
-    Duration::from_secs(7 * 24 * 3600)
-}
-fn default_dormant() -> Duration {
-    Duration::from_secs(30 * 24 * 3600)
-}
-fn default_max_baselines() -> usize {
-    100_000
-}
-
-fn default_hour() -> Duration {
-    Duration::from_secs(3600)
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Sensors {
-    #[serde(default = "default_ring_bytes")]
-    pub ring_bytes: u32,
-    #[serde(default = "default_wake_bytes")]
-    pub wake_bytes: u32,
-    /// The agent drains the ring at least this often (the probes do not wake it per event).
-    #[serde(default = "default_drain", with = "humantime_serde")]
-    pub drain_interval: Duration,
-}
-
-impl Default for Sensors {
-    fn default() -> Self {
-        Sensors {
-            ring_bytes: default_ring_bytes(),
-            wake_bytes: default_wake_bytes(),
-            drain_interval: default_drain(),
-        }
-    }
-}
-
-fn yes() -> bool {
-    true
-}
-fn default_rescan() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_max_read() -> u64 {
-    64 << 10
-}
-fn default_kubelet_root() -> String {
-    "/var/lib/kubelet".into()
-}
-fn default_trust_domain() -> String {
-    "cluster.local".into()
-}
-fn default_kubelet_refresh() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_window() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_ring_bytes() -> u32 {
-    8 << 20
-}
-fn default_wake_bytes() -> u32 {
-    256 << 10
-}
-fn default_drain() -> Duration {
-    Duration::from_millis(10)
 }
 
 /// 1-based line of a byte offset.
@@ -496,6 +161,59 @@ fn line_of(src: &str, offset: usize) -> usize {
         + 1
 }
 
+/// `a.b[2].c` → ["a", "b", "[2]", "c"].
+fn key_segments(key: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    for part in key.split('.') {
+        match part.find('[') {
+            Some(i) => {
+                if i > 0 {
+                    out.push(&part[..i]);
+                }
+                let mut rest = &part[i..];
+                while let Some(end) = rest.find(']') {
+                    out.push(&rest[..=end]);
+                    rest = &rest[end + 1..];
+                }
+            }
+            None => out.push(part),
+        }
+    }
+    out
+}
+
+/// Where `key` is written in `src`: its own span when present, else that of the nearest
+/// enclosing table or item that is (a default value that conflicts with a set one).
+fn span_of(src: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let doc = toml::de::DeTable::parse(src).ok()?;
+    let mut best = None;
+    let mut table = doc.get_ref();
+    let mut array: Option<&toml::de::DeArray<'_>> = None;
+    for seg in key_segments(key) {
+        let found: Option<&Spanned<DeValue<'_>>> = match (seg.strip_prefix('['), array) {
+            (Some(idx), Some(arr)) => idx
+                .trim_end_matches(']')
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| arr.get(i)),
+            (None, _) => table
+                .iter()
+                .find(|(k, _)| k.get_ref().as_ref() == seg)
+                .map(|(_, v)| v),
+            _ => None,
+        };
+        let Some(v) = found else { break };
+        best = Some(v.span());
+        array = None;
+        match v.get_ref() {
+            DeValue::Table(t) => table = t,
+            DeValue::Array(a) => array = Some(a),
+            _ => {}
+        }
+    }
+    best
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -504,139 +222,40 @@ impl Config {
         Config::parse(&src).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))
     }
 
-    /// The compiled `[[credential]]` and `[[allow]]` entries (validated at parse time).
-    pub fn policy(&self) -> Result<std::sync::Arc<crate::policy::Policy>> {
-        let entries: Vec<CredentialPolicy> = self
-            .credential
-            .iter()
-            .map(|c| c.get_ref().clone())
-            .collect();
-        let allow: Vec<AllowEntry> = self.allow.iter().map(|a| a.get_ref().clone()).collect();
-        Ok(std::sync::Arc::new(crate::policy::Policy::compile(
-            &entries, &allow,
-        )?))
-    }
-
-    /// Errors are `LINE: message` so callers can prefix the file name.
+    /// Errors are `LINE: key: message` so callers can prefix the file name.
     pub fn parse(src: &str) -> Result<Config> {
-        let cfg: Config = toml::from_str(src).map_err(|e| {
-            let line = e.span().map(|s| line_of(src, s.start)).unwrap_or(0);
-            anyhow::anyhow!("{line}: {}", e.message())
+        let mut cfg: Config = toml::from_str(src).map_err(|e| {
+            let line = e.span().map(|s| line_of(src, s.start)).unwrap_or(1);
+            anyhow::anyhow!("{line}: {}", e.message().trim_end())
         })?;
-        cfg.validate(src)?;
+        let mut c = Checker::default();
+        cfg.validate(&mut c);
+        cfg.policy = Arc::new(policy::Policy::compile_checked(
+            &cfg.credential,
+            &cfg.allow,
+            &mut c,
+        ));
+        if let Some(p) = c.problems().first() {
+            let line = span_of(src, &p.key).map_or(1, |s| line_of(src, s.start));
+            anyhow::bail!("{line}: {}: {}", p.key, p.message);
+        }
         Ok(cfg)
     }
 
-    fn validate(&self, src: &str) -> Result<()> {
-        for g in &self.secrets.paths {
-            if let Err(e) = globset::Glob::new(g.get_ref()) {
-                bail!(
-                    "{}: secrets.paths: bad glob {:?}: {e}",
-                    line_of(src, g.span().start),
-                    g.get_ref()
-                );
-            }
-            if !g.get_ref().starts_with('/') {
-                bail!(
-                    "{}: secrets.paths: {:?} must be an absolute path",
-                    line_of(src, g.span().start),
-                    g.get_ref()
-                );
-            }
-        }
-        for d in &self.secrets.watch_dirs {
-            if !d.get_ref().starts_with('/') {
-                bail!(
-                    "{}: secrets.watch_dirs: {:?} must be an absolute path",
-                    line_of(src, d.span().start),
-                    d.get_ref()
-                );
-            }
-        }
-        if let Some(url) = &self.kubernetes.kubelet_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
+    /// `CREDWATCH_NODE` (a DaemonSet passes `spec.nodeName` there), else `node`, else the
+    /// host name.
+    pub fn node_name(&self) -> String {
+        if let Ok(n) = std::env::var("CREDWATCH_NODE")
+            && !n.trim().is_empty()
         {
-            bail!("kubernetes.kubelet_url must start with http:// or https:// (got {url:?})");
+            return n.trim().to_owned();
         }
-        for c in &self.credential {
-            crate::policy::Policy::compile(std::slice::from_ref(c.get_ref()), &[]).map_err(
-                |e| anyhow::anyhow!("{}: [[credential]]: {e:#}", line_of(src, c.span().start)),
-            )?;
+        if let Some(n) = &self.node {
+            return n.clone();
         }
-        for a in &self.allow {
-            crate::policy::Policy::compile(&[], std::slice::from_ref(a.get_ref())).map_err(
-                |e| anyhow::anyhow!("{}: [[allow]]: {e:#}", line_of(src, a.span().start)),
-            )?;
-        }
-        for w in &self.alerts.webhook {
-            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                bail!(
-                    "alerts.webhook.url must start with http:// or https:// (got {:?})",
-                    w.url
-                );
-            }
-            if w.max_attempts == 0 || w.queue == 0 {
-                bail!("alerts.webhook: max_attempts and queue must be at least 1");
-            }
-        }
-        for s in &self.alerts.syslog {
-            crate::sinks::syslog::Target::parse(&s.address, &s.facility)
-                .map_err(|e| anyhow::anyhow!("alerts.syslog: {e:#}"))?;
-        }
-        for f in &self.alerts.file {
-            if !f.path.starts_with('/') || f.max_bytes == 0 {
-                bail!(
-                    "alerts.file: path must be absolute and max_bytes > 0 ({:?})",
-                    f.path
-                );
-            }
-        }
-        if !self.metrics.listen.is_empty()
-            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            bail!(
-                "metrics.listen must be ADDRESS:PORT like 127.0.0.1:9464 (got {:?})",
-                self.metrics.listen
-            );
-        }
-        if let Some(ch) = &self.clickhouse {
-            if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
-                bail!(
-                    "clickhouse.url must start with http:// or https:// (got {:?})",
-                    ch.url
-                );
-            }
-            let ident = |s: &str| {
-                !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            };
-            if !ident(&ch.database) {
-                bail!(
-                    "clickhouse.database must be letters, digits and _ (got {:?})",
-                    ch.database
-                );
-            }
-            if let Some(c) = &ch.cluster
-                && !ident(c)
-            {
-                bail!("clickhouse.cluster must be letters, digits and _ (got {c:?})");
-            }
-            if ch.batch_rows == 0 || ch.queue_rows < ch.batch_rows {
-                bail!("clickhouse: need 0 < batch_rows <= queue_rows");
-            }
-            if ch.ttl_days == 0 {
-                bail!("clickhouse.ttl_days must be at least 1");
-            }
-        }
-        if self.detect.max_baselines == 0 {
-            bail!("detect.max_baselines must be at least 1");
-        }
-        if self.sensors.ring_bytes < 4096 || !self.sensors.ring_bytes.is_power_of_two() {
-            bail!(
-                "sensors.ring_bytes must be a power of two ≥ 4096 (got {})",
-                self.sensors.ring_bytes
-            );
-        }
-        Ok(())
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into())
     }
 }
 
@@ -644,25 +263,58 @@ impl Config {
 mod tests {
     use super::*;
 
+    fn err(src: &str) -> String {
+        Config::parse(src).unwrap_err().to_string()
+    }
+
     #[test]
     fn empty_config_gets_defaults() {
         let c = Config::parse("").unwrap();
         assert!(c.secrets.catalog);
-        assert_eq!(c.correlate.window, Duration::from_secs(30));
+        assert_eq!(c.correlate.window, std::time::Duration::from_secs(30));
         assert_eq!(c.kubernetes.trust_domain, "cluster.local");
     }
 
     #[test]
-    fn errors_carry_line_numbers() {
-        let e = Config::parse("[secrets]\npaths = [\"/a\"]\nbogus = 1\n").unwrap_err();
-        assert!(e.to_string().starts_with("3: "), "{e}");
-        let e = Config::parse("[secrets]\n\npaths = [\"/ok\", \"relative/*\"]\n").unwrap_err();
-        assert!(e.to_string().starts_with("3: secrets.paths"), "{e}");
-        let e = Config::parse("[secrets]\npaths = [\"/a/[\"]\n").unwrap_err();
-        assert!(e.to_string().contains("bad glob"), "{e}");
-        let e = Config::parse("[[credential]]\npath = \"/a\"\n\n[[credential]]\npath = \"/b\"\nschedule = [\"Mon 9-5\"]\n").unwrap_err();
-        assert!(e.to_string().starts_with("4: [[credential]]"), "{e}");
-        let e = Config::parse("[correlate]\nwindow = \"soon\"\n").unwrap_err();
-        assert!(e.to_string().starts_with("2: "), "{e}");
+    fn type_errors_carry_line_numbers() {
+        assert!(err("[secrets]\npaths = [\"/a\"]\nbogus = 1\n").starts_with("3: "));
+        assert!(err("[correlate]\nwindow = \"soon\"\n").starts_with("2: "));
+    }
+
+    #[test]
+    fn semantic_errors_name_line_and_key() {
+        let e = err("[secrets]\n\npaths = [\"/ok\", \"relative/*\"]\n");
+        assert!(e.starts_with("3: secrets.paths[1]: "), "{e}");
+        assert!(err("[secrets]\npaths = [\"/a/[\"]\n").contains("bad glob"));
+        let e = err(
+            "[[credential]]\npath = \"/a\"\n\n[[credential]]\npath = \"/b\"\nschedule = [\"Mon 9-5\"]\n",
+        );
+        assert!(e.starts_with("6: credential[1].schedule"), "{e}");
+        let e = err("[sensors]\nring_bytes = 4096\ndrain_interval = \"0s\"\n");
+        assert!(e.starts_with("3: sensors.drain_interval: "), "{e}");
+        let e = err("[sensors]\nring_bytes = 5000\n");
+        assert!(e.starts_with("2: sensors.ring_bytes: "), "{e}");
+        let e = err("[secrets]\nrescan_interval = \"0s\"\n");
+        assert!(e.starts_with("2: secrets.rescan_interval"), "{e}");
+        let e = err(
+            "[[alerts.syslog]]\naddress = \"udp://127.0.0.1:514\"\n\n[[alerts.webhook]]\nurl = \"https://a\"\n\n[[alerts.webhook]]\nurl = \"ftp://b\"\n",
+        );
+        assert!(e.starts_with("8: alerts.webhook[1].url: "), "{e}");
+        let e = err("[[alerts.syslog]]\naddress = \"udp://127.0.0.1:514\"\nqueue = 0\n");
+        assert!(e.starts_with("3: alerts.syslog[0].queue"), "{e}");
+        // A conflict with a default points at the key that is set.
+        let e = err("[clickhouse]\nurl = \"http://c:8123\"\nbatch_rows = 900000\n");
+        assert!(e.starts_with("3: clickhouse.batch_rows: "), "{e}");
+        let e = err("[metrics]\nlisten = \"localhost\"\n");
+        assert!(e.starts_with("2: metrics.listen: "), "{e}");
+    }
+
+    #[test]
+    fn key_paths_split_into_tables_and_items() {
+        assert_eq!(
+            key_segments("alerts.webhook[1].url"),
+            ["alerts", "webhook", "[1]", "url"]
+        );
+        assert_eq!(key_segments("credential[0]"), ["credential", "[0]"]);
     }
 }

@@ -5,14 +5,42 @@ use std::sync::Arc;
 
 use foldhash::{HashMap, HashMapExt};
 
-use crate::event::{CredentialRef, Event, EventKind, SecretRef, Timestamp};
+use crate::config::{Checker, Validate, check_nonzero};
+use crate::event::{Body, CredentialRef, CredentialUse, Event, SecretRef, Timestamp, duration_ns};
+
+/// `[correlate]`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// A connect this soon after a secret read by the same process is a credential use.
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub window: std::time::Duration,
+}
+
+fn default_window() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            window: default_window(),
+        }
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self, c: &mut Checker) {
+        check_nonzero(c, "window", self.window);
+    }
+}
 
 /// What a use needs from its read (not the whole event: cloning that per read was a
 /// measurable share of the pipeline). Secret and credential are shared with the read event.
 struct Read {
     event_id: String,
     ts: Timestamp,
-    secret: Option<Arc<SecretRef>>,
+    secret: Arc<SecretRef>,
     credential: Arc<CredentialRef>,
     /// Destinations already reported for this read: one use per (read, destination).
     reported: Vec<(std::net::IpAddr, u16)>,
@@ -28,7 +56,7 @@ pub struct Correlator {
 impl Correlator {
     pub fn new(window: std::time::Duration) -> Self {
         Correlator {
-            window_ns: window.as_nanos().min(i64::MAX as u128) as i64,
+            window_ns: duration_ns(window),
             reads: HashMap::new(),
             max_reads_per_process: 16,
             max_processes: 65536,
@@ -38,8 +66,8 @@ impl Correlator {
     /// Feeds one event; returns the credential uses it completes. `next_id` names them.
     pub fn observe(&mut self, ev: &Event, mut next_id: impl FnMut() -> String) -> Vec<Event> {
         let tgid = ev.process.tgid;
-        match ev.kind {
-            EventKind::SecretRead if ev.credential.is_some() => {
+        match &ev.body {
+            Body::SecretRead(read) => {
                 if self.reads.len() >= self.max_processes && !self.reads.contains_key(&tgid) {
                     self.expire(ev.ts.unix_nanos());
                     if self.reads.len() >= self.max_processes {
@@ -47,7 +75,7 @@ impl Correlator {
                     }
                 }
                 let list = self.reads.entry(tgid).or_default();
-                let fp = &ev.credential.as_ref().expect("checked").fingerprint;
+                let fp = &read.credential.fingerprint;
                 // A re-read of the same credential restarts its window.
                 list.retain(|r| &r.credential.fingerprint != fp);
                 if list.len() >= self.max_reads_per_process {
@@ -56,16 +84,14 @@ impl Correlator {
                 list.push(Read {
                     event_id: ev.id.clone(),
                     ts: ev.ts,
-                    secret: ev.secret.clone(),
-                    credential: ev.credential.clone().expect("checked"),
+                    secret: read.secret.clone(),
+                    credential: read.credential.clone(),
                     reported: Vec::new(),
                 });
                 Vec::new()
             }
-            EventKind::Connect => {
-                let Some(dst) = &ev.dst else {
-                    return Vec::new();
-                };
+            Body::Connect(c) => {
+                let dst = &c.dst;
                 // Name lookups are not uses of the credential.
                 if dst.port == 53 {
                     return Vec::new();
@@ -82,21 +108,25 @@ impl Correlator {
                         continue;
                     }
                     r.reported.push(key);
-                    let mut u =
-                        Event::new(next_id(), ev.ts, ev.node.clone(), EventKind::CredentialUse);
-                    u.process = ev.process.clone();
-                    u.workload = ev.workload.clone();
-                    u.secret = r.secret.clone();
-                    u.credential = Some(Arc::clone(&r.credential));
-                    u.dst = ev.dst.clone();
-                    u.result = ev.result.clone();
-                    u.read_event = Some(r.event_id.clone());
-                    u.read_ts = Some(r.ts);
-                    out.push(u);
+                    out.push(Event {
+                        id: next_id(),
+                        ts: ev.ts,
+                        node: ev.node.clone(),
+                        process: ev.process.clone(),
+                        workload: ev.workload.clone(),
+                        body: Body::CredentialUse(Box::new(CredentialUse {
+                            secret: Some(r.secret.clone()),
+                            credential: Arc::clone(&r.credential),
+                            dst: dst.clone(),
+                            result: c.result.clone(),
+                            read_event: r.event_id.clone(),
+                            read_ts: r.ts,
+                        })),
+                    });
                 }
                 out
             }
-            EventKind::Exit => {
+            Body::Exit { .. } => {
                 self.reads.remove(&tgid);
                 Vec::new()
             }
@@ -116,41 +146,44 @@ impl Correlator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{CredentialRef, Destination};
+    use crate::event::{Connect, CredentialType, Destination, EventKind, SecretRead};
 
-    fn ev(kind: EventKind, tgid: u32, ts_ms: i64) -> Event {
+    fn ev(body: Body, tgid: u32, ts_ms: i64) -> Event {
         let mut e = Event::new(
             format!("e{ts_ms}"),
             Timestamp::from_unix_nanos(ts_ms * 1_000_000),
             "n",
-            kind,
+            body,
         );
         e.process.tgid = tgid;
         e
     }
 
     fn read(tgid: u32, ts_ms: i64, fp: &str) -> Event {
-        let mut e = ev(EventKind::SecretRead, tgid, ts_ms);
-        e.credential = Some(
-            CredentialRef {
-                fingerprint: fp.into(),
-                kind: "k8s_sa_token".into(),
-                ..Default::default()
-            }
-            .into(),
-        );
-        e
+        let credential = CredentialRef {
+            fingerprint: fp.into(),
+            kind: CredentialType::K8sSaToken,
+            ..Default::default()
+        };
+        let body = Body::SecretRead(SecretRead {
+            secret: Default::default(),
+            credential: credential.into(),
+        });
+        ev(body, tgid, ts_ms)
     }
 
     fn connect(tgid: u32, ts_ms: i64, port: u16) -> Event {
-        let mut e = ev(EventKind::Connect, tgid, ts_ms);
-        e.dst = Some(Destination {
+        let dst = Destination {
             ip: "10.0.0.1".parse().unwrap(),
             port,
             proto: "tcp".into(),
             name: None,
+        };
+        let body = Body::Connect(Connect {
+            dst,
+            result: "ok".into(),
         });
-        e
+        ev(body, tgid, ts_ms)
     }
 
     #[test]
@@ -164,9 +197,12 @@ mod tests {
         assert!(c.observe(&read(7, 0, "fp1"), &mut id).is_empty());
         let uses = c.observe(&connect(7, 40, 443), &mut id);
         assert_eq!(uses.len(), 1);
-        assert_eq!(uses[0].kind, EventKind::CredentialUse);
-        assert_eq!(uses[0].credential.as_ref().unwrap().fingerprint, "fp1");
-        assert_eq!(uses[0].read_event.as_deref(), Some("e0"));
+        assert_eq!(uses[0].kind(), EventKind::CredentialUse);
+        let Body::CredentialUse(u) = &uses[0].body else {
+            unreachable!()
+        };
+        assert_eq!(u.credential.fingerprint, "fp1");
+        assert_eq!(u.read_event, "e0");
         // Same destination again: not a second use of the same read.
         assert!(c.observe(&connect(7, 50, 443), &mut id).is_empty());
         // Another destination is.
@@ -188,7 +224,7 @@ mod tests {
             "outside window"
         );
         c.observe(&read(9, 0, "fp1"), &mut id);
-        c.observe(&ev(EventKind::Exit, 9, 5), &mut id);
+        c.observe(&ev(Body::Exit { code: 0 }, 9, 5), &mut id);
         assert!(
             c.observe(&connect(9, 10, 443), &mut id).is_empty(),
             "pid reuse after exit"

@@ -2,13 +2,100 @@
 //! labels that are not secret (JWT claims, AWS access key id, kubeconfig user/cluster, key
 //! algorithm). Nothing returned here contains the secret value.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, fs, path::Path};
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::config::{Checker, Validate};
+
 pub type Labels = BTreeMap<String, String>;
+
+macro_rules! credential_types {
+    ($($v:ident => $s:literal,)+) => {
+        /// What kind of credential a secret holds. `Other` keeps a type this build does not
+        /// know (a recorded event from a newer agent) so it round-trips unchanged.
+        #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum CredentialType {
+            $($v,)+
+            #[default]
+            GenericSecret,
+            Other(String),
+        }
+
+        impl CredentialType {
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $(CredentialType::$v => $s,)+
+                    CredentialType::GenericSecret => "generic_secret",
+                    CredentialType::Other(s) => s,
+                }
+            }
+
+            pub fn parse(s: &str) -> CredentialType {
+                match s {
+                    $($s => CredentialType::$v,)+
+                    "generic_secret" => CredentialType::GenericSecret,
+                    other => CredentialType::Other(other.to_owned()),
+                }
+            }
+        }
+    };
+}
+
+credential_types! {
+    K8sSaToken => "k8s_sa_token",
+    Jwt => "jwt",
+    AwsAccessKey => "aws_access_key",
+    Kubeconfig => "kubeconfig",
+    SshPrivateKey => "ssh_private_key",
+    TlsPrivateKey => "tls_private_key",
+    DockerAuth => "docker_auth",
+    GcpServiceAccountKey => "gcp_service_account_key",
+    GcpUserCredentials => "gcp_user_credentials",
+    GcpWorkloadIdentity => "gcp_workload_identity",
+    VaultToken => "vault_token",
+    Netrc => "netrc",
+    GitCredentials => "git_credentials",
+    NpmToken => "npm_token",
+    PypiToken => "pypi_token",
+    Unreadable => "unreadable",
+}
+
+impl CredentialType {
+    /// Types that identify workloads, not people.
+    pub fn is_machine_identity(&self) -> bool {
+        matches!(
+            self,
+            CredentialType::K8sSaToken
+                | CredentialType::GcpServiceAccountKey
+                | CredentialType::GcpWorkloadIdentity
+                | CredentialType::VaultToken
+                | CredentialType::DockerAuth
+                | CredentialType::TlsPrivateKey
+        )
+    }
+}
+
+impl std::fmt::Display for CredentialType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for CredentialType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CredentialType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        Ok(CredentialType::parse(&s))
+    }
+}
 
 #[derive(Clone)]
 pub struct Fingerprinter {
@@ -29,16 +116,110 @@ impl Fingerprinter {
     /// `hmac-sha256:<64 hex>`. Keyed so a leaked event stream cannot be used to confirm a
     /// guessed secret without the fleet key.
     pub fn fingerprint(&self, value: &[u8]) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
-        mac.update(value);
-        format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes()))
+        format!("hmac-sha256:{}", hmac_sha256_hex(&self.key, value))
+    }
+}
+
+/// Lower-case hex HMAC-SHA256 of `data` under `key` (fingerprints, webhook signatures).
+pub fn hmac_sha256_hex(key: &[u8], data: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(data);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// `[fingerprint]`: the key fingerprints are made with.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FingerprintConfig {
+    /// HMAC key inline (tests, single nodes); prefer `key_file` so it stays out of configs.
+    pub key: Option<Secret>,
+    /// File holding the key; share it across a fleet so fingerprints compare between nodes.
+    pub key_file: Option<String>,
+}
+
+/// Shortest key accepted from a file or generated: 256 bits, the HMAC-SHA256 block strength.
+pub const MIN_KEY_BYTES: usize = 32;
+/// Shortest inline key (inline keys are for tests and single nodes).
+const MIN_INLINE_KEY_BYTES: usize = 8;
+
+impl Validate for FingerprintConfig {
+    fn validate(&self, c: &mut Checker) {
+        if let Some(k) = &self.key {
+            c.check(
+                k.expose().len() >= MIN_INLINE_KEY_BYTES,
+                "key",
+                format_args!("must be at least {MIN_INLINE_KEY_BYTES} bytes"),
+            );
+            c.check(
+                self.key_file.is_none(),
+                "key_file",
+                "give either `key` or `key_file`, not both",
+            );
+        }
+    }
+}
+
+impl FingerprintConfig {
+    /// The key: from `key_file`, else `key`, else a per-node key generated once under the
+    /// state dir (fingerprints then compare across restarts but not across nodes).
+    pub fn load_key(&self, state_dir: &Path) -> anyhow::Result<Vec<u8>> {
+        use anyhow::Context as _;
+        if let Some(path) = &self.key_file {
+            let key =
+                fs::read(path).with_context(|| format!("reading fingerprint.key_file {path}"))?;
+            anyhow::ensure!(
+                key.len() >= MIN_KEY_BYTES,
+                "fingerprint.key_file {path} holds {} bytes; use at least {MIN_KEY_BYTES} \
+                 (`head -c 32 /dev/urandom > {path}`)",
+                key.len()
+            );
+            return Ok(key);
+        }
+        if let Some(k) = &self.key {
+            return Ok(k.expose().as_bytes().to_vec());
+        }
+        let path = state_dir.join("fingerprint.key");
+        match fs::read(&path) {
+            Ok(k) if k.len() >= MIN_KEY_BYTES => return Ok(k),
+            Ok(k) => tracing::warn!(
+                "{} holds {} bytes (an interrupted write by an older version); generating a \
+                 new key: fingerprints change and baselines are learned again",
+                path.display(),
+                k.len()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        let mut key = [0u8; MIN_KEY_BYTES];
+        getrandom::fill(&mut key)
+            .map_err(|e| anyhow::anyhow!("generating fingerprint key: {e}"))?;
+        crate::state::write_private(&path, &key)?;
+        Ok(key.to_vec())
+    }
+}
+
+/// A configured secret value (password, key): never printed by `Debug`, never `Display`ed,
+/// so it cannot reach a log line or an error by accident. `expose` is the one way out.
+#[derive(Clone, Default, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
     }
 }
 
 /// What a secret file holds: its type and non-secret labels.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Analysis {
-    pub kind: &'static str,
+    pub kind: CredentialType,
     pub labels: Labels,
 }
 
@@ -56,23 +237,23 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
         if t.contains("aws_access_key_id") {
             aws_labels(t, &mut labels);
             return Analysis {
-                kind: "aws_access_key",
+                kind: CredentialType::AwsAccessKey,
                 labels,
             };
         }
         if t.contains("-----BEGIN OPENSSH PRIVATE KEY-----") {
             ssh_labels(t, &mut labels);
             return Analysis {
-                kind: "ssh_private_key",
+                kind: CredentialType::SshPrivateKey,
                 labels,
             };
         }
         if let Some(alg) = pem_key_algorithm(t) {
             labels.insert("algorithm".into(), alg.into());
             let kind = if path.contains("/.ssh/") || file.starts_with("ssh_host_") {
-                "ssh_private_key"
+                CredentialType::SshPrivateKey
             } else {
-                "tls_private_key"
+                CredentialType::TlsPrivateKey
             };
             return Analysis { kind, labels };
         }
@@ -80,7 +261,7 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
             && kubeconfig_labels(t, &mut labels)
         {
             return Analysis {
-                kind: "kubeconfig",
+                kind: CredentialType::Kubeconfig,
                 labels,
             };
         }
@@ -99,7 +280,7 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
                 prefix.map(vault_kind).unwrap_or("legacy").into(),
             );
             return Analysis {
-                kind: "vault_token",
+                kind: CredentialType::VaultToken,
                 labels,
             };
         }
@@ -113,7 +294,7 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
                 .collect();
             labels.insert("machines".into(), hosts.join(","));
             return Analysis {
-                kind: "netrc",
+                kind: CredentialType::Netrc,
                 labels,
             };
         }
@@ -125,23 +306,23 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
                 .collect();
             labels.insert("hosts".into(), hosts.join(","));
             return Analysis {
-                kind: "git_credentials",
+                kind: CredentialType::GitCredentials,
                 labels,
             };
         }
         if file == ".npmrc" || file == ".pypirc" {
             return Analysis {
                 kind: if file == ".npmrc" {
-                    "npm_token"
+                    CredentialType::NpmToken
                 } else {
-                    "pypi_token"
+                    CredentialType::PypiToken
                 },
                 labels,
             };
         }
     }
     Analysis {
-        kind: "generic_secret",
+        kind: CredentialType::GenericSecret,
         labels,
     }
 }
@@ -194,7 +375,7 @@ fn claim_str(v: &serde_json::Value) -> Option<String> {
 fn jwt_labels(
     claims: &serde_json::Map<String, serde_json::Value>,
     labels: &mut Labels,
-) -> &'static str {
+) -> CredentialType {
     for key in ["iss", "sub", "aud", "exp", "iat", "nbf"] {
         if let Some(v) = claims.get(key).and_then(claim_str) {
             labels.insert(key.into(), v);
@@ -220,7 +401,7 @@ fn jwt_labels(
                 labels.insert("pod_uid".into(), u.into());
             }
         }
-        return "k8s_sa_token";
+        return CredentialType::K8sSaToken;
     }
     let sub = labels.get("sub").cloned().unwrap_or_default();
     if sub.starts_with("system:serviceaccount:") {
@@ -232,9 +413,9 @@ fn jwt_labels(
             labels.insert("namespace".into(), ns.into());
             labels.insert("service_account".into(), sa.into());
         }
-        return "k8s_sa_token";
+        return CredentialType::K8sSaToken;
     }
-    "jwt"
+    CredentialType::Jwt
 }
 
 fn aws_labels(t: &str, labels: &mut Labels) {
@@ -385,13 +566,13 @@ fn kubeconfig_labels(t: &str, labels: &mut Labels) -> bool {
     true
 }
 
-fn json_labels(v: &serde_json::Value, labels: &mut Labels) -> Option<&'static str> {
+fn json_labels(v: &serde_json::Value, labels: &mut Labels) -> Option<CredentialType> {
     if let Some(auths) = v.get("auths").and_then(|a| a.as_object()) {
         labels.insert(
             "registries".into(),
             auths.keys().cloned().collect::<Vec<_>>().join(","),
         );
-        return Some("docker_auth");
+        return Some(CredentialType::DockerAuth);
     }
     match v.get("type").and_then(|t| t.as_str()) {
         Some("service_account") => {
@@ -400,10 +581,10 @@ fn json_labels(v: &serde_json::Value, labels: &mut Labels) -> Option<&'static st
                     labels.insert(k.into(), s.into());
                 }
             }
-            Some("gcp_service_account_key")
+            Some(CredentialType::GcpServiceAccountKey)
         }
-        Some("authorized_user") => Some("gcp_user_credentials"),
-        Some("external_account") => Some("gcp_workload_identity"),
+        Some("authorized_user") => Some(CredentialType::GcpUserCredentials),
+        Some("external_account") => Some(CredentialType::GcpWorkloadIdentity),
         _ => None,
     }
 }
@@ -449,7 +630,7 @@ mod tests {
             "/var/lib/kubelet/pods/x/volumes/kubernetes.io~projected/kube-api-access-1/token",
             tok.as_bytes(),
         );
-        assert_eq!(an.kind, "k8s_sa_token");
+        assert_eq!(an.kind, CredentialType::K8sSaToken);
         assert_eq!(an.labels["namespace"], "payments");
         assert_eq!(an.labels["service_account"], "payments-api");
         assert_eq!(an.labels["pod"], "api-7f9c");
@@ -462,7 +643,7 @@ mod tests {
     fn aws_credentials_labels_without_secret() {
         let f = "[default]\naws_access_key_id = AKIAFAKEFAKEFAKE0001\naws_secret_access_key = fake/secret/NOT-REAL\n";
         let an = analyze("/root/.aws/credentials", f.as_bytes());
-        assert_eq!(an.kind, "aws_access_key");
+        assert_eq!(an.kind, CredentialType::AwsAccessKey);
         assert_eq!(an.labels["access_key_id"], "AKIAFAKEFAKEFAKE0001");
         assert_eq!(an.labels["key_kind"], "long_lived");
         assert_eq!(an.labels["profiles"], "default");
@@ -473,7 +654,7 @@ mod tests {
     fn kubeconfig_labels_user_and_cluster() {
         let k = "apiVersion: v1\nclusters:\n- cluster:\n    server: https://10.0.0.1:6443\n  name: prod\ncontexts:\n- context:\n    cluster: prod\n    user: admin\n  name: admin@prod\ncurrent-context: admin@prod\nusers:\n- name: admin\n  user:\n    token: FAKE-TOKEN\n";
         let an = analyze("/etc/kubernetes/admin.conf", k.as_bytes());
-        assert_eq!(an.kind, "kubeconfig");
+        assert_eq!(an.kind, CredentialType::Kubeconfig);
         assert_eq!(
             (an.labels["user"].as_str(), an.labels["cluster"].as_str()),
             ("admin", "prod")
@@ -494,6 +675,9 @@ mod tests {
         ] {
             let _ = analyze("/x/token", input);
         }
-        assert_eq!(analyze("/x/y", b"hunter2").kind, "generic_secret");
+        assert_eq!(
+            analyze("/x/y", b"hunter2").kind,
+            CredentialType::GenericSecret
+        );
     }
 }

@@ -67,14 +67,16 @@ pub fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
         });
     }
     let kind = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
-    Ok(match kind {
-        c::KIND_EXEC => Record::Exec(read(buf, kind)?),
-        c::KIND_EXIT => Record::Exit(read(buf, kind)?),
-        c::KIND_SECRET_OPEN => Record::SecretOpen(read(buf, kind)?),
-        c::KIND_CONNECT => Record::Connect(read(buf, kind)?),
-        c::KIND_PRIV_CHANGE => Record::PrivChange(read(buf, kind)?),
-        c::KIND_DNS => Record::Dns(Box::new(read(buf, kind)?)),
-        other => return Err(DecodeError::UnknownKind(other)),
+    let Some(k) = c::RecordKind::from_u32(kind) else {
+        return Err(DecodeError::UnknownKind(kind));
+    };
+    Ok(match k {
+        c::RecordKind::Exec => Record::Exec(read(buf, kind)?),
+        c::RecordKind::Exit => Record::Exit(read(buf, kind)?),
+        c::RecordKind::SecretOpen => Record::SecretOpen(read(buf, kind)?),
+        c::RecordKind::Connect => Record::Connect(read(buf, kind)?),
+        c::RecordKind::PrivChange => Record::PrivChange(read(buf, kind)?),
+        c::RecordKind::Dns => Record::Dns(Box::new(read(buf, kind)?)),
     })
 }
 
@@ -94,7 +96,7 @@ mod tests {
             exit_code: 3,
             _pad: 0,
         };
-        rec.hdr.kind = c::KIND_EXIT;
+        rec.hdr.kind = c::RecordKind::Exit as u32;
         rec.hdr.tgid = 42;
         let b = bytes_of(&rec);
         match decode(&b).unwrap() {

@@ -13,12 +13,13 @@ use crate::{
     decode::Record,
     dns::{NameCache, parse_answer},
     event::{
-        CredentialRef, Destination, Event, EventKind, ExecInfo, Label, PrivChange, ProcessInfo,
-        SecretRef, Timestamp, cstr, sanitize,
+        Body, Connect, CredentialRef, Destination, Event, ExecInfo, Label, PrivChange, ProcessInfo,
+        SecretRead, SecretRef, Timestamp, WorkloadId, WorkloadKind, cstr, sanitize,
     },
     inventory::Inventory,
     kubelet::PodDirectory,
     process::ProcessTable,
+    syscalls::Syscall,
     workload::WorkloadResolver,
 };
 
@@ -105,22 +106,111 @@ pub struct EnrichStats {
     /// Write-only or O_PATH opens of secrets: they read nothing.
     pub secret_non_reads: u64,
     pub dns_unparsed: u64,
+    /// Records whose kernel-written enum fields hold a value this build does not know.
+    pub unknown_values: u64,
 }
 
-pub struct Enricher {
-    pub node: Arc<str>,
-    pub clock: BootClock,
-    pub procs: ProcessTable,
-    pub workloads: WorkloadResolver,
-    pub pods: PodDirectory,
-    pub names: NameCache,
-    pub inventory: Inventory,
-    /// Set when a directory rescan changed the inventory: the kernel maps need a sync.
-    pub inventory_dirty: bool,
-    /// Poked when a pod uid is not in the pod list yet (a pod newer than the last refresh).
-    pub pod_miss: Option<std::sync::Arc<tokio::sync::Notify>>,
+/// What the enricher knows about the node right now, for stats and metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EnrichCounts {
     pub stats: EnrichStats,
-    pub owners: OwnerNames,
+    pub inventory_secrets: usize,
+    pub watched_dirs: usize,
+    pub processes: usize,
+    pub pods: usize,
+}
+
+/// Probe records in, events out: owns the process table, the workload resolver, the pod
+/// directory, the DNS name cache and the secret inventory.
+pub struct Enricher {
+    node: Arc<str>,
+    clock: BootClock,
+    procs: ProcessTable,
+    workloads: WorkloadResolver,
+    pods: PodDirectory,
+    names: NameCache,
+    inventory: Inventory,
+    /// Set when a directory rescan changed the inventory: the kernel maps need a sync.
+    inventory_dirty: bool,
+    /// Poked when a pod uid is not in the pod list yet (a pod newer than the last refresh).
+    pod_miss: Option<Arc<tokio::sync::Notify>>,
+    stats: EnrichStats,
+    owners: OwnerNames,
+}
+
+impl Enricher {
+    pub fn new(
+        node: Arc<str>,
+        inventory: Inventory,
+        workloads: WorkloadResolver,
+        procs: ProcessTable,
+    ) -> Self {
+        Enricher {
+            node,
+            clock: BootClock::now(),
+            procs,
+            workloads,
+            pods: PodDirectory::default(),
+            names: NameCache::new(1 << 16),
+            inventory,
+            inventory_dirty: false,
+            pod_miss: None,
+            stats: EnrichStats::default(),
+            owners: OwnerNames::default(),
+        }
+    }
+
+    /// Notified when an event names a pod uid the pod list does not have.
+    pub fn on_pod_miss(&mut self, n: Arc<tokio::sync::Notify>) {
+        self.pod_miss = Some(n);
+    }
+
+    pub fn set_pods(&mut self, pods: PodDirectory) {
+        self.pods = pods;
+    }
+
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
+    }
+
+    /// Loads the processes that exist now (after the probes attached).
+    pub fn bootstrap_processes(&mut self) -> usize {
+        self.procs.bootstrap()
+    }
+
+    /// Full inventory rescan; the kernel maps need a sync when it changed something.
+    pub fn rescan(&mut self) {
+        if self.inventory.rescan() {
+            self.inventory_dirty = true;
+        }
+    }
+
+    /// True once after the inventory changed (the caller syncs the kernel maps).
+    pub fn take_inventory_change(&mut self) -> bool {
+        std::mem::take(&mut self.inventory_dirty)
+    }
+
+    /// Once a second: re-reads the wall clock offset (NTP steps) and forgets processes that
+    /// exited a while ago.
+    pub fn tick(&mut self) {
+        self.clock = BootClock::now();
+        self.forget_exited(BootClock::boot_now());
+    }
+
+    /// Drops processes that exited more than a grace period before `boot_ns`.
+    pub fn forget_exited(&mut self, boot_ns: u64) {
+        self.procs.evict_exited(boot_ns);
+    }
+
+    pub fn counts(&self) -> EnrichCounts {
+        EnrichCounts {
+            stats: self.stats,
+            inventory_secrets: self.inventory.len(),
+            watched_dirs: self.inventory.dir_keys().len(),
+            processes: self.procs.len(),
+            pods: self.pods.len(),
+        }
+    }
 }
 
 /// Inventory credentials with their owning pod named from the pod list. Naming it means a
@@ -166,7 +256,7 @@ impl OwnerNames {
         if let Some(owner) = named.owner.as_mut() {
             owner.namespace = Some(pod.namespace.clone());
             owner.pod = Some(pod.name.clone());
-            owner.id = format!("pod:{}/{}", pod.namespace, pod.name);
+            owner.id = WorkloadId::pod(&pod.namespace, &pod.name);
         }
         let named = Arc::new(named);
         if self.named.len() >= Self::MAX {
@@ -192,19 +282,8 @@ fn kind_access(flags: i32) -> &'static str {
     }
 }
 
-fn open_syscall(n: u32) -> &'static str {
-    match n {
-        c::OPEN_SYS_OPEN => "open",
-        c::OPEN_SYS_OPENAT => "openat",
-        c::OPEN_SYS_OPENAT2 => "openat2",
-        c::OPEN_SYS_CREAT => "creat",
-        c::OPEN_SYS_BY_HANDLE => "open_by_handle_at",
-        _ => "unknown",
-    }
-}
-
-pub fn connect_result(ret: i32, op: u32) -> Label {
-    if op == c::OP_SENDMSG {
+pub fn connect_result(ret: i32, op: c::ConnectOp) -> Label {
+    if op == c::ConnectOp::Sendmsg {
         return "sent".into();
     }
     match -ret {
@@ -237,127 +316,136 @@ pub fn user_dev(kdev: u64) -> u64 {
     libc::makedev((kdev >> 20) as u32, (kdev & 0xfffff) as u32)
 }
 
+/// A record's common part, decoded once.
+struct Ctx {
+    h: c::Header,
+    ts: Timestamp,
+    comm: String,
+}
+
 impl Enricher {
     pub fn enrich(&mut self, rec: &Record, ids: &mut IdGen, out: &mut Vec<Event>) {
         let h = *rec.header();
-        let ts = self.clock.to_wall(h.ts_ns);
-        let comm = sanitize(cstr(&h.comm));
+        let cx = Ctx {
+            h,
+            ts: self.clock.to_wall(h.ts_ns),
+            comm: sanitize(cstr(&h.comm)),
+        };
         match rec {
-            Record::Exec(r) => {
-                let filename = sanitize(cstr(&r.filename));
-                let entry = self.procs.lookup(h.tgid, h.ppid, &comm);
-                let (old_uid, old_euid, old_caps) = (entry.uid, entry.euid, entry.cap_effective);
-                entry.ppid = h.ppid;
-                entry.comm = comm.clone();
-                entry.exe = filename.clone();
-                entry.uid = h.uid;
-                entry.euid = h.euid;
-                entry.cap_effective = r.cap_effective;
-                let tty = sanitize(cstr(&r.tty));
-                entry.tty = (!tty.is_empty()).then(|| crate::process::kernel_tty_name(&tty));
-                let mut ev = self.base(ids, ts, EventKind::Exec, &h, &comm);
-                ev.exec = Some(Box::new(ExecInfo {
-                    filename,
-                    cap_effective: r.cap_effective,
-                    truncated: r.flags & c::FLAG_TRUNCATED != 0,
-                }));
-                // A set-id binary (or file capabilities) changes credentials at exec.
-                let known = old_uid != u32::MAX;
-                let gained_caps = r.cap_effective & !old_caps != 0;
-                let changed = known && (old_euid != h.euid || old_uid != h.uid || gained_caps);
-                let priv_ev = changed.then(|| {
-                    let mut p = ev.clone();
-                    p.id = ids.next_id();
-                    p.kind = EventKind::PrivChange;
-                    p.exec = None;
-                    p.priv_change = Some(Box::new(PrivChange::new(
-                        "exec",
-                        (old_uid, old_euid, old_caps),
-                        h.uid,
-                        h.euid,
-                        r.cap_effective,
-                    )));
-                    p
-                });
-                out.push(ev);
-                out.extend(priv_ev);
-            }
+            Record::Exec(r) => self.exec(r, &cx, ids, out),
             Record::Exit(r) => {
-                let mut ev = self.base(ids, ts, EventKind::Exit, &h, &comm);
-                ev.exit_code = Some(r.exit_code);
+                let ev = self.event(ids, &cx, Body::Exit { code: r.exit_code });
                 self.procs.mark_exited(h.tgid, h.ts_ns);
                 out.push(ev);
             }
-            Record::SecretOpen(r) => self.secret_open(r, &h, ts, &comm, ids, out),
-            Record::Connect(r) => {
-                let Some(ip) = ip_of(r.family, &r.addr) else {
-                    return;
-                };
-                let mut ev = self.base(ids, ts, EventKind::Connect, &h, &comm);
-                let proto = match r.sock_type as i32 {
-                    libc::SOCK_STREAM => "tcp",
-                    libc::SOCK_DGRAM => "udp",
-                    _ => "unknown",
-                };
-                ev.dst = Some(Destination {
-                    ip,
-                    port: r.port,
-                    proto: proto.into(),
-                    name: self.names.name(&ip, ts.unix_nanos()).map(str::to_owned),
-                });
-                ev.result = Some(connect_result(r.ret, r.op));
-                out.push(ev);
-            }
+            Record::SecretOpen(r) => self.secret_open(r, &cx, ids, out),
+            Record::Connect(r) => self.connect(r, &cx, ids, out),
             Record::PrivChange(r) => {
-                let entry = self.procs.lookup(h.tgid, h.ppid, &comm);
-                let (old_uid, old_euid, old_caps) = (entry.uid, entry.euid, entry.cap_effective);
+                let entry = self.procs.lookup(h.tgid, h.ppid, &cx.comm);
+                let before = (entry.uid, entry.euid, entry.cap_effective);
                 entry.uid = h.uid;
                 entry.euid = h.euid;
                 entry.cap_effective = r.cap_effective;
-                let mut ev = self.base(ids, ts, EventKind::PrivChange, &h, &comm);
-                ev.priv_change = Some(Box::new(PrivChange::new(
-                    syscall_name(r.syscall_nr),
-                    (old_uid, old_euid, old_caps),
-                    h.uid,
-                    h.euid,
-                    r.cap_effective,
-                )));
-                out.push(ev);
+                let via = Syscall::from_nr(r.syscall_nr as i32).map_or("set_id", Syscall::name);
+                let change = PrivChange::new(via, before, h.uid, h.euid, r.cap_effective);
+                out.push(self.event(ids, &cx, Body::PrivChange(Box::new(change))));
             }
-            Record::Dns(r) => {
-                let len = (r.len as usize).min(r.payload.len());
-                let Some(mut answer) = parse_answer(&r.payload[..len]) else {
-                    self.stats.dns_unparsed += 1;
-                    return;
-                };
-                answer.server = ip_of(r.family, &r.server);
-                self.names.insert(&answer, ts.unix_nanos());
-                let mut ev = Event::new(ids.next_id(), ts, self.node.clone(), EventKind::Dns);
-                ev.workload = self.workloads.resolve(h.cgroup_id, 0, "", &self.pods);
-                // Answers arrive in softirq context: the receiving socket's cgroup names
-                // the workload, but no process does.
-                if ev.workload.kind == crate::event::WorkloadKind::Host {
-                    Arc::make_mut(&mut ev.workload).id = "host".into();
-                }
-                ev.dns = Some(Box::new(answer));
-                out.push(ev);
-            }
+            Record::Dns(r) => self.dns(r, &cx, ids, out),
         }
     }
 
-    fn base(
-        &mut self,
-        ids: &mut IdGen,
-        ts: Timestamp,
-        kind: EventKind,
-        h: &c::Header,
-        comm: &str,
-    ) -> Event {
-        let mut ev = Event::new(ids.next_id(), ts, self.node.clone(), kind);
-        let e = self.procs.lookup(h.tgid, h.ppid, comm);
+    fn exec(&mut self, r: &c::Exec, cx: &Ctx, ids: &mut IdGen, out: &mut Vec<Event>) {
+        let h = &cx.h;
+        let filename = sanitize(cstr(&r.filename));
+        let entry = self.procs.lookup(h.tgid, h.ppid, &cx.comm);
+        let before = (entry.uid, entry.euid, entry.cap_effective);
+        entry.ppid = h.ppid;
+        entry.comm = cx.comm.clone();
+        entry.exe = filename.clone();
+        entry.uid = h.uid;
+        entry.euid = h.euid;
+        entry.cap_effective = r.cap_effective;
+        let tty = sanitize(cstr(&r.tty));
+        entry.tty = (!tty.is_empty()).then(|| crate::process::kernel_tty_name(&tty));
+        let ev = self.event(
+            ids,
+            cx,
+            Body::Exec(Box::new(ExecInfo {
+                filename,
+                cap_effective: r.cap_effective,
+                truncated: r.flags & c::FLAG_TRUNCATED != 0,
+            })),
+        );
+        // A set-id binary (or file capabilities) changes credentials at exec.
+        let (old_uid, old_euid, old_caps) = before;
+        let known = old_uid != u32::MAX;
+        let gained_caps = r.cap_effective & !old_caps != 0;
+        let changed = known && (old_euid != h.euid || old_uid != h.uid || gained_caps);
+        let priv_ev = changed.then(|| Event {
+            id: ids.next_id(),
+            body: Body::PrivChange(Box::new(PrivChange::new(
+                "exec",
+                before,
+                h.uid,
+                h.euid,
+                r.cap_effective,
+            ))),
+            ..ev.clone()
+        });
+        out.push(ev);
+        out.extend(priv_ev);
+    }
+
+    fn connect(&mut self, r: &c::Connect, cx: &Ctx, ids: &mut IdGen, out: &mut Vec<Event>) {
+        let (Some(ip), Some(op)) = (ip_of(r.family, &r.addr), c::ConnectOp::from_u32(r.op)) else {
+            self.stats.unknown_values += 1;
+            return;
+        };
+        let proto = match r.sock_type as i32 {
+            libc::SOCK_STREAM => "tcp",
+            libc::SOCK_DGRAM => "udp",
+            _ => "unknown",
+        };
+        let dst = Destination {
+            ip,
+            port: r.port,
+            proto: proto.into(),
+            name: self.names.name(&ip, cx.ts.unix_nanos()).map(str::to_owned),
+        };
+        let result = connect_result(r.ret, op);
+        out.push(self.event(ids, cx, Body::Connect(Connect { dst, result })));
+    }
+
+    fn dns(&mut self, r: &c::Dns, cx: &Ctx, ids: &mut IdGen, out: &mut Vec<Event>) {
+        let len = (r.len as usize).min(r.payload.len());
+        let Some(mut answer) = parse_answer(&r.payload[..len]) else {
+            self.stats.dns_unparsed += 1;
+            return;
+        };
+        answer.server = ip_of(r.family, &r.server);
+        self.names.insert(&answer, cx.ts.unix_nanos());
+        let mut ev = Event::new(
+            ids.next_id(),
+            cx.ts,
+            self.node.clone(),
+            Body::Dns(Box::new(answer)),
+        );
+        ev.workload = self.workloads.resolve(cx.h.cgroup_id, 0, "", &self.pods);
+        // Answers arrive in softirq context: the receiving socket's cgroup names the
+        // workload, but no process does.
+        if ev.workload.kind == WorkloadKind::Host {
+            Arc::make_mut(&mut ev.workload).id = WorkloadId::whole_host();
+        }
+        out.push(ev);
+    }
+
+    /// An event of the process that produced the record.
+    fn event(&mut self, ids: &mut IdGen, cx: &Ctx, body: Body) -> Event {
+        let h = &cx.h;
+        let e = self.procs.lookup(h.tgid, h.ppid, &cx.comm);
         // The record's view is fresher than the table's for ids and comm; the table knows
         // the executable and terminal.
-        let info = ProcessInfo {
+        let process = ProcessInfo {
             pid: h.pid,
             tgid: h.tgid,
             ppid: h.ppid,
@@ -365,38 +453,43 @@ impl Enricher {
             euid: h.euid,
             gid: h.gid,
             egid: h.egid,
-            comm: comm.to_owned(),
+            comm: cx.comm.clone(),
             exe: e.exe.clone(),
             tty: e.tty.clone(),
             session: None,
         };
-        ev.workload = self
+        let workload = self
             .workloads
-            .resolve(h.cgroup_id, h.uid, &info.exe, &self.pods);
-        if ev.workload.pod_uid.is_some()
-            && ev.workload.pod.is_none()
+            .resolve(h.cgroup_id, h.uid, &process.exe, &self.pods);
+        if workload.pod_uid.is_some()
+            && workload.pod.is_none()
             && let Some(n) = &self.pod_miss
         {
             n.notify_one();
         }
-        ev.process = info;
-        ev
+        Event {
+            id: ids.next_id(),
+            ts: cx.ts,
+            node: self.node.clone(),
+            process,
+            workload,
+            body,
+        }
     }
 
-    fn secret_open(
-        &mut self,
-        r: &c::SecretOpen,
-        h: &c::Header,
-        ts: Timestamp,
-        comm: &str,
-        ids: &mut IdGen,
-        out: &mut Vec<Event>,
-    ) {
+    fn secret_open(&mut self, r: &c::SecretOpen, cx: &Ctx, ids: &mut IdGen, out: &mut Vec<Event>) {
         let key = InodeKey {
             dev: r.dev,
             ino: r.ino,
         };
-        if self.inventory.get(&key).is_none() && r.matched != c::MATCH_FILE {
+        let (Some(matched), Some(syscall)) = (
+            c::MatchKind::from_u32(r.matched),
+            c::OpenSyscall::from_u32(r.syscall),
+        ) else {
+            self.stats.unknown_values += 1;
+            return;
+        };
+        if self.inventory.get(&key).is_none() && matched != c::MatchKind::File {
             // New file in a watched directory (rotation, new pod): rescan that directory now
             // instead of waiting for the periodic rescan.
             let dir = self
@@ -428,68 +521,35 @@ impl Enricher {
             return;
         }
         let path = entry.path.clone();
-        let cred = self.owners.name(
+        let credential = self.owners.name(
             key,
             &entry.credential,
             entry.owner_pod_uid.as_deref(),
             &self.pods,
         );
-        let mut ev = self.base(ids, ts, EventKind::SecretRead, h, comm);
-        ev.process.session = self.procs.session_of(h.tgid);
-        ev.secret = Some(Arc::new(SecretRef {
+        let opened_as_status = if r.flags & c::FLAG_NO_NAME != 0 {
+            Some("unreadable".into())
+        } else if r.flags & c::FLAG_TRUNCATED != 0 {
+            Some("truncated".into())
+        } else {
+            None
+        };
+        let secret = Arc::new(SecretRef {
             path: Some(path),
             opened_as: sanitize(cstr(&r.name)),
+            opened_as_status,
             dev: user_dev(r.dev),
             inode: r.ino,
-            syscall: open_syscall(r.syscall).into(),
+            syscall: syscall.name().into(),
             access: access.into(),
             open_flags: r.open_flags,
-            matched: if r.matched == c::MATCH_FILE {
-                "file"
-            } else {
-                "watched_dir"
-            }
-            .into(),
+            matched: matched.name().into(),
             fd: r.fd,
-        }));
-        ev.credential = Some(cred);
+        });
+        let mut ev = self.event(ids, cx, Body::SecretRead(SecretRead { secret, credential }));
+        ev.process.session = self.procs.session_of(cx.h.tgid);
         out.push(ev);
     }
-}
-
-/// x86_64 / aarch64 syscall numbers of the credential-changing calls.
-fn syscall_name(nr: u32) -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    const TABLE: &[(u32, &str)] = &[
-        (105, "setuid"),
-        (106, "setgid"),
-        (113, "setreuid"),
-        (114, "setregid"),
-        (117, "setresuid"),
-        (119, "setresgid"),
-        (122, "setfsuid"),
-        (123, "setfsgid"),
-        (126, "capset"),
-    ];
-    #[cfg(target_arch = "aarch64")]
-    const TABLE: &[(u32, &str)] = &[
-        (146, "setuid"),
-        (144, "setgid"),
-        (145, "setreuid"),
-        (143, "setregid"),
-        (147, "setresuid"),
-        (149, "setresgid"),
-        (151, "setfsuid"),
-        (152, "setfsgid"),
-        (91, "capset"),
-    ];
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    const TABLE: &[(u32, &str)] = &[];
-    TABLE
-        .iter()
-        .find(|(n, _)| *n == nr)
-        .map(|(_, s)| *s)
-        .unwrap_or("set_id")
 }
 
 #[cfg(test)]
@@ -520,7 +580,7 @@ mod tests {
         let cred = Arc::new(CredentialRef {
             fingerprint: "hmac-sha256:00".into(),
             owner: Some(crate::event::Owner {
-                id: "pod:uid/u-1".into(),
+                id: WorkloadId::pod_uid("u-1"),
                 pod_uid: Some("u-1".into()),
                 ..Default::default()
             }),
@@ -551,16 +611,16 @@ mod tests {
 
     #[test]
     fn results_and_devices() {
-        assert_eq!(connect_result(0, c::OP_CONNECT), "ok");
+        assert_eq!(connect_result(0, c::ConnectOp::Connect), "ok");
         assert_eq!(
-            connect_result(-libc::ECONNREFUSED, c::OP_CONNECT),
+            connect_result(-libc::ECONNREFUSED, c::ConnectOp::Connect),
             "refused"
         );
         assert_eq!(
-            connect_result(-libc::EINPROGRESS, c::OP_CONNECT),
+            connect_result(-libc::EINPROGRESS, c::ConnectOp::Connect),
             "in_progress"
         );
-        assert_eq!(connect_result(0, c::OP_SENDMSG), "sent");
+        assert_eq!(connect_result(0, c::ConnectOp::Sendmsg), "sent");
         assert_eq!(user_dev(InodeKey::kernel_dev(8, 1)), libc::makedev(8, 1));
         assert_eq!(
             user_dev(InodeKey::kernel_dev(0, 300)),

@@ -1,10 +1,17 @@
 //! The enriched event: what `--events` writes as NDJSON, what `replay` reads back, what sinks
 //! store. Field names follow the contract in the design brief; extend, never rename.
+//!
+//! In memory an event is its common part (who, where, when) and a typed [`Body`] per kind,
+//! so a `secret_read` always has its secret and credential and a `connect` its destination.
+//! On the wire it is one flat JSON object with `kind` as the tag; [`wire`] converts, checking
+//! that a recorded line carries what its kind needs.
 
-use std::{borrow::Cow, collections::BTreeMap, net::IpAddr, sync::Arc};
+use std::{borrow::Cow, collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use crate::credential::CredentialType;
 
 /// A value from a small fixed vocabulary (`tcp`, `openat`, `read`, `refused`…): static when
 /// the agent sets it, so the per-event path does not allocate it; owned when read back.
@@ -71,10 +78,24 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        DateTime::parse_from_rfc3339(&s)
-            .map(|t| Timestamp(t.with_timezone(&Utc)))
-            .map_err(|e| serde::de::Error::custom(format!("bad RFC 3339 timestamp {s:?}: {e}")))
+        let t = DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| serde::de::Error::custom(format!("bad RFC 3339 timestamp {s:?}: {e}")))?;
+        // Every clock in the agent (and ClickHouse's DateTime64(9)) counts i64 nanoseconds:
+        // 1677 to 2262. Outside that a time could not be compared, stored or written back.
+        if t.timestamp_nanos_opt().is_none() {
+            return Err(serde::de::Error::custom(format!(
+                "timestamp {s:?} is outside 1677..2262"
+            )));
+        }
+        Ok(Timestamp(t))
     }
+}
+
+/// A duration as nanoseconds for timestamp arithmetic, saturating at `i64::MAX` (a config
+/// of "100 years" must not wrap into the past).
+pub fn duration_ns(d: std::time::Duration) -> i64 {
+    d.as_nanos().min(i64::MAX as u128) as i64
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,14 +142,89 @@ impl WorkloadKind {
             WorkloadKind::Host => "host",
         }
     }
+
+    /// The inverse of [`Self::as_str`]; anything else is a host.
+    pub fn parse(s: &str) -> WorkloadKind {
+        match s {
+            "pod" => WorkloadKind::Pod,
+            "container" => WorkloadKind::Container,
+            "unit" => WorkloadKind::Unit,
+            _ => WorkloadKind::Host,
+        }
+    }
+}
+
+/// A workload's stable identity as text: `pod:<ns>/<name>` (`pod:uid/<uid>` until the pod
+/// list names it), `container:<id>`, `unit:<name>`, `host:<uid>:<exe>`. Policy selectors and
+/// baselines match on it, so it is only ever built by these constructors.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WorkloadId(String);
+
+impl WorkloadId {
+    pub fn pod(namespace: &str, name: &str) -> Self {
+        WorkloadId(format!("pod:{namespace}/{name}"))
+    }
+    /// A pod the kubelet's list does not name (yet).
+    pub fn pod_uid(uid: &str) -> Self {
+        WorkloadId(format!("pod:uid/{uid}"))
+    }
+    pub fn container(id: &str) -> Self {
+        WorkloadId(format!("container:{id}"))
+    }
+    pub fn unit(name: &str) -> Self {
+        WorkloadId(format!("unit:{name}"))
+    }
+    pub fn host(uid: u32, exe: &str) -> Self {
+        WorkloadId(format!("host:{uid}:{exe}"))
+    }
+    /// The host as a whole (a DNS answer received outside any workload's cgroup).
+    pub fn whole_host() -> Self {
+        WorkloadId("host".into())
+    }
+    /// An owner named in policy: the selector as the operator wrote it.
+    pub fn declared(selector: &str) -> Self {
+        WorkloadId(selector.to_owned())
+    }
+    /// An id an agent stored (ClickHouse rows read back).
+    pub fn recorded(id: impl Into<String>) -> Self {
+        WorkloadId(id.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for WorkloadId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WorkloadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for WorkloadId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for WorkloadId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
 }
 
 /// Who acted, derived from the cgroup (never from the process name).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workload {
     pub kind: WorkloadKind,
-    /// Stable identity: `pod:<ns>/<name>`, `container:<id>`, `unit:<name>`, `host:<uid>:<exe>`.
-    pub id: String,
+    pub id: WorkloadId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,6 +255,10 @@ pub struct SecretRef {
     /// The name exactly as the process passed it (relative, via symlink, `/proc/self/root`…).
     #[serde(default)]
     pub opened_as: String,
+    /// Set when `opened_as` is not the whole name: `truncated` (longer than the probe's
+    /// buffer) or `unreadable` (the process's memory could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened_as_status: Option<Label>,
     pub dev: u64,
     pub inode: u64,
     /// `open`, `openat`, `openat2`, `creat`, `open_by_handle_at`.
@@ -181,26 +281,59 @@ pub struct CredentialRef {
     /// Keyed hash of the value (`hmac-sha256:<hex>`); the value itself is never kept.
     pub fingerprint: String,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: CredentialType,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
 }
 
+/// How the agent knows a credential's owner.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerSource {
+    /// The file lives in that pod's kubelet volume.
+    #[default]
+    KubeletVolume,
+    /// Declared in `[[credential]] owner`.
+    Policy,
+}
+
+impl OwnerSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OwnerSource::KubeletVolume => "kubelet_volume",
+            OwnerSource::Policy => "policy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OwnerSource> {
+        match s {
+            "kubelet_volume" => Some(OwnerSource::KubeletVolume),
+            "policy" => Some(OwnerSource::Policy),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for OwnerSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The workload a secret belongs to.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     pub kind: WorkloadKind,
-    pub id: String,
+    pub id: WorkloadId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
-    /// `kubelet_volume` (derived from where the file lives) or `policy` (declared in config).
-    pub source: String,
+    pub source: OwnerSource,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +382,12 @@ impl PrivChange {
             new_cap_effective: caps,
         }
     }
+
+    /// Gained uid 0 or capabilities it did not have: what a privilege baseline learns.
+    pub fn is_gain(&self) -> bool {
+        (self.new_euid == 0 && self.old_euid != 0)
+            || self.new_cap_effective & !self.old_cap_effective != 0
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,61 +399,297 @@ pub struct DnsAnswer {
     pub server: Option<IpAddr>,
 }
 
+/// A secret read: which file and which credential it holds (both shared with the inventory
+/// and with the uses that follow).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecretRead {
+    pub secret: Arc<SecretRef>,
+    pub credential: Arc<CredentialRef>,
+}
+
+/// A connection attempt and how it went.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Connect {
+    pub dst: Destination,
+    /// `ok`, `in_progress`, `refused`, `sent` (unconnected UDP) or the errno name.
+    pub result: Label,
+}
+
+/// A holder of a credential connecting somewhere: the unit the SOC cares about.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CredentialUse {
+    /// The file it came from, when it came from one.
+    pub secret: Option<Arc<SecretRef>>,
+    pub credential: Arc<CredentialRef>,
+    pub dst: Destination,
+    pub result: Label,
+    /// Id and time of the event that made the process a holder.
+    pub read_event: String,
+    pub read_ts: Timestamp,
+}
+
+/// What an event says, by kind.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Body {
+    Exec(Box<ExecInfo>),
+    Exit { code: i32 },
+    SecretRead(SecretRead),
+    Connect(Connect),
+    CredentialUse(Box<CredentialUse>),
+    PrivChange(Box<PrivChange>),
+    Dns(Box<DnsAnswer>),
+}
+
+impl Body {
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Body::Exec(_) => EventKind::Exec,
+            Body::Exit { .. } => EventKind::Exit,
+            Body::SecretRead(_) => EventKind::SecretRead,
+            Body::Connect(_) => EventKind::Connect,
+            Body::CredentialUse(_) => EventKind::CredentialUse,
+            Body::PrivChange(_) => EventKind::PrivChange,
+            Body::Dns(_) => EventKind::Dns,
+        }
+    }
+}
+
 /// Kept small (it is moved several times per event): the parts only some kinds carry are
 /// boxed, and the parts a credential use copies from its read are shared.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Event {
     /// Unique per event on a node: `<agent run nonce>-<sequence>`; ClickHouse deduplicates on it.
     pub id: String,
     pub ts: Timestamp,
     pub node: Arc<str>,
-    pub kind: EventKind,
     pub process: ProcessInfo,
     /// Shared: every event of a workload carries the same resolved identity.
     pub workload: Arc<Workload>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret: Option<Arc<SecretRef>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credential: Option<Arc<CredentialRef>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dst: Option<Destination>,
-    /// Connect outcome: `ok`, `in_progress`, `refused`, `sent` (unconnected UDP) or the errno name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<Label>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exec: Option<Box<ExecInfo>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub priv_change: Option<Box<PrivChange>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dns: Option<Box<DnsAnswer>>,
-    /// For `credential_use`: id and time of the `secret_read` it follows.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub read_event: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub read_ts: Option<Timestamp>,
+    pub body: Body,
 }
 
 impl Event {
-    pub fn new(id: String, ts: Timestamp, node: impl Into<Arc<str>>, kind: EventKind) -> Self {
+    pub fn new(id: String, ts: Timestamp, node: impl Into<Arc<str>>, body: Body) -> Self {
         Event {
             id,
             ts,
             node: node.into(),
-            kind,
             process: ProcessInfo::default(),
             workload: Arc::default(),
-            secret: None,
-            credential: None,
-            dst: None,
-            result: None,
-            exec: None,
-            exit_code: None,
-            priv_change: None,
-            dns: None,
-            read_event: None,
-            read_ts: None,
+            body,
+        }
+    }
+
+    pub fn kind(&self) -> EventKind {
+        self.body.kind()
+    }
+
+    /// The credential a read or use is about.
+    pub fn credential(&self) -> Option<&Arc<CredentialRef>> {
+        match &self.body {
+            Body::SecretRead(r) => Some(&r.credential),
+            Body::CredentialUse(u) => Some(&u.credential),
+            _ => None,
+        }
+    }
+
+    /// The secret file a read or use is about.
+    pub fn secret(&self) -> Option<&Arc<SecretRef>> {
+        match &self.body {
+            Body::SecretRead(r) => Some(&r.secret),
+            Body::CredentialUse(u) => u.secret.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Inventory path of the secret a read or use is about (what policy globs match).
+    pub fn secret_path(&self) -> Option<&str> {
+        self.secret().and_then(|s| s.path.as_deref())
+    }
+
+    /// Where a connect or use went.
+    pub fn dst(&self) -> Option<&Destination> {
+        match &self.body {
+            Body::Connect(c) => Some(&c.dst),
+            Body::CredentialUse(u) => Some(&u.dst),
+            _ => None,
+        }
+    }
+
+    pub fn priv_change(&self) -> Option<&PrivChange> {
+        match &self.body {
+            Body::PrivChange(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        wire::Out::from(self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        wire::In::deserialize(d)?
+            .into_event()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The flat JSON form: one object, `kind` as the tag, the parts of every kind as optional
+/// keys in a fixed order (what the NDJSON contract and the recorded fixtures hold).
+mod wire {
+    use super::*;
+
+    #[derive(Serialize)]
+    pub struct Out<'a> {
+        id: &'a str,
+        ts: Timestamp,
+        node: &'a str,
+        kind: EventKind,
+        process: &'a ProcessInfo,
+        workload: &'a Workload,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        secret: Option<&'a SecretRef>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        credential: Option<&'a CredentialRef>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dst: Option<&'a Destination>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exec: Option<&'a ExecInfo>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        priv_change: Option<&'a PrivChange>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dns: Option<&'a DnsAnswer>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        read_event: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        read_ts: Option<Timestamp>,
+    }
+
+    impl<'a> From<&'a Event> for Out<'a> {
+        fn from(e: &'a Event) -> Self {
+            let mut o = Out {
+                id: &e.id,
+                ts: e.ts,
+                node: &e.node,
+                kind: e.kind(),
+                process: &e.process,
+                workload: &e.workload,
+                secret: None,
+                credential: None,
+                dst: None,
+                result: None,
+                exec: None,
+                exit_code: None,
+                priv_change: None,
+                dns: None,
+                read_event: None,
+                read_ts: None,
+            };
+            match &e.body {
+                Body::Exec(x) => o.exec = Some(x),
+                Body::Exit { code } => o.exit_code = Some(*code),
+                Body::SecretRead(r) => {
+                    o.secret = Some(&r.secret);
+                    o.credential = Some(&r.credential);
+                }
+                Body::Connect(c) => {
+                    o.dst = Some(&c.dst);
+                    o.result = Some(&c.result);
+                }
+                Body::CredentialUse(u) => {
+                    o.secret = u.secret.as_deref();
+                    o.credential = Some(&u.credential);
+                    o.dst = Some(&u.dst);
+                    o.result = Some(&u.result);
+                    o.read_event = Some(&u.read_event);
+                    o.read_ts = Some(u.read_ts);
+                }
+                Body::PrivChange(p) => o.priv_change = Some(p),
+                Body::Dns(d) => o.dns = Some(d),
+            }
+            o
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct In {
+        id: String,
+        ts: Timestamp,
+        node: String,
+        kind: EventKind,
+        process: ProcessInfo,
+        workload: Arc<Workload>,
+        #[serde(default)]
+        secret: Option<Arc<SecretRef>>,
+        #[serde(default)]
+        credential: Option<Arc<CredentialRef>>,
+        #[serde(default)]
+        dst: Option<Destination>,
+        #[serde(default)]
+        result: Option<Label>,
+        #[serde(default)]
+        exec: Option<Box<ExecInfo>>,
+        #[serde(default)]
+        exit_code: Option<i32>,
+        #[serde(default)]
+        priv_change: Option<Box<PrivChange>>,
+        #[serde(default)]
+        dns: Option<Box<DnsAnswer>>,
+        #[serde(default)]
+        read_event: Option<String>,
+        #[serde(default)]
+        read_ts: Option<Timestamp>,
+    }
+
+    fn need<T>(v: Option<T>, kind: EventKind, key: &str) -> Result<T, String> {
+        v.ok_or_else(|| format!("a {} event needs `{key}`", kind.as_str()))
+    }
+
+    impl In {
+        pub fn into_event(self) -> Result<Event, String> {
+            let k = self.kind;
+            let body = match k {
+                EventKind::Exec => Body::Exec(need(self.exec, k, "exec")?),
+                EventKind::Exit => Body::Exit {
+                    code: need(self.exit_code, k, "exit_code")?,
+                },
+                EventKind::SecretRead => Body::SecretRead(SecretRead {
+                    secret: need(self.secret, k, "secret")?,
+                    credential: need(self.credential, k, "credential")?,
+                }),
+                EventKind::Connect => Body::Connect(Connect {
+                    dst: need(self.dst, k, "dst")?,
+                    result: need(self.result, k, "result")?,
+                }),
+                EventKind::CredentialUse => Body::CredentialUse(Box::new(CredentialUse {
+                    secret: self.secret,
+                    credential: need(self.credential, k, "credential")?,
+                    dst: need(self.dst, k, "dst")?,
+                    result: need(self.result, k, "result")?,
+                    read_event: need(self.read_event, k, "read_event")?,
+                    read_ts: need(self.read_ts, k, "read_ts")?,
+                })),
+                EventKind::PrivChange => {
+                    Body::PrivChange(need(self.priv_change, k, "priv_change")?)
+                }
+                EventKind::Dns => Body::Dns(need(self.dns, k, "dns")?),
+            };
+            Ok(Event {
+                id: self.id,
+                ts: self.ts,
+                node: self.node.into(),
+                process: self.process,
+                workload: self.workload,
+                body,
+            })
         }
     }
 }

@@ -17,9 +17,102 @@ use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use tracing::{debug, warn};
 
 use crate::{
+    config::{Checker, Validate, check_nonzero},
     credential::{Fingerprinter, analyze},
-    event::{CredentialRef, Owner, WorkloadKind},
+    event::{CredentialRef, CredentialType, Owner, OwnerSource, WorkloadId, WorkloadKind},
 };
+
+/// `[secrets]`: which files hold credentials.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Globs of secret files, on top of the built-in catalog.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Directories whose new files are caught in the kernel before the next rescan.
+    #[serde(default)]
+    pub watch_dirs: Vec<String>,
+    /// Watch the built-in catalog of credential locations.
+    #[serde(default = "yes")]
+    pub catalog: bool,
+    #[serde(default = "default_rescan", with = "humantime_serde")]
+    pub rescan_interval: Duration,
+    /// Credentials are read at most this many bytes to fingerprint them.
+    #[serde(default = "default_max_read")]
+    pub max_read_bytes: u64,
+    /// Where the host's `/` is visible (a container: `/proc/1/root` with hostPID);
+    /// `CREDWATCH_HOST_ROOT` overrides it. Paths everywhere else stay host paths.
+    pub host_root: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_rescan() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_read() -> u64 {
+    64 << 10
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            paths: Vec::new(),
+            watch_dirs: Vec::new(),
+            catalog: true,
+            rescan_interval: default_rescan(),
+            max_read_bytes: default_max_read(),
+            host_root: None,
+        }
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self, c: &mut Checker) {
+        for (i, g) in self.paths.iter().enumerate() {
+            let key = format!("paths[{i}]");
+            if !g.starts_with('/') {
+                c.fail(&key, format_args!("{g:?} must be an absolute path"));
+            } else if let Err(e) = Glob::new(g) {
+                c.fail(&key, format_args!("bad glob {g:?}: {e}"));
+            }
+        }
+        for (i, d) in self.watch_dirs.iter().enumerate() {
+            c.check(
+                d.starts_with('/'),
+                &format!("watch_dirs[{i}]"),
+                format_args!("{d:?} must be an absolute path"),
+            );
+        }
+        check_nonzero(c, "rescan_interval", self.rescan_interval);
+        c.check(
+            self.max_read_bytes > 0,
+            "max_read_bytes",
+            "must be at least 1",
+        );
+    }
+}
+
+impl Inventory {
+    /// The inventory `cfg` describes, with pod volumes under `kubelet_root`; the host root
+    /// from `CREDWATCH_HOST_ROOT`, else `host_root`.
+    pub fn from_config(cfg: &Config, kubelet_root: &str, fp: Fingerprinter) -> Result<Self> {
+        let host_root = std::env::var_os("CREDWATCH_HOST_ROOT")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| cfg.host_root.as_ref().map(PathBuf::from));
+        Ok(Inventory::new(
+            &cfg.paths,
+            cfg.catalog,
+            &cfg.watch_dirs,
+            kubelet_root,
+            cfg.max_read_bytes,
+            fp,
+        )?
+        .with_host_root(host_root))
+    }
+}
 
 /// Built-in credential locations. `{kubelet}` is the kubelet root.
 pub const CATALOG: &[&str] = &[
@@ -338,7 +431,7 @@ impl Inventory {
             Ok((bytes, truncated)) => {
                 let an = analyze(path_str, &bytes);
                 credential.fingerprint = self.fp.fingerprint(&bytes);
-                credential.kind = an.kind.to_owned();
+                credential.kind = an.kind;
                 credential.labels = an.labels;
                 if truncated {
                     credential.labels.insert(
@@ -349,7 +442,7 @@ impl Inventory {
             }
             Err(e) => {
                 debug!("cannot read secret {path_str}: {e}");
-                credential.kind = "unreadable".into();
+                credential.kind = CredentialType::Unreadable;
                 credential
                     .labels
                     .insert("read_error".into(), e.kind().to_string());
@@ -357,9 +450,9 @@ impl Inventory {
         }
         credential.owner = owner_pod_uid.as_ref().map(|uid| Owner {
             kind: WorkloadKind::Pod,
-            id: format!("pod:uid/{uid}"),
+            id: WorkloadId::pod_uid(uid),
             pod_uid: Some(uid.clone()),
-            source: "kubelet_volume".into(),
+            source: OwnerSource::KubeletVolume,
             ..Default::default()
         });
         SecretEntry {

@@ -6,15 +6,93 @@ use std::{collections::HashMap, time::Duration};
 use anyhow::{Context, Result, bail};
 use k8s_openapi::{List, api::core::v1::Pod};
 
+use crate::config::{Checker, Validate, check_http_url, check_nonzero};
+
+/// `[kubernetes]`: where pod volumes live and where the pod list comes from.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Kubelet API (`/pods`); `None` disables pod metadata lookups.
+    pub kubelet_url: Option<String>,
+    #[serde(default = "default_kubelet_root")]
+    pub kubelet_root: String,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Bearer token for the kubelet (the agent's own service-account token in a DaemonSet).
+    pub token_path: Option<String>,
+    /// CA bundle for the kubelet's serving certificate.
+    pub ca_file: Option<String>,
+    /// Accept any kubelet certificate (self-signed serving certs); off by default.
+    #[serde(default)]
+    pub insecure_skip_tls_verify: bool,
+    #[serde(default = "default_kubelet_refresh", with = "humantime_serde")]
+    pub refresh_interval: Duration,
+}
+
+fn default_kubelet_root() -> String {
+    "/var/lib/kubelet".into()
+}
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+fn default_kubelet_refresh() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kubelet_url: None,
+            kubelet_root: default_kubelet_root(),
+            trust_domain: default_trust_domain(),
+            token_path: None,
+            ca_file: None,
+            insecure_skip_tls_verify: false,
+            refresh_interval: default_kubelet_refresh(),
+        }
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self, c: &mut Checker) {
+        if let Some(url) = &self.kubelet_url {
+            check_http_url(c, "kubelet_url", url);
+        }
+        c.check(
+            self.kubelet_root.starts_with('/'),
+            "kubelet_root",
+            "must be an absolute path",
+        );
+        c.check(
+            !self.trust_domain.is_empty()
+                && self
+                    .trust_domain
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)),
+            "trust_domain",
+            "must be a SPIFFE trust domain name (letters, digits, `-`, `.`, `_`)",
+        );
+        check_nonzero(c, "refresh_interval", self.refresh_interval);
+    }
+}
+
+impl Config {
+    /// `CREDWATCH_KUBELET_URL` (a DaemonSet without host networking reaches its kubelet at
+    /// the node IP, which only the pod's environment knows), else `kubelet_url`.
+    pub fn url(&self) -> Option<String> {
+        std::env::var("CREDWATCH_KUBELET_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .or_else(|| self.kubelet_url.clone())
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodMeta {
     pub uid: String,
     pub namespace: String,
     pub name: String,
     pub service_account: String,
-    pub labels: Vec<(String, String)>,
-    /// (container name, runtime-stripped container id)
-    pub containers: Vec<(String, String)>,
 }
 
 /// Pods on this node by uid.
@@ -53,21 +131,6 @@ impl PodDirectory {
             let meta = pod.metadata;
             let Some(uid) = meta.uid else { continue };
             let spec = pod.spec.unwrap_or_default();
-            let containers = pod
-                .status
-                .and_then(|s| s.container_statuses)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|c| {
-                    // "containerd://<id>", "cri-o://<id>", "docker://<id>"
-                    let id = c.container_id?;
-                    let id = id
-                        .split_once("://")
-                        .map(|(_, i)| i.to_owned())
-                        .unwrap_or(id);
-                    Some((c.name, id))
-                })
-                .collect();
             pods.insert(
                 uid.clone(),
                 PodMeta {
@@ -77,8 +140,6 @@ impl PodDirectory {
                     service_account: spec
                         .service_account_name
                         .unwrap_or_else(|| "default".into()),
-                    labels: meta.labels.unwrap_or_default().into_iter().collect(),
-                    containers,
                 },
             );
         }
@@ -167,10 +228,6 @@ mod tests {
             ("payments", "api-7f9c")
         );
         assert_eq!(p.service_account, "payments-api");
-        assert_eq!(
-            p.containers,
-            vec![("api".to_owned(), "abc123abc123".to_owned())]
-        );
         assert!(PodDirectory::from_pod_list(b"{\"kind\":\"ConfigMap\"}").is_err());
         assert!(PodDirectory::from_pod_list(b"\xff\xfe").is_err());
     }

@@ -39,6 +39,29 @@ mod allocator_tests {
     }
 }
 
+/// A single-threaded tokio runtime: the agent's loop, the CLI's one-shot commands and each
+/// output thread run on one (the work is sequential; more threads would only contend).
+pub fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Runs `task` on a runtime of its own in a thread named `name` (outputs that must never
+/// hold up the pipeline: ClickHouse, remote alert sinks).
+pub fn spawn_runtime_thread<F>(name: &str, task: F) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let label = name.to_owned();
+    std::thread::Builder::new()
+        .name(label.clone())
+        .spawn(move || match current_thread_runtime() {
+            Ok(rt) => rt.block_on(task),
+            Err(e) => tracing::error!("{label}: cannot start its runtime: {e}"),
+        })
+}
+
 pub mod agent;
 pub mod alert;
 pub mod baseline;
@@ -60,5 +83,7 @@ pub mod probes;
 pub mod process;
 pub mod replay;
 pub mod sinks;
+pub mod state;
+pub mod syscalls;
 pub mod tls;
 pub mod workload;

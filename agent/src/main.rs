@@ -81,7 +81,7 @@ enum Cmd {
     },
 }
 
-fn clickhouse_config(cfg: &Config) -> Result<&credwatch::config::ClickHouse> {
+fn clickhouse_config(cfg: &Config) -> Result<&credwatch::clickhouse::Config> {
     cfg.clickhouse
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("the config has no [clickhouse] section"))
@@ -94,9 +94,7 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
+    Ok(credwatch::current_thread_runtime()?)
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {
@@ -169,12 +167,8 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::Schema { config } => {
             let cfg = load_config(config.as_ref())?;
-            let default = Config::parse("[clickhouse]\nurl = \"http://localhost:8123\"\n")?;
-            let ch = cfg
-                .clickhouse
-                .as_ref()
-                .or(default.clickhouse.as_ref())
-                .expect("default has a section");
+            let default = credwatch::clickhouse::Config::with_url("http://localhost:8123");
+            let ch = cfg.clickhouse.as_ref().unwrap_or(&default);
             let text = format!(
                 "{}\n{}",
                 credwatch::clickhouse::schema::script(ch),

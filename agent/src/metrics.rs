@@ -22,7 +22,45 @@ use prometheus_client::{
 use serde::Serialize;
 use tracing::{debug, warn};
 
-use crate::{clickhouse::writer::WriterCounts, pipeline::PipelineStats};
+use crate::{
+    clickhouse::writer::WriterCounts,
+    config::{Checker, Validate},
+    pipeline::PipelineStats,
+};
+
+/// `[metrics]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Prometheus `/metrics` and `/healthz`; `""` turns them off. Localhost by default.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listen(),
+        }
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self, c: &mut Checker) {
+        c.check(
+            self.listen.is_empty() || self.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "listen",
+            format_args!(
+                "must be ADDRESS:PORT like 127.0.0.1:9464, or \"\" (got {:?})",
+                self.listen
+            ),
+        );
+    }
+}
 
 /// Delivery counters of one alert sink.
 #[derive(Debug, Clone, Default, Serialize)]

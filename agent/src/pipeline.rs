@@ -1,11 +1,12 @@
 //! Everything after enrichment, shared by `run` and `replay`: correlation, detectors, then
-//! the event and alert sinks.
+//! the outputs. [`PipelineBuilder`] is the one place that assembles it from the config.
 
 use std::{
     collections::BTreeMap,
     fs::OpenOptions,
     io::{self, BufWriter, Write},
     path::Path,
+    sync::Arc,
 };
 
 use anyhow::{Context, Result};
@@ -13,15 +14,41 @@ use tracing::error;
 
 use crate::{
     alert::Alert,
+    baseline::Baselines,
     clickhouse::{ClickHouseSink, writer::WriterCounts},
-    config::AlertFormat,
+    config::Config,
     correlate::Correlator,
     detect::Detectors,
     enrich::IdGen,
     event::{Event, EventKind},
     metrics::SinkCounts,
-    sinks::{AlertSinks, ocsf},
+    sinks::{AlertFormat, AlertSinks, render},
 };
+
+/// Everything downstream of the detectors: the event log, the alert stream, the alert
+/// sinks, ClickHouse. None of them may stall the pipeline or take it down.
+pub trait Output: Send {
+    fn event(&mut self, _ev: &Event) {}
+    fn alert(&mut self, _a: &Alert) {}
+    /// Pushes buffered output on (called on the agent's drain timer).
+    fn flush(&mut self) {}
+    /// End of input: delivers what is queued (within each output's grace period).
+    fn finish(&mut self) {
+        self.flush();
+    }
+    /// Adds this output's counters.
+    fn report(&self, _s: &mut OutputStats) {}
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct OutputStats {
+    pub events_write_failures: u64,
+    pub alerts_write_failures: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clickhouse: Option<WriterCounts>,
+    #[serde(skip)]
+    pub sinks: Vec<SinkCounts>,
+}
 
 /// NDJSON writer that never takes the agent down: write failures (full disk, closed pipe)
 /// are counted and logged once per burst, and the pipeline keeps running.
@@ -33,6 +60,7 @@ pub struct NdjsonSink {
 }
 
 impl NdjsonSink {
+    /// `-` is stdout; a file is appended to.
     pub fn open(path: &Path) -> Result<Self> {
         let w: Box<dyn Write + Send> = if path == Path::new("-") {
             Box::new(io::stdout())
@@ -42,7 +70,7 @@ impl NdjsonSink {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .with_context(|| format!("opening events file {}", path.display()))?,
+                    .with_context(|| format!("opening {}", path.display()))?,
             )
         };
         Ok(Self::new(w))
@@ -64,6 +92,15 @@ impl NdjsonSink {
         self.note(r);
     }
 
+    /// One line of already encoded bytes.
+    pub fn write_line(&mut self, line: &[u8]) {
+        let r = self
+            .out
+            .write_all(line)
+            .and_then(|_| self.out.write_all(b"\n"));
+        self.note(r);
+    }
+
     pub fn flush(&mut self) {
         let r = self.out.flush();
         self.note(r);
@@ -78,11 +115,81 @@ impl NdjsonSink {
             Err(e) => {
                 self.failed += 1;
                 if !self.failing {
-                    error!("event output failing: {e}; counting dropped lines");
+                    error!("output failing: {e}; counting dropped lines");
                     self.failing = true;
                 }
             }
         }
+    }
+}
+
+/// `--events`: every event as NDJSON.
+pub struct EventLog(pub NdjsonSink);
+
+impl Output for EventLog {
+    fn event(&mut self, ev: &Event) {
+        self.0.write(ev);
+    }
+    fn flush(&mut self) {
+        self.0.flush();
+    }
+    fn report(&self, s: &mut OutputStats) {
+        s.events_write_failures += self.0.failed;
+    }
+}
+
+/// `--alerts`: alert lines in the configured format.
+pub struct AlertLog {
+    pub sink: NdjsonSink,
+    pub format: AlertFormat,
+}
+
+impl Output for AlertLog {
+    fn alert(&mut self, a: &Alert) {
+        match self.format {
+            // The common case without the intermediate buffer.
+            AlertFormat::Json => self.sink.write(a),
+            f => self.sink.write_line(&render(a, f)),
+        }
+    }
+    fn flush(&mut self) {
+        self.sink.flush();
+    }
+    fn report(&self, s: &mut OutputStats) {
+        s.alerts_write_failures += self.sink.failed;
+    }
+}
+
+impl Output for AlertSinks {
+    fn alert(&mut self, a: &Alert) {
+        self.send(a);
+    }
+    fn flush(&mut self) {
+        AlertSinks::flush(self);
+    }
+    fn finish(&mut self) {
+        AlertSinks::finish(self);
+    }
+    fn report(&self, s: &mut OutputStats) {
+        s.sinks.extend(self.counts());
+    }
+}
+
+impl Output for ClickHouseSink {
+    fn event(&mut self, ev: &Event) {
+        ClickHouseSink::event(self, ev);
+    }
+    fn alert(&mut self, a: &Alert) {
+        ClickHouseSink::alert(self, a);
+    }
+    fn flush(&mut self) {
+        ClickHouseSink::flush(self);
+    }
+    fn finish(&mut self) {
+        ClickHouseSink::finish(self);
+    }
+    fn report(&self, s: &mut OutputStats) {
+        s.clickhouse = Some(self.stats.snapshot());
     }
 }
 
@@ -98,76 +205,119 @@ pub struct PipelineStats {
     pub clickhouse: Option<WriterCounts>,
 }
 
+/// Assembles the pipeline `run` and `replay` share from the config.
+pub struct PipelineBuilder<'a> {
+    cfg: &'a Config,
+    state_dir: Option<&'a Path>,
+    replay: bool,
+    outputs: Vec<Box<dyn Output>>,
+}
+
+impl<'a> PipelineBuilder<'a> {
+    pub fn new(cfg: &'a Config) -> Self {
+        PipelineBuilder {
+            cfg,
+            state_dir: None,
+            replay: false,
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Learn into and judge against the baselines kept in `dir` (and spool ClickHouse
+    /// batches there); without it baselines live in memory only.
+    pub fn state_dir(mut self, dir: Option<&'a Path>) -> Self {
+        self.state_dir = dir;
+        self
+    }
+
+    /// Recorded input: outputs wait for queue space instead of dropping (nothing in the
+    /// kernel has to keep up).
+    pub fn replay(mut self) -> Self {
+        self.replay = true;
+        self
+    }
+
+    /// Every event as NDJSON.
+    pub fn events_to(mut self, sink: NdjsonSink) -> Self {
+        self.outputs.push(Box::new(EventLog(sink)));
+        self
+    }
+
+    /// Alert lines, in `[alerts] format`.
+    pub fn alerts_to(mut self, sink: NdjsonSink) -> Self {
+        self.outputs.push(Box::new(AlertLog {
+            sink,
+            format: self.cfg.alerts.format,
+        }));
+        self
+    }
+
+    pub fn output(mut self, o: Box<dyn Output>) -> Self {
+        self.outputs.push(o);
+        self
+    }
+
+    pub fn build(mut self) -> Result<Pipeline> {
+        let cfg = self.cfg;
+        let d = &cfg.detect;
+        let baselines = match self.state_dir {
+            Some(dir) => {
+                crate::state::ensure_dir(dir)?;
+                Baselines::open(dir, d.learning_period, d.max_baselines)?
+            }
+            None => Baselines::in_memory(d.learning_period, d.max_baselines),
+        };
+        let node = cfg.node_name();
+        if let Some(ch) = &cfg.clickhouse {
+            // Without a state dir, batches ClickHouse refuses wait in a spool of their own.
+            let spool_home = self.state_dir.map(Path::to_path_buf).unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("credwatch-replay-{}", std::process::id()))
+            });
+            let sink = ClickHouseSink::start(ch, &node, &spool_home, self.replay)?;
+            self.outputs.push(Box::new(sink));
+        }
+        let sinks = AlertSinks::start(&cfg.alerts, &node)?;
+        if !sinks.is_empty() {
+            self.outputs.push(Box::new(sinks));
+        }
+        Ok(Pipeline {
+            correlator: Correlator::new(cfg.correlate.window),
+            detectors: Detectors::new(d, Arc::clone(&cfg.policy), baselines),
+            outputs: self.outputs,
+            counts: [0; EventKind::ALL.len()],
+            alert_counts: BTreeMap::new(),
+            fired: Vec::new(),
+            uses: Vec::new(),
+        })
+    }
+}
+
 pub struct Pipeline {
     correlator: Correlator,
     detectors: Detectors,
-    events: Option<NdjsonSink>,
-    alerts: Option<NdjsonSink>,
-    clickhouse: Option<ClickHouseSink>,
-    sinks: Option<AlertSinks>,
-    alert_format: AlertFormat,
+    outputs: Vec<Box<dyn Output>>,
     /// Per event kind, indexed by discriminant (a map lookup per event showed in profiles).
     counts: [u64; EventKind::ALL.len()],
     alert_counts: BTreeMap<&'static str, u64>,
     fired: Vec<Alert>,
+    uses: Vec<Event>,
 }
 
 impl Pipeline {
-    pub fn new(
-        correlator: Correlator,
-        detectors: Detectors,
-        events: Option<NdjsonSink>,
-        alerts: Option<NdjsonSink>,
-    ) -> Self {
-        Pipeline {
-            correlator,
-            detectors,
-            events,
-            alerts,
-            clickhouse: None,
-            sinks: None,
-            alert_format: AlertFormat::Json,
-            counts: [0; EventKind::ALL.len()],
-            alert_counts: BTreeMap::new(),
-            fired: Vec::new(),
-        }
-    }
-
-    /// Events and alerts also go to ClickHouse.
-    pub fn with_clickhouse(mut self, sink: ClickHouseSink) -> Self {
-        self.clickhouse = Some(sink);
-        self
-    }
-
-    /// Alerts also go to these sinks; `format` is the `--alerts` output's.
-    pub fn with_sinks(mut self, sinks: AlertSinks, format: AlertFormat) -> Self {
-        self.sinks = Some(sinks);
-        self.alert_format = format;
-        self
-    }
-
-    pub fn sink_counts(&self) -> Vec<SinkCounts> {
-        self.sinks
-            .as_ref()
-            .map(AlertSinks::counts)
-            .unwrap_or_default()
-    }
-
     pub fn handle(&mut self, ev: Event, ids: &mut IdGen) {
-        let uses = self.correlator.observe(&ev, || ids.next_id());
+        let mut uses = std::mem::take(&mut self.uses);
+        uses.extend(self.correlator.observe(&ev, || ids.next_id()));
         self.emit(&ev);
-        for u in &uses {
-            self.emit(u);
+        for u in uses.drain(..) {
+            self.emit(&u);
         }
+        self.uses = uses;
     }
 
     fn emit(&mut self, ev: &Event) {
-        self.counts[ev.kind as usize] += 1;
-        if let Some(sink) = self.events.as_mut() {
-            sink.write(ev);
-        }
-        if let Some(ch) = self.clickhouse.as_mut() {
-            ch.event(ev);
+        self.counts[ev.kind() as usize] += 1;
+        for o in &mut self.outputs {
+            o.event(ev);
         }
         self.detectors.observe(ev, &mut self.fired);
         // Taken out for the loop (outputs need `&mut self`), put back to keep its capacity.
@@ -180,32 +330,14 @@ impl Pipeline {
     }
 
     fn output_alert(&mut self, a: &Alert) {
-        if let Some(sink) = self.alerts.as_mut() {
-            match self.alert_format {
-                AlertFormat::Json => sink.write(a),
-                AlertFormat::Ocsf => sink.write(&ocsf::detection_finding(a)),
-            }
-        }
-        if let Some(s) = self.sinks.as_mut() {
-            s.send(a);
-        }
-        if let Some(ch) = self.clickhouse.as_mut() {
-            ch.alert(a);
+        for o in &mut self.outputs {
+            o.alert(a);
         }
     }
 
     pub fn flush(&mut self) {
-        if let Some(s) = self.events.as_mut() {
-            s.flush();
-        }
-        if let Some(s) = self.alerts.as_mut() {
-            s.flush();
-        }
-        if let Some(ch) = self.clickhouse.as_mut() {
-            ch.flush();
-        }
-        if let Some(s) = self.sinks.as_mut() {
-            s.flush();
+        for o in &mut self.outputs {
+            o.flush();
         }
     }
 
@@ -214,21 +346,27 @@ impl Pipeline {
         self.detectors.checkpoint();
     }
 
-    /// End of input: the final counts of alerts that grew since last emitted, then flush.
+    /// End of input: the final counts of alerts that grew since last emitted, then every
+    /// output delivers what it holds.
     pub fn finish(&mut self) {
         for a in self.detectors.finish() {
             self.output_alert(&a);
         }
-        self.flush();
-        if let Some(ch) = self.clickhouse.as_mut() {
-            ch.finish();
-        }
-        if let Some(s) = self.sinks.as_mut() {
-            s.finish();
+        for o in &mut self.outputs {
+            o.finish();
         }
     }
 
+    pub fn outputs(&self) -> OutputStats {
+        let mut s = OutputStats::default();
+        for o in &self.outputs {
+            o.report(&mut s);
+        }
+        s
+    }
+
     pub fn stats(&self) -> PipelineStats {
+        let out = self.outputs();
         PipelineStats {
             events: EventKind::ALL
                 .iter()
@@ -236,11 +374,11 @@ impl Pipeline {
                 .map(|k| (k.as_str(), self.counts[*k as usize]))
                 .collect(),
             alerts: self.alert_counts.clone(),
-            events_write_failures: self.events.as_ref().map(|s| s.failed).unwrap_or(0),
-            alerts_write_failures: self.alerts.as_ref().map(|s| s.failed).unwrap_or(0),
+            events_write_failures: out.events_write_failures,
+            alerts_write_failures: out.alerts_write_failures,
             alerts_allowlisted: self.detectors.allowlisted,
             baselines: self.detectors.baselines().len(),
-            clickhouse: self.clickhouse.as_ref().map(|c| c.stats.snapshot()),
+            clickhouse: out.clickhouse,
         }
     }
 }

@@ -10,12 +10,58 @@ use chrono::{DateTime, Datelike, Timelike, Utc};
 use chrono_tz::Tz;
 use globset::{GlobBuilder, GlobMatcher};
 use ipnet::IpNet;
+use serde::Deserialize;
 
 use crate::{
-    alert::Alert,
-    config::{AllowEntry, CredentialPolicy},
-    event::{CredentialRef, Destination, Owner, Workload, WorkloadKind},
+    alert::{Alert, AlertKind},
+    config::Checker,
+    event::{CredentialRef, Destination, Owner, OwnerSource, Workload, WorkloadId, WorkloadKind},
 };
+
+/// What one credential may do (`[[credential]]`). Named by `path` (glob) or `fingerprint`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialPolicy {
+    pub path: Option<String>,
+    pub fingerprint: Option<String>,
+    /// Free text for the analyst ("nightly backup to S3").
+    pub purpose: Option<String>,
+    /// Weekday/time windows it may be used in: `"Mon-Fri 09:00-17:00"`, `"daily 02:00-03:00"`.
+    #[serde(default)]
+    pub schedule: Vec<String>,
+    /// IANA timezone of the windows (default UTC).
+    pub timezone: Option<String>,
+    /// How long a run started by a cron `schedule` entry may use the credential.
+    #[serde(default, with = "humantime_serde")]
+    pub run_for: Option<Duration>,
+    /// The workload the credential belongs to (`pod:payments/api-*`, `unit:backup.service`,
+    /// `spiffe://cluster.local/ns/payments/sa/api`); overrides the kubelet-volume owner.
+    pub owner: Option<String>,
+    /// Other workloads that may read it without an `owner_mismatch` (same selector syntax).
+    #[serde(default)]
+    pub allowed_workloads: Vec<String>,
+    /// Where it may be used: `10.0.0.0/8`, `10.1.2.3:443`, `[2001:db8::]/32:443`,
+    /// `*.amazonaws.com:443`, `*:5432`. A use elsewhere is `privilege_expansion`.
+    #[serde(default)]
+    pub allowed_destinations: Vec<String>,
+}
+
+/// A known-good finding (`[[allow]]`): alerts matching every given field are not raised.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowEntry {
+    /// Alert kind (`token_reuse`, …); all kinds when absent.
+    pub alert: Option<AlertKind>,
+    /// Workload selector, as in `[[credential]] owner`.
+    pub workload: Option<String>,
+    pub fingerprint: Option<String>,
+    /// Glob of the secret's inventory path.
+    pub path: Option<String>,
+    /// Destination pattern, as in `allowed_destinations`.
+    pub destination: Option<String>,
+    /// Why this is fine; required so the allowlist documents itself.
+    pub reason: String,
+}
 
 /// One weekday/time window, minutes since local midnight. `end <= start` wraps past
 /// midnight (`22:00-06:00`).
@@ -222,7 +268,7 @@ impl Selector {
                 .as_deref()
                 .is_some_and(|id| self.glob.is_match(id))
         } else {
-            self.glob.is_match(&w.id)
+            self.glob.is_match(w.id.as_str())
         }
     }
 
@@ -237,8 +283,8 @@ impl Selector {
         };
         Owner {
             kind,
-            id: self.text.clone(),
-            source: "policy".into(),
+            id: WorkloadId::declared(&self.text),
+            source: OwnerSource::Policy,
             ..Default::default()
         }
     }
@@ -383,7 +429,7 @@ fn path_glob(p: &str) -> Result<GlobMatcher> {
 
 /// One `[[allow]]` entry: every field given must match the alert.
 struct Allow {
-    alert: Option<String>,
+    alert: Option<AlertKind>,
     workload: Option<Selector>,
     fingerprint: Option<String>,
     path: Option<GlobMatcher>,
@@ -393,7 +439,7 @@ struct Allow {
 impl Allow {
     fn matches(&self, a: &Alert) -> bool {
         let fp = a.credential.as_ref().map(|c| c.fingerprint.as_str());
-        self.alert.as_deref().is_none_or(|k| k == a.alert.as_str())
+        self.alert.is_none_or(|k| k == a.alert)
             && self
                 .workload
                 .as_ref()
@@ -418,89 +464,122 @@ pub struct Policy {
     allow: Vec<Allow>,
 }
 
-const ALERT_KINDS: [&str; 6] = [
-    "token_reuse",
-    "owner_mismatch",
-    "off_schedule",
-    "privilege_expansion",
-    "dormant_credential",
-    "human_use",
-];
+/// `Some(parsed)`, or `None` with the error recorded under `key`.
+fn checked<T>(c: &mut Checker, key: &str, r: Result<T>) -> Option<T> {
+    r.map_err(|e| c.fail(key, format_args!("{e:#}"))).ok()
+}
+
+fn compile_entry(e: &CredentialPolicy, c: &mut Checker) -> Option<PolicyEntry> {
+    let (matcher, name) = match (&e.path, &e.fingerprint) {
+        (Some(p), None) => (Matcher::Path(checked(c, "path", path_glob(p))?), p.clone()),
+        (None, Some(f)) => (Matcher::Fingerprint(f.clone()), f.clone()),
+        _ => {
+            c.fail("", "needs exactly one of `path` or `fingerprint`");
+            return None;
+        }
+    };
+    let schedule = if e.schedule.is_empty() {
+        if e.timezone.is_some() || e.run_for.is_some() {
+            c.fail("schedule", "`timezone` and `run_for` need a `schedule`");
+            return None;
+        }
+        None
+    } else {
+        let s = Schedule::parse(&e.schedule, e.timezone.as_deref(), e.run_for);
+        Some(checked(c, "schedule", s)?)
+    };
+    let owner = match e.owner.as_deref() {
+        Some(o) => Some(checked(c, "owner", Selector::parse(o))?),
+        None => None,
+    };
+    let mut allowed_workloads = Vec::new();
+    for (i, s) in e.allowed_workloads.iter().enumerate() {
+        allowed_workloads.push(checked(
+            c,
+            &format!("allowed_workloads[{i}]"),
+            Selector::parse(s),
+        )?);
+    }
+    let mut allowed_destinations = Vec::new();
+    for (i, s) in e.allowed_destinations.iter().enumerate() {
+        allowed_destinations.push(checked(
+            c,
+            &format!("allowed_destinations[{i}]"),
+            DestPattern::parse(s),
+        )?);
+    }
+    Some(PolicyEntry {
+        matcher,
+        purpose: e.purpose.clone(),
+        schedule,
+        owner,
+        allowed_workloads,
+        allowed_destinations,
+        name,
+    })
+}
+
+fn compile_allow(a: &AllowEntry, c: &mut Checker) -> Option<Allow> {
+    if a.reason.trim().is_empty() {
+        c.fail("reason", "must say why this finding is fine");
+        return None;
+    }
+    let workload = match a.workload.as_deref() {
+        Some(w) => Some(checked(c, "workload", Selector::parse(w))?),
+        None => None,
+    };
+    let path = match a.path.as_deref() {
+        Some(p) => Some(checked(c, "path", path_glob(p))?),
+        None => None,
+    };
+    let destination = match a.destination.as_deref() {
+        Some(d) => Some(checked(c, "destination", DestPattern::parse(d))?),
+        None => None,
+    };
+    if workload.is_none() && a.fingerprint.is_none() && path.is_none() && destination.is_none() {
+        c.fail("", "needs a workload, fingerprint, path or destination");
+        return None;
+    }
+    Some(Allow {
+        alert: a.alert,
+        workload,
+        fingerprint: a.fingerprint.clone(),
+        path,
+        destination,
+    })
+}
 
 impl Policy {
-    /// Errors name the entry; `Config::validate` adds the line.
+    /// Compiles `[[credential]]` and `[[allow]]` entries. Each problem is recorded in `c`
+    /// under its key (`credential[1].schedule`); an entry with a problem is left out.
+    pub fn compile_checked(
+        entries: &[CredentialPolicy],
+        allow: &[AllowEntry],
+        c: &mut Checker,
+    ) -> Policy {
+        let mut p = Policy::default();
+        c.within("credential", |c| {
+            for (i, e) in entries.iter().enumerate() {
+                c.within(format!("[{i}]"), |c| p.entries.extend(compile_entry(e, c)));
+            }
+        });
+        c.within("allow", |c| {
+            for (i, a) in allow.iter().enumerate() {
+                c.within(format!("[{i}]"), |c| p.allow.extend(compile_allow(a, c)));
+            }
+        });
+        p
+    }
+
+    /// [`Self::compile_checked`] for callers without a config file: the first problem is
+    /// the error.
     pub fn compile(entries: &[CredentialPolicy], allow: &[AllowEntry]) -> Result<Self> {
-        let mut out = Vec::new();
-        for e in entries {
-            let (matcher, name) = match (&e.path, &e.fingerprint) {
-                (Some(p), None) => (Matcher::Path(path_glob(p)?), p.clone()),
-                (None, Some(f)) => (Matcher::Fingerprint(f.clone()), f.clone()),
-                _ => bail!("a [[credential]] needs exactly one of `path` or `fingerprint`"),
-            };
-            let schedule = if e.schedule.is_empty() {
-                if e.timezone.is_some() || e.run_for.is_some() {
-                    bail!("`timezone` and `run_for` need a `schedule`");
-                }
-                None
-            } else {
-                Some(Schedule::parse(
-                    &e.schedule,
-                    e.timezone.as_deref(),
-                    e.run_for,
-                )?)
-            };
-            out.push(PolicyEntry {
-                matcher,
-                purpose: e.purpose.clone(),
-                schedule,
-                owner: e.owner.as_deref().map(Selector::parse).transpose()?,
-                allowed_workloads: e
-                    .allowed_workloads
-                    .iter()
-                    .map(|s| Selector::parse(s))
-                    .collect::<Result<_>>()?,
-                allowed_destinations: e
-                    .allowed_destinations
-                    .iter()
-                    .map(|s| DestPattern::parse(s))
-                    .collect::<Result<_>>()?,
-                name,
-            });
+        let mut c = Checker::default();
+        let p = Self::compile_checked(entries, allow, &mut c);
+        match c.problems().first() {
+            Some(pr) => bail!("{}: {}", pr.key, pr.message),
+            None => Ok(p),
         }
-        let mut allows = Vec::new();
-        for a in allow {
-            if let Some(k) = &a.alert
-                && !ALERT_KINDS.contains(&k.as_str())
-            {
-                bail!("unknown alert {k:?} (one of {})", ALERT_KINDS.join(", "));
-            }
-            if a.reason.trim().is_empty() {
-                bail!("`reason` must say why this finding is fine");
-            }
-            let allow = Allow {
-                alert: a.alert.clone(),
-                workload: a.workload.as_deref().map(Selector::parse).transpose()?,
-                fingerprint: a.fingerprint.clone(),
-                path: a.path.as_deref().map(path_glob).transpose()?,
-                destination: a
-                    .destination
-                    .as_deref()
-                    .map(DestPattern::parse)
-                    .transpose()?,
-            };
-            if allow.workload.is_none()
-                && allow.fingerprint.is_none()
-                && allow.path.is_none()
-                && allow.destination.is_none()
-            {
-                bail!("an [[allow]] entry needs a workload, fingerprint, path or destination");
-            }
-            allows.push(allow);
-        }
-        Ok(Policy {
-            entries: out,
-            allow: allows,
-        })
     }
 
     /// True when an `[[allow]]` entry covers this alert.
@@ -514,6 +593,15 @@ impl Policy {
             Matcher::Fingerprint(f) => *f == cred.fingerprint,
             Matcher::Path(g) => path.is_some_and(|p| g.is_match(p)),
         })
+    }
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("entries", &self.entries.len())
+            .field("allow", &self.allow.len())
+            .finish()
     }
 }
 
@@ -638,7 +726,7 @@ mod tests {
     fn selectors_match_ids_or_spiffe_ids() {
         let w = Workload {
             kind: WorkloadKind::Pod,
-            id: "pod:payments/api-7d9f".into(),
+            id: crate::event::WorkloadId::pod("payments", "api-7d9f"),
             spiffe_id: Some("spiffe://cluster.local/ns/payments/sa/api".into()),
             ..Default::default()
         };

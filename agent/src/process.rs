@@ -152,11 +152,7 @@ impl ProcessTable {
             Some((it.next()??, it.next()??))
         };
         let (uid, euid) = ids("Uid:").unwrap_or((u32::MAX, u32::MAX));
-        let cap_effective = status
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .unwrap_or(0);
+        let cap_effective = cap_effective(&status).unwrap_or(0);
         let exe = fs::read_link(dir.join("exe"))
             .map(|p| sanitize(p.as_os_str().as_encoded_bytes()))
             .unwrap_or_default();
@@ -263,6 +259,12 @@ impl ProcessTable {
                 .is_none_or(|t| now_ns.saturating_sub(t) < EXIT_GRACE_NS)
         });
     }
+}
+
+/// The effective capability set from a `/proc/<pid>/status` text (`CapEff:` in hex).
+pub fn cap_effective(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
 }
 
 fn basename(exe: &str) -> &str {

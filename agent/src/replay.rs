@@ -2,7 +2,7 @@
 //! through exactly the code the live agent runs. Event timestamps drive all time logic.
 
 use std::{
-    fs::{self, File},
+    fs::File,
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
 };
@@ -11,13 +11,10 @@ use anyhow::{Context, Result};
 use tracing::warn;
 
 use crate::{
-    baseline::Baselines,
     config::Config,
-    correlate::Correlator,
-    detect::Detectors,
     enrich::IdGen,
     event::{Event, EventKind},
-    pipeline::{NdjsonSink, Pipeline},
+    pipeline::{NdjsonSink, PipelineBuilder},
 };
 
 #[derive(Debug, Default)]
@@ -36,45 +33,14 @@ pub fn replay(
     events_out: Option<NdjsonSink>,
     alerts_out: Option<NdjsonSink>,
 ) -> Result<ReplaySummary> {
-    let (learn, max) = (cfg.detect.learning_period, cfg.detect.max_baselines);
-    let baselines = match state_dir {
-        Some(dir) => {
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            Baselines::open(dir, learn, max)?
-        }
-        None => Baselines::in_memory(learn, max),
-    };
-    let mut pipeline = Pipeline::new(
-        Correlator::new(cfg.correlate.window),
-        Detectors::new(&cfg.detect.options(), cfg.policy()?, baselines),
-        events_out,
-        alerts_out,
-    );
-    if let Some(ch) = &cfg.clickhouse {
-        // Without a state dir, batches ClickHouse refuses wait in a spool next to the input.
-        let spool_home = state_dir.map(Path::to_path_buf).unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("credwatch-replay-{}", std::process::id()))
-        });
-        if ch.migrate_on_start {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            if let Err(e) = rt.block_on(crate::clickhouse::migrate(ch)) {
-                warn!("ClickHouse schema not applied: {e:#}");
-            }
-        }
-        let node = crate::agent::node_name(cfg);
-        pipeline = pipeline.with_clickhouse(crate::clickhouse::ClickHouseSink::start(
-            ch,
-            &node,
-            &spool_home,
-            true,
-        )?);
+    let mut b = PipelineBuilder::new(cfg).state_dir(state_dir).replay();
+    if let Some(s) = events_out {
+        b = b.events_to(s);
     }
-    pipeline = pipeline.with_sinks(
-        crate::sinks::AlertSinks::start(&cfg.alerts, &crate::agent::node_name(cfg))?,
-        cfg.alerts.format,
-    );
+    if let Some(s) = alerts_out {
+        b = b.alerts_to(s);
+    }
+    let mut pipeline = b.build()?;
     let mut ids = IdGen::new();
     let mut summary = ReplaySummary::default();
     for path in files {
@@ -101,7 +67,7 @@ pub fn replay(
             };
             // Credential uses are derived: the correlator recreates them from reads and
             // connects, so recorded ones are not fed back in twice.
-            if ev.kind == EventKind::CredentialUse {
+            if ev.kind() == EventKind::CredentialUse {
                 continue;
             }
             summary.events += 1;

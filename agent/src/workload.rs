@@ -11,7 +11,7 @@ use std::{
 use foldhash::{HashMap, HashMapExt};
 
 use crate::{
-    event::{Workload, WorkloadKind},
+    event::{Workload, WorkloadId, WorkloadKind},
     kubelet::PodDirectory,
 };
 
@@ -240,22 +240,22 @@ impl WorkloadResolver {
                     &pod.namespace,
                     &pod.service_account,
                 ));
-                w.id = format!("pod:{}/{}", pod.namespace, pod.name);
+                w.id = WorkloadId::pod(&pod.namespace, &pod.name);
             } else {
                 // Not (yet) in the kubelet's list: the uid still identifies the pod.
-                w.id = format!("pod:uid/{pod_uid}");
+                w.id = WorkloadId::pod_uid(pod_uid);
             }
         } else if let Some(cid) = &ident.container_id {
             w.kind = WorkloadKind::Container;
             w.container_id = Some(cid.clone());
-            w.id = format!("container:{cid}");
+            w.id = WorkloadId::container(cid);
         } else if let Some(unit) = &ident.unit {
             w.kind = WorkloadKind::Unit;
             w.unit = Some(unit.clone());
-            w.id = format!("unit:{unit}");
+            w.id = WorkloadId::unit(unit);
         } else {
             w.kind = WorkloadKind::Host;
-            w.id = format!("host:{uid}:{exe}");
+            w.id = WorkloadId::host(uid, exe);
         }
         w
     }

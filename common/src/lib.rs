@@ -12,41 +12,92 @@ pub const PATH_LEN: usize = 256;
 pub const DNS_PAYLOAD_LEN: usize = 512;
 pub const TTY_LEN: usize = 16;
 
-// Record kinds (Header::kind).
-pub const KIND_EXEC: u32 = 1;
-pub const KIND_EXIT: u32 = 2;
-pub const KIND_SECRET_OPEN: u32 = 3;
-pub const KIND_CONNECT: u32 = 4;
-pub const KIND_PRIV_CHANGE: u32 = 5;
-pub const KIND_DNS: u32 = 6;
+/// Declares a `#[repr(u32)]` enum shared by probes and agent, with the checked conversion
+/// the agent applies to the raw `u32` a record carries (the kernel side writes
+/// `Enum::Variant as u32`; a value the agent does not know is a decode error, not UB).
+macro_rules! wire_enum {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $v:ident = $n:literal => $s:literal,)+ }) => {
+        $(#[$m])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vm])* $v = $n,)+ }
 
-// Probe ids: index into the per-CPU DROPS map, one slot per probe family.
-pub const PROBE_EXEC: u32 = 0;
-pub const PROBE_EXIT: u32 = 1;
-pub const PROBE_OPEN: u32 = 2;
-pub const PROBE_CONNECT: u32 = 3;
-pub const PROBE_SENDMSG: u32 = 4;
-pub const PROBE_PRIV: u32 = 5;
-pub const PROBE_DNS: u32 = 6;
-pub const PROBE_COUNT: u32 = 7;
-pub const PROBE_NAMES: [&str; PROBE_COUNT as usize] =
-    ["exec", "exit", "open", "connect", "sendmsg", "priv", "dns"];
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$v,)+];
 
-// Which open syscall produced a SecretOpen record.
-pub const OPEN_SYS_OPEN: u32 = 1;
-pub const OPEN_SYS_OPENAT: u32 = 2;
-pub const OPEN_SYS_OPENAT2: u32 = 3;
-pub const OPEN_SYS_CREAT: u32 = 4;
-pub const OPEN_SYS_BY_HANDLE: u32 = 5;
+            pub const fn from_u32(v: u32) -> Option<Self> {
+                match v {
+                    $($n => Some($name::$v),)+
+                    _ => None,
+                }
+            }
 
-// How a SecretOpen matched.
-pub const MATCH_FILE: u32 = 1;
-pub const MATCH_PARENT_DIR: u32 = 2;
-pub const MATCH_GRANDPARENT_DIR: u32 = 3;
+            /// The name used in events, logs and metric labels.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $($name::$v => $s,)+
+                }
+            }
+        }
+    };
+}
 
-// Connect::op
-pub const OP_CONNECT: u32 = 1;
-pub const OP_SENDMSG: u32 = 2;
+wire_enum! {
+    /// What follows the [`Header`] of a record (`Header::kind`).
+    pub enum RecordKind {
+        Exec = 1 => "exec",
+        Exit = 2 => "exit",
+        SecretOpen = 3 => "secret_open",
+        Connect = 4 => "connect",
+        PrivChange = 5 => "priv_change",
+        Dns = 6 => "dns",
+    }
+}
+
+wire_enum! {
+    /// One slot per probe family in the per-CPU DROPS map.
+    pub enum Probe {
+        Exec = 0 => "exec",
+        Exit = 1 => "exit",
+        Open = 2 => "open",
+        Connect = 3 => "connect",
+        Sendmsg = 4 => "sendmsg",
+        Priv = 5 => "priv",
+        Dns = 6 => "dns",
+    }
+}
+
+/// Entries in the DROPS map.
+pub const PROBE_COUNT: u32 = Probe::ALL.len() as u32;
+
+wire_enum! {
+    /// Which open syscall produced a SecretOpen record.
+    pub enum OpenSyscall {
+        Open = 1 => "open",
+        Openat = 2 => "openat",
+        Openat2 = 3 => "openat2",
+        Creat = 4 => "creat",
+        OpenByHandleAt = 5 => "open_by_handle_at",
+    }
+}
+
+wire_enum! {
+    /// How a SecretOpen matched: the file's own inode, or a watched directory one or two
+    /// levels up (a file that appeared since the last rescan).
+    pub enum MatchKind {
+        File = 1 => "file",
+        ParentDir = 2 => "watched_dir",
+        GrandparentDir = 3 => "watched_dir",
+    }
+}
+
+wire_enum! {
+    /// Which hook produced a Connect record.
+    pub enum ConnectOp {
+        Connect = 1 => "connect",
+        Sendmsg = 2 => "sendmsg",
+    }
+}
 
 /// Set in a record's `flags` when a string was longer than its buffer.
 pub const FLAG_TRUNCATED: u32 = 1;
@@ -130,8 +181,9 @@ pub struct SecretOpen {
     /// Returned file descriptor.
     pub fd: i32,
     pub open_flags: i32,
-    pub dfd: i32,
+    /// [`FLAG_TRUNCATED`] / [`FLAG_NO_NAME`] about `name`.
     pub flags: u32,
+    pub _pad: u32,
     pub name: [u8; PATH_LEN],
 }
 
@@ -169,7 +221,7 @@ pub struct Dns {
     /// the packet is seen in softirq context, not in the receiving process.
     pub hdr: Header,
     pub family: u16,
-    pub server_port: u16,
+    pub _pad: u16,
     pub len: u32,
     pub server: [u8; 16],
     pub payload: [u8; DNS_PAYLOAD_LEN],

@@ -72,8 +72,8 @@ static DIR_INO_FILTER: Array<u64> = Array::with_max_entries(INO_FILTER_WORDS, 0)
 static SEND_SEEN: LruHashMap<SendKey, u64> = LruHashMap::with_max_entries(16384, 0);
 
 #[inline(always)]
-fn count_drop(probe: u32) {
-    if let Some(slot) = DROPS.get_ptr_mut(probe) {
+fn count_drop(probe: Probe) {
+    if let Some(slot) = DROPS.get_ptr_mut(probe as u32) {
         // Per-CPU slot: no other writer.
         unsafe { *slot += 1 };
     }
@@ -127,10 +127,10 @@ fn current_task() -> *const u8 {
 
 /// Fills the process part of a record from the current task.
 #[inline(always)]
-unsafe fn fill_header(h: *mut Header, kind: u32, task: *const u8) {
+unsafe fn fill_header(h: *mut Header, kind: RecordKind, task: *const u8) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let hdr = unsafe { &mut *h };
-    hdr.kind = kind;
+    hdr.kind = kind as u32;
     hdr.pid = pid_tgid as u32;
     hdr.tgid = (pid_tgid >> 32) as u32;
     hdr.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
@@ -160,13 +160,13 @@ unsafe fn cap_effective(task: *const u8) -> u64 {
 #[tracepoint]
 pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let Some(mut entry) = EVENTS.reserve::<Exec>(0) else {
-        count_drop(PROBE_EXEC);
+        count_drop(Probe::Exec);
         return 0;
     };
     let rec = entry.as_mut_ptr();
     let task = current_task();
     unsafe {
-        fill_header(&raw mut (*rec).hdr, KIND_EXEC, task);
+        fill_header(&raw mut (*rec).hdr, RecordKind::Exec, task);
         (*rec).cap_effective = cap_effective(task);
         (*rec).flags = 0;
         (*rec)._pad = 0;
@@ -200,13 +200,13 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
         return 0;
     }
     let Some(mut entry) = EVENTS.reserve::<Exit>(0) else {
-        count_drop(PROBE_EXIT);
+        count_drop(Probe::Exit);
         return 0;
     };
     let rec = entry.as_mut_ptr();
     let task = current_task();
     unsafe {
-        fill_header(&raw mut (*rec).hdr, KIND_EXIT, task);
+        fill_header(&raw mut (*rec).hdr, RecordKind::Exit, task);
         (*rec).exit_code = ld(task, conf!(task_exit_code));
         (*rec)._pad = 0;
     }
@@ -280,7 +280,7 @@ unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
     if in_filter(&FILE_INO_FILTER, ino) {
         let d = unsafe { dev_once(&mut dev, inode) }?;
         if unsafe { SECRET_INODES.get(&InodeKey { dev: d, ino }) }.is_some() {
-            matched = MATCH_FILE;
+            matched = MatchKind::File as u32;
         }
     }
     if matched == 0 && SETTINGS.get(SETTING_WATCHED_DIRS).is_some_and(|n| *n > 0) {
@@ -288,8 +288,7 @@ unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
         // rotated token lands in a new `..<timestamp>` dir, hence the grandparent too).
         let dentry: u64 = unsafe { rd(file, conf!(file_f_path_dentry)) }?;
         let mut d = dentry;
-        let mut level = MATCH_PARENT_DIR;
-        while level <= MATCH_GRANDPARENT_DIR {
+        for level in [MatchKind::ParentDir, MatchKind::GrandparentDir] {
             let parent: u64 = unsafe { rd(d, conf!(dentry_d_parent)) }?;
             if parent == d {
                 break;
@@ -301,13 +300,12 @@ unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
                 // the agent never watches across).
                 let dv = unsafe { dev_once(&mut dev, inode) }?;
                 if unsafe { WATCHED_DIRS.get(&InodeKey { dev: dv, ino: pino }) }.is_some() {
-                    matched = level;
+                    matched = level as u32;
                     dir_ino = pino;
                     break;
                 }
             }
             d = parent;
-            level += 1;
         }
     }
     if matched == 0 {
@@ -316,47 +314,36 @@ unsafe fn try_open_exit(nr: i32, fd: u32) -> Result<(), i32> {
     let dev = unsafe { dev_once(&mut dev, inode) }?;
 
     let Some(mut entry) = EVENTS.reserve::<SecretOpen>(0) else {
-        count_drop(PROBE_OPEN);
+        count_drop(Probe::Open);
         return Ok(());
     };
     let rec = entry.as_mut_ptr();
-    // (syscall, argument holding the dirfd, argument holding the path)
-    let (syscall, dfd_arg, name_arg) = if nr == conf!(nr_openat) {
-        (
-            OPEN_SYS_OPENAT,
-            Some(conf!(regs_arg0)),
-            Some(conf!(regs_arg1)),
-        )
+    // (syscall, argument holding the path; open_by_handle_at has none)
+    let (syscall, name_arg) = if nr == conf!(nr_openat) {
+        (OpenSyscall::Openat, Some(conf!(regs_arg1)))
     } else if nr == conf!(nr_openat2) {
-        (
-            OPEN_SYS_OPENAT2,
-            Some(conf!(regs_arg0)),
-            Some(conf!(regs_arg1)),
-        )
+        (OpenSyscall::Openat2, Some(conf!(regs_arg1)))
     } else if nr == conf!(nr_open) {
-        (OPEN_SYS_OPEN, None, Some(conf!(regs_arg0)))
+        (OpenSyscall::Open, Some(conf!(regs_arg0)))
     } else if nr == conf!(nr_creat) {
-        (OPEN_SYS_CREAT, None, Some(conf!(regs_arg0)))
+        (OpenSyscall::Creat, Some(conf!(regs_arg0)))
     } else {
-        (OPEN_SYS_BY_HANDLE, Some(conf!(regs_arg0)), None)
+        (OpenSyscall::OpenByHandleAt, None)
     };
     unsafe {
-        fill_header(&raw mut (*rec).hdr, KIND_SECRET_OPEN, task);
+        fill_header(&raw mut (*rec).hdr, RecordKind::SecretOpen, task);
         (*rec).dev = dev;
         (*rec).ino = ino;
         (*rec).dir_ino = dir_ino;
         (*rec).matched = matched;
-        (*rec).syscall = syscall;
+        (*rec).syscall = syscall as u32;
         (*rec).fd = fd as i32;
         // The kernel's own view of the open flags, whichever syscall opened it.
         (*rec).open_flags = rd(file, conf!(file_f_flags)).unwrap_or(0);
         (*rec).flags = 0;
+        (*rec)._pad = 0;
         (*rec).name[0] = 0;
         let regs = bpf_task_pt_regs(task as *mut _) as *const u8;
-        (*rec).dfd = match dfd_arg {
-            Some(off) => ld::<u64>(regs, off) as i32,
-            None => -100, // AT_FDCWD
-        };
         if let Some(off) = name_arg {
             let name: u64 = ld(regs, off);
             match bpf_probe_read_user_str_bytes(name as *const u8, &mut (*rec).name) {
@@ -407,17 +394,17 @@ unsafe fn try_connect_exit(ret: i64) -> Result<(), i32> {
         return Ok(());
     }
     let Some(mut entry) = EVENTS.reserve::<Connect>(0) else {
-        count_drop(PROBE_CONNECT);
+        count_drop(Probe::Connect);
         return Ok(());
     };
     let rec = entry.as_mut_ptr();
     unsafe {
-        fill_header(&raw mut (*rec).hdr, KIND_CONNECT, task);
+        fill_header(&raw mut (*rec).hdr, RecordKind::Connect, task);
         (*rec).family = family;
         (*rec).port = u16::from_be_bytes([head[2], head[3]]);
         (*rec)._pad = 0;
         (*rec).addr = [0; 16];
-        (*rec).op = OP_CONNECT;
+        (*rec).op = ConnectOp::Connect as u32;
         // A non-blocking connect returns -EINPROGRESS: started, outcome not yet known.
         (*rec).ret = ret as i32;
         if family == AF_INET6 {
@@ -482,20 +469,20 @@ fn on_sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     let _ = SEND_SEEN.insert(&key, &now, 0);
     let Some(mut entry) = EVENTS.reserve::<Connect>(0) else {
-        count_drop(PROBE_SENDMSG);
+        count_drop(Probe::Sendmsg);
         return 1;
     };
     let rec = entry.as_mut_ptr();
     let task = current_task();
     unsafe {
-        fill_header(&raw mut (*rec).hdr, KIND_CONNECT, task);
+        fill_header(&raw mut (*rec).hdr, RecordKind::Connect, task);
         (*rec).family = key.family;
         (*rec).sock_type = sa.type_ as u16;
         (*rec).port = key.port;
         (*rec)._pad = 0;
         (*rec).addr = key.addr;
         (*rec).ret = 0;
-        (*rec).op = OP_SENDMSG;
+        (*rec).op = ConnectOp::Sendmsg as u32;
     }
     entry.submit(submit_flags());
     1
@@ -526,13 +513,13 @@ pub fn sys_exit_priv(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let Some(mut entry) = EVENTS.reserve::<PrivChange>(0) else {
-        count_drop(PROBE_PRIV);
+        count_drop(Probe::Priv);
         return 0;
     };
     let rec = entry.as_mut_ptr();
     let task = current_task();
     unsafe {
-        fill_header(&raw mut (*rec).hdr, KIND_PRIV_CHANGE, task);
+        fill_header(&raw mut (*rec).hdr, RecordKind::PrivChange, task);
         (*rec).syscall_nr = ctx.read_at::<i32>(8).unwrap_or(-1) as u32;
         (*rec).ret = 0;
         (*rec).cap_effective = cap_effective(task);
@@ -579,18 +566,18 @@ fn try_dns(ctx: &SkBuffContext) -> Result<(), i64> {
         return Ok(());
     }
     let Some(mut entry) = EVENTS.reserve::<Dns>(0) else {
-        count_drop(PROBE_DNS);
+        count_drop(Probe::Dns);
         return Ok(());
     };
     let rec = entry.as_mut_ptr();
     unsafe {
         let hdr = &mut (*rec).hdr;
         *hdr = Header::default();
-        hdr.kind = KIND_DNS;
+        hdr.kind = RecordKind::Dns as u32;
         hdr.ts_ns = bpf_ktime_get_boot_ns();
         hdr.cgroup_id = bpf_skb_cgroup_id(ctx.skb.skb as *mut _);
         (*rec).family = family;
-        (*rec).server_port = sport;
+        (*rec)._pad = 0;
         (*rec).server = [0; 16];
         if family == AF_INET {
             if let Ok(a) = ctx.load::<[u8; 4]>(12) {

@@ -2,7 +2,8 @@
 //! server per test on its own data dir, so a test can stop and restart it on the same port
 //! (an outage) without disturbing the others. `cargo xtask test` installs it and says where
 //! (`CREDWATCH_TEST_CHDB_PYTHON`). `CREDWATCH_TEST_CLICKHOUSE_URL` points the tests at a real
-//! server instead; tests that need to stop the server or inject faults then say they skip.
+//! server instead; tests that need to stop the server or inject faults refuse it (`cargo xtask test` leaves
+//! them out then, and says so).
 
 use std::{
     io::{BufRead, BufReader},
@@ -38,30 +39,23 @@ fn front() -> PathBuf {
 }
 
 impl TestClickHouse {
-    /// `None` (with a message) when no test ClickHouse is installed outside CI; in CI
-    /// (`CI=true`) a missing one fails the test.
-    pub fn start(test: &str) -> Option<TestClickHouse> {
+    /// The project's test server (or the real one `CREDWATCH_TEST_CLICKHOUSE_URL` names).
+    /// Missing, it fails the test: `cargo xtask test` installs it.
+    pub fn start() -> TestClickHouse {
         let database = unique("cwtest").replace('-', "_");
         if let Ok(url) = std::env::var("CREDWATCH_TEST_CLICKHOUSE_URL") {
-            return Some(TestClickHouse {
+            return TestClickHouse {
                 child: None,
                 python: None,
                 data: None,
                 port: 0,
                 url,
                 database,
-            });
+            };
         }
-        let Some(python) = python() else {
-            let msg = format!(
-                "{test}: no test ClickHouse installed (run `cargo xtask test`, which installs it)"
-            );
-            if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-                panic!("{msg}");
-            }
-            eprintln!("SKIPPED {msg}");
-            return None;
-        };
+        let python = python().unwrap_or_else(|| {
+            panic!("no test ClickHouse installed (`cargo xtask test` installs it)")
+        });
         let mut ch = TestClickHouse {
             child: None,
             python: Some(python),
@@ -71,7 +65,17 @@ impl TestClickHouse {
             database,
         };
         ch.launch();
-        Some(ch)
+        ch
+    }
+
+    /// The project's own server, for tests that stop it or make it misbehave (`what`); a
+    /// real server cannot be used for those (`cargo xtask test` leaves them out then).
+    pub fn start_local(what: &str) -> TestClickHouse {
+        assert!(
+            std::env::var_os("CREDWATCH_TEST_CLICKHOUSE_URL").is_none(),
+            "this test needs {what}, which a real server (CREDWATCH_TEST_CLICKHOUSE_URL) cannot give"
+        );
+        Self::start()
     }
 
     /// True for the project's own server, which can be stopped and told to misbehave.
@@ -179,8 +183,5 @@ impl Drop for TestClickHouse {
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    credwatch::current_thread_runtime().unwrap()
 }

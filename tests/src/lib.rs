@@ -1,18 +1,24 @@
-//! Harness for the privileged integration tests: starts the real `credwatch` binary with a
-//! test config, lets the test drive real processes (`cw-actor`), then stops the agent and
-//! hands back the NDJSON events it wrote.
+//! Harness for the integration tests: starts the real `credwatch` binary with a test config,
+//! lets the test drive real processes ([`Actor`], the `cw-actor` binary), then stops the agent
+//! and hands back what it wrote, parsed into the agent's own types ([`Stopped`]).
 //!
-//! Privileged tests call [`bpf_available`] first. Off a root machine they skip with a reason;
-//! with `CREDWATCH_REQUIRE_BPF=1` (set by `cargo xtask test` under `CI=true`) they fail.
+//! One gate for everything that needs more than `cargo test` gives: such tests are
+//! `#[ignore = "…"]` with a reason, so a plain `cargo test` lists them as ignored (never as
+//! passed), and `cargo xtask test` — which builds the agent, installs the test ClickHouse and
+//! the deploy tools, and runs as root in CI — runs them all with `--include-ignored`. Inside,
+//! [`require_privileges`] fails the test when what it needs is missing: it never skips.
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    process::{Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use credwatch::{
+    alert::Alert,
+    event::{Body, Connect, CredentialUse, Event, EventKind, SecretRead},
+};
 use serde_json::Value;
 
 pub mod clickhouse;
@@ -23,39 +29,42 @@ pub fn credwatch_bin() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/credwatch"))
 }
 
-/// True when this process can load BPF programs. Panics (fails the test) instead of
-/// skipping when `CREDWATCH_REQUIRE_BPF=1`.
-pub fn bpf_available(test: &str) -> bool {
-    let required = std::env::var("CREDWATCH_REQUIRE_BPF").is_ok_and(|v| v == "1");
-    let reason = if unsafe { libc::geteuid() } != 0 {
+/// Fails the test (never skips it) unless it can load BPF programs and drive the agent:
+/// root, kernel BTF, the built agent binary.
+pub fn require_privileges() {
+    let problem = if unsafe { libc::geteuid() } != 0 {
         Some("not running as root".to_owned())
     } else if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         Some("kernel has no BTF (/sys/kernel/btf/vmlinux)".to_owned())
-    } else if !credwatch_bin().exists() {
-        Some(format!(
-            "agent binary {} not built (run `cargo xtask test`)",
-            credwatch_bin().display()
-        ))
     } else {
-        None
+        require_agent_binary().err()
     };
-    match reason {
-        None => true,
-        Some(r) if required => panic!("{test}: BPF tests are required here but cannot run: {r}"),
-        Some(r) => {
-            eprintln!("SKIPPED {test}: {r}");
-            false
-        }
+    if let Some(p) = problem {
+        panic!(
+            "this privileged test cannot run here: {p} (run it with `cargo xtask test` as root)"
+        );
     }
 }
 
+/// The agent binary, built by `cargo xtask test` (tests cannot build another package's bin).
+pub fn require_agent_binary() -> Result<(), String> {
+    let bin = credwatch_bin();
+    if bin.exists() {
+        Ok(())
+    } else {
+        Err(format!(
+            "agent binary {} not built (`cargo xtask test` builds it)",
+            bin.display()
+        ))
+    }
+}
+
+pub mod launch;
+
+/// A running agent under test, with its work dir (config, events, stats, state).
 pub struct Agent {
-    child: Child,
+    process: launch::AgentProcess,
     pub dir: Option<tempfile::TempDir>,
-    stderr: Arc<Mutex<Vec<String>>>,
-    /// Stdout lines (alerts) with the time each arrived.
-    stdout: Arc<Mutex<Vec<(Instant, String)>>>,
-    stdout_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Agent {
@@ -74,69 +83,34 @@ impl Agent {
     }
 
     fn spawn(config: &str, extra: &[&str], state_dir: Option<&Path>) -> Agent {
+        require_privileges();
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = dir.path().join("credwatch.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let state = state_dir
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| dir.path().join("state"));
-        let mut child = Command::new(credwatch_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--events")
-            .arg(dir.path().join("events.ndjson"))
-            .arg("--stats-file")
-            .arg(dir.path().join("stats.json"))
-            .args(extra)
-            .env(
-                "CREDWATCH_LOG",
-                std::env::var("CREDWATCH_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning credwatch");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if line.contains("credwatch ready") {
-                    let _ = tx.send(());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let out = child.stdout.take().unwrap();
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let out_sink = stdout.clone();
-        let stdout_reader = std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                out_sink.lock().unwrap().push((Instant::now(), line));
-            }
-        });
-        let agent = Agent {
-            child,
-            dir: Some(dir),
-            stderr: lines,
-            stdout,
-            stdout_reader: Some(stdout_reader),
-        };
-        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
-            panic!(
-                "credwatch did not become ready; stderr:\n{}",
-                agent.stderr_text()
-            );
+        let bin = credwatch_bin();
+        let process = launch::Launch {
+            bin: &bin,
+            config,
+            work: dir.path(),
+            state_dir,
+            events: true,
+            stats: true,
+            extra_args: extra,
+            log: None,
+            ready_timeout: Duration::from_secs(60),
         }
-        agent
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"));
+        Agent {
+            process,
+            dir: Some(dir),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     pub fn stderr_text(&self) -> String {
-        self.stderr.lock().unwrap().join("\n")
+        self.process.stderr_text()
     }
 
     pub fn path(&self) -> &Path {
@@ -147,62 +121,41 @@ impl Agent {
         self.path().join("events.ndjson")
     }
 
-    /// SIGTERM, wait for a clean exit, return every event written.
+    /// SIGTERM, wait for a clean exit, return everything it wrote.
     pub fn stop(mut self) -> Stopped {
         // Let the drain timer pick up the last records before asking it to stop.
         std::thread::sleep(Duration::from_millis(300));
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "credwatch did not exit on SIGTERM; stderr:\n{}",
-                    self.stderr_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(
-            status.success(),
-            "credwatch exited with {status}; stderr:\n{}",
-            self.stderr_text()
-        );
-        let events = read_ndjson(&self.events_path());
+        self.process
+            .stop(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let events = read_events(&self.events_path());
         let stats = std::fs::read(self.path().join("stats.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(Value::Null);
-        // The agent has exited: its stdout is at EOF and the reader finishes.
-        if let Some(r) = self.stdout_reader.take() {
-            let _ = r.join();
-        }
-        let stdout: String = self
-            .stdout
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, l)| format!("{l}\n"))
-            .collect();
+        let stdout = self.process.stdout_text();
         Stopped {
             events,
+            alerts: parse_alerts(&stdout),
             stats,
             stderr: self.stderr_text(),
             stdout,
             dir: self.dir.take().expect("agent running"),
         }
     }
-}
 
-impl Agent {
     /// Waits for a stdout line matching `pred`; returns when it arrived.
     pub fn wait_stdout(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<Instant> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some((t, _)) = self.stdout.lock().unwrap().iter().find(|(_, l)| pred(l)) {
+            if let Some((t, _)) = self
+                .process
+                .stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, l)| pred(l))
+            {
                 return Some(*t);
             }
             if Instant::now() > deadline {
@@ -214,7 +167,7 @@ impl Agent {
 
     /// The URL of the agent's metrics endpoint, from its log.
     pub fn metrics_url(&self) -> Option<String> {
-        self.stderr.lock().unwrap().iter().find_map(|l| {
+        self.process.stderr.lock().unwrap().iter().find_map(|l| {
             let i = l.find("metrics on ")?;
             Some(l[i + "metrics on ".len()..].trim().to_owned())
         })
@@ -222,8 +175,7 @@ impl Agent {
 
     /// SIGKILL: no flush, no goodbye (a crash or an OOM kill).
     pub fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill9();
     }
 
     /// The last stats file the agent wrote (it writes one every second).
@@ -235,15 +187,11 @@ impl Agent {
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 pub struct Stopped {
-    pub events: Vec<Value>,
+    pub events: Vec<Event>,
+    /// The alert lines the agent printed on stdout.
+    pub alerts: Vec<Alert>,
+    /// The agent's stats file (the `--stats-file` JSON).
     pub stats: Value,
     pub stderr: String,
     pub stdout: String,
@@ -252,16 +200,74 @@ pub struct Stopped {
 
 impl Stopped {
     /// Events of `kind` from process `tgid`.
-    pub fn of(&self, kind: &str, tgid: u32) -> Vec<&Value> {
+    pub fn of(&self, kind: EventKind, tgid: u32) -> Vec<&Event> {
         self.events
             .iter()
-            .filter(|e| e["kind"] == kind && e["process"]["tgid"] == tgid)
+            .filter(|e| e.kind() == kind && e.process.tgid == tgid)
             .collect()
     }
 
-    pub fn kind(&self, kind: &str) -> Vec<&Value> {
-        self.events.iter().filter(|e| e["kind"] == kind).collect()
+    pub fn kind(&self, kind: EventKind) -> Vec<&Event> {
+        self.events.iter().filter(|e| e.kind() == kind).collect()
     }
+
+    /// The secret reads of process `tgid`.
+    pub fn reads(&self, tgid: u32) -> Vec<(&Event, &SecretRead)> {
+        self.events
+            .iter()
+            .filter(|e| e.process.tgid == tgid)
+            .filter_map(|e| match &e.body {
+                Body::SecretRead(r) => Some((e, r)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The connects of process `tgid`.
+    pub fn connects(&self, tgid: u32) -> Vec<(&Event, &Connect)> {
+        self.events
+            .iter()
+            .filter(|e| e.process.tgid == tgid)
+            .filter_map(|e| match &e.body {
+                Body::Connect(c) => Some((e, c)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every credential use, or those of process `tgid`.
+    pub fn uses(&self, tgid: Option<u32>) -> Vec<(&Event, &CredentialUse)> {
+        self.events
+            .iter()
+            .filter(|e| tgid.is_none_or(|t| e.process.tgid == t))
+            .filter_map(|e| match &e.body {
+                Body::CredentialUse(u) => Some((e, &**u)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Alerts of `kind`.
+    pub fn alerts_of(&self, kind: credwatch::alert::AlertKind) -> Vec<&Alert> {
+        self.alerts.iter().filter(|a| a.alert == kind).collect()
+    }
+
+    /// Everything the agent wrote, as text: to check a secret value appears nowhere.
+    pub fn all_output(&self) -> String {
+        let events =
+            std::fs::read_to_string(self.dir.path().join("events.ndjson")).unwrap_or_default();
+        let stats = std::fs::read_to_string(self.dir.path().join("stats.json")).unwrap_or_default();
+        format!("{events}\n{stats}\n{}\n{}", self.stderr, self.stdout)
+    }
+}
+
+/// Alert lines as the agent's own type; any other line on stdout fails the test.
+pub fn parse_alerts(stdout: &str) -> Vec<Alert> {
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not an alert line {l:?}: {e}")))
+        .collect()
 }
 
 /// A file under tests/fixtures.
@@ -271,10 +277,7 @@ pub fn fixture(name: &str) -> String {
 
 /// Runs the agent binary (`replay`, `migrate`, …) to completion.
 pub fn credwatch(args: &[&str]) -> std::process::Output {
-    assert!(
-        credwatch_bin().exists(),
-        "agent binary missing: run `cargo xtask test`"
-    );
+    require_agent_binary().unwrap_or_else(|e| panic!("{e}"));
     Command::new(credwatch_bin()).args(args).output().unwrap()
 }
 
@@ -300,32 +303,142 @@ pub fn window_excluding_now() -> String {
     format!("daily {hour:02}:00-{:02}:00", (hour + 1) % 24)
 }
 
-pub fn read_ndjson(path: &Path) -> Vec<Value> {
+/// Events in an NDJSON file (the `--events` format), as the agent's own type: a line the
+/// agent cannot read back fails the test.
+pub fn read_events(path: &Path) -> Vec<Event> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };
     text.lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad NDJSON line {l:?}: {e}")))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l:?}: {e}")))
         .collect()
 }
 
-/// Runs the actor (built alongside these tests) and returns (pid, stdout).
-pub fn actor(bin: &str, args: &[&str]) -> (u32, String) {
-    let child = Command::new(bin)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn actor");
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "actor {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (pid, String::from_utf8_lossy(&out.stdout).into_owned())
+/// One `cw-actor` run, built step by step: each step is one syscall sequence, so a test
+/// knows which pid did what.
+#[derive(Clone, Debug)]
+pub struct Actor {
+    bin: PathBuf,
+    steps: Vec<Vec<String>>,
+}
+
+fn s(p: impl AsRef<Path>) -> String {
+    p.as_ref().to_string_lossy().into_owned()
+}
+
+impl Actor {
+    /// `bin` is the actor binary (`env!("CARGO_BIN_EXE_cw-actor")` in a test, or a copy).
+    pub fn new(bin: impl Into<PathBuf>) -> Actor {
+        Actor {
+            bin: bin.into(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn step(mut self, args: &[String]) -> Actor {
+        self.steps.push(args.to_vec());
+        self
+    }
+
+    /// Moves itself into `cg` first.
+    pub fn join_cgroup(self, cg: &TestCgroup) -> Actor {
+        self.step(&["join-cgroup".into(), s(&cg.path)])
+    }
+    /// open(2) by the given path, read a byte, close.
+    pub fn open(self, path: impl AsRef<Path>) -> Actor {
+        self.step(&["open".into(), s(path)])
+    }
+    /// chdir(dir), then open(name) relative to it.
+    pub fn open_relative(self, dir: impl AsRef<Path>, name: &str) -> Actor {
+        self.step(&["open-rel".into(), s(dir), name.into()])
+    }
+    /// openat(dirfd of `dir`, name).
+    pub fn openat(self, dir: impl AsRef<Path>, name: &str) -> Actor {
+        self.step(&["openat".into(), s(dir), name.into()])
+    }
+    pub fn openat2(self, path: impl AsRef<Path>) -> Actor {
+        self.step(&["openat2".into(), s(path)])
+    }
+    /// A path of arbitrary bytes (not UTF-8, control characters).
+    pub fn open_bytes(self, path: &[u8]) -> Actor {
+        let hex = path.iter().map(|b| format!("{b:02x}")).collect();
+        self.step(&["open-hex".into(), hex])
+    }
+    /// `n` opens of `path` in a loop.
+    pub fn flood(self, path: impl AsRef<Path>, n: u64) -> Actor {
+        self.step(&["flood".into(), s(path), n.to_string()])
+    }
+    /// `proto`: `tcp`, `tcp-nonblocking` or `udp` (a connected UDP socket).
+    pub fn connect(self, proto: &str, addr: impl std::fmt::Display) -> Actor {
+        self.step(&["connect".into(), proto.into(), addr.to_string()])
+    }
+    /// An A query for `name` sent unconnected to `server`, waiting for the answer.
+    pub fn dns(self, server: impl std::fmt::Display, name: &str) -> Actor {
+        self.step(&["dns".into(), server.to_string(), name.into()])
+    }
+    pub fn setuid(self, uid: u32) -> Actor {
+        self.step(&["setuid".into(), uid.to_string()])
+    }
+    /// Prints `uid=… euid=…`.
+    pub fn ids(self) -> Actor {
+        self.step(&["ids".into()])
+    }
+    pub fn sleep_ms(self, ms: u64) -> Actor {
+        self.step(&["sleep".into(), ms.to_string()])
+    }
+    /// Drops to `uid` (and gid) and execs `then` (another actor, possibly set-uid): the
+    /// steps after this one are `then`'s.
+    pub fn exec_as(self, uid: u32, then: Actor) -> Actor {
+        let mut args = vec!["as-user".into(), uid.to_string(), s(&then.bin)];
+        args.extend(then.args());
+        self.step(&args)
+    }
+
+    /// The arguments (steps joined by `+`).
+    pub fn args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, st) in self.steps.iter().enumerate() {
+            if i > 0 {
+                out.push("+".into());
+            }
+            out.extend(st.iter().cloned());
+        }
+        out
+    }
+
+    /// As one shell command line (for `sh -c`, `unshare … sh -c`).
+    pub fn shell(&self) -> String {
+        let quote = |a: &str| format!("'{}'", a.replace('\'', "'\\''"));
+        std::iter::once(s(&self.bin))
+            .chain(self.args())
+            .map(|a| quote(&a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Runs it to completion; (pid, stdout). A failing actor fails the test.
+    pub fn run(&self) -> (u32, String) {
+        let child = Command::new(&self.bin)
+            .args(self.args())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn actor");
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "actor {:?} failed: {}",
+            self.args(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (pid, String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.run().0
+    }
 }
 
 /// A cgroup v2 directory created for a test, removed on drop.
@@ -527,10 +640,41 @@ impl PodVolume {
 
 /// `hmac-sha256:<hex>` of `value` under `key`: what the agent must report.
 pub fn expected_fingerprint(key: &str, value: &[u8]) -> String {
-    use hmac::Mac;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
-    mac.update(value);
-    format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes()))
+    format!(
+        "hmac-sha256:{}",
+        credwatch::credential::hmac_sha256_hex(key.as_bytes(), value)
+    )
+}
+
+/// Runs `actor` in a private mount namespace where each (source, target) is bind-mounted
+/// first: what a container's process sees of a volume. (pid, stdout); unshare and sh exec
+/// in place, so the pid is the actor's.
+pub fn in_mount_namespace(actor: &Actor, binds: &[(&Path, &Path)]) -> (u32, String) {
+    let mut script = String::new();
+    for (src, dst) in binds {
+        std::fs::create_dir_all(dst).unwrap();
+        script.push_str(&format!(
+            "mount --bind '{}' '{}' && ",
+            src.display(),
+            dst.display()
+        ));
+    }
+    script.push_str("exec ");
+    script.push_str(&actor.shell());
+    let child = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "actor in a mount namespace failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A temporary directory on the root filesystem (setuid-capable, bind-mountable, reachable

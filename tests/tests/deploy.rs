@@ -8,19 +8,15 @@ use std::process::Command;
 use credwatch_tests::credwatch_bin;
 
 #[test]
+#[ignore = "needs helm, kubernetes-validate and the agent binary (cargo xtask test sets them up)"]
 fn manifests_chart_and_unit_validate() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let tools = std::env::var_os("HOME")
         .map(|h| std::path::PathBuf::from(h).join(".local/share/credwatch/tools/bin/helm"));
-    if !tools.is_some_and(|t| t.exists()) {
-        let msg = "manifests_chart_and_unit_validate: helm/kubernetes-validate not installed \
-                   (run `cargo xtask test`, which installs them)";
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED {msg}");
-        return;
-    }
+    assert!(
+        tools.is_some_and(|t| t.exists()),
+        "helm/kubernetes-validate not installed (`cargo xtask test` installs them)"
+    );
     let out = Command::new("bash")
         .arg(format!("{root}/deploy/validate/validate.sh"))
         .env("CREDWATCH_BIN", credwatch_bin())

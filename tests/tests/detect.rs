@@ -4,13 +4,20 @@
 
 use std::{net::TcpListener, os::unix::fs::PermissionsExt, path::Path, process::Command};
 
-use credwatch_tests::{
-    Agent, CID_A, CID_B, PodVolume, UID_A, UID_B, actor, bpf_available, credwatch_bin,
-    fake_sa_token, fixture, kubelet_fixture_port, pod_cgroup, window_excluding_now, workdir,
+use credwatch::{
+    alert::{Alert, AlertKind, AlertStatus, Severity},
+    event::CredentialType,
 };
-use serde_json::Value;
+use credwatch_tests::{
+    Actor, Agent, CID_A, CID_B, PodVolume, UID_A, UID_B, credwatch, fake_sa_token, fixture,
+    kubelet_fixture_port, ok, parse_alerts, pod_cgroup, window_excluding_now, workdir,
+};
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_cw-actor");
+
+fn actor() -> Actor {
+    Actor::new(ACTOR)
+}
 
 fn config(kubelet: &Path) -> String {
     let port = kubelet_fixture_port();
@@ -20,23 +27,13 @@ fn config(kubelet: &Path) -> String {
     )
 }
 
-fn alerts(stdout: &str) -> Vec<Value> {
-    stdout
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).expect("alert JSON"))
-        .collect()
-}
-
-fn of_kind<'a>(alerts: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    alerts.iter().filter(|a| a["alert"] == kind).collect()
+fn of_kind(alerts: &[Alert], kind: AlertKind) -> Vec<&Alert> {
+    alerts.iter().filter(|a| a.alert == kind).collect()
 }
 
 #[test]
+#[ignore = "privileged: real probes (cargo xtask test runs it as root)"]
 fn two_pods_with_copies_of_one_token_raise_one_growing_token_reuse() {
-    if !bpf_available("two_pods_with_copies_of_one_token_raise_one_growing_token_reuse") {
-        return;
-    }
     let w = workdir();
     let kubelet = w.path().join("kubelet");
     // The same token value in two pods' volumes (a copied credential).
@@ -49,55 +46,41 @@ fn two_pods_with_copies_of_one_token_raise_one_growing_token_reuse() {
 
     let agent = Agent::start(&config(&kubelet));
     for _ in 0..2 {
-        actor(
-            ACTOR,
-            &[
-                "join-cgroup",
-                ca.path.to_str().unwrap(),
-                "+",
-                "open",
-                ta.to_str().unwrap(),
-            ],
-        );
-        actor(
-            ACTOR,
-            &[
-                "join-cgroup",
-                cb.path.to_str().unwrap(),
-                "+",
-                "open",
-                tb.to_str().unwrap(),
-            ],
-        );
+        actor().join_cgroup(&ca).open(&ta).run();
+        actor().join_cgroup(&cb).open(&tb).run();
     }
     let s = agent.stop();
-    let all = alerts(&s.stdout);
-    let reuse = of_kind(&all, "token_reuse");
-    let new: Vec<_> = reuse.iter().filter(|a| a["status"] == "new").collect();
+    let all = &s.alerts;
+    let reuse = of_kind(all, AlertKind::TokenReuse);
+    let new: Vec<_> = reuse
+        .iter()
+        .filter(|a| a.status == AlertStatus::New)
+        .collect();
     assert_eq!(new.len(), 1, "exactly one new token_reuse: {reuse:#?}");
-    assert!(reuse.iter().all(|a| a["dedup_key"] == new[0]["dedup_key"]));
+    assert!(reuse.iter().all(|a| a.dedup_key == new[0].dedup_key));
     let last = reuse.last().unwrap();
     assert!(
-        last["count"].as_u64().unwrap() >= 3,
-        "count grows with each further use: {last:#}"
+        last.count >= 3,
+        "count grows with each further use: {last:#?}"
     );
-    let summary = new[0]["summary"].as_str().unwrap();
+    let summary = &new[0].summary;
     assert!(
         summary.contains("pod:payments/api-7f9c") && summary.contains("pod:billing/worker-2"),
         "{summary}"
     );
-    assert_eq!(new[0]["credential"]["type"], "k8s_sa_token");
+    assert_eq!(
+        new[0].credential.as_ref().unwrap().kind,
+        CredentialType::K8sSaToken
+    );
     assert!(
-        of_kind(&all, "owner_mismatch").is_empty(),
+        of_kind(all, AlertKind::OwnerMismatch).is_empty(),
         "each pod read its own copy: {all:#?}"
     );
 }
 
 #[test]
+#[ignore = "privileged: real probes (cargo xtask test runs it as root)"]
 fn pod_reading_another_pods_token_is_owner_mismatch() {
-    if !bpf_available("pod_reading_another_pods_token_is_owner_mismatch") {
-        return;
-    }
     let w = workdir();
     let kubelet = w.path().join("kubelet");
     let _va = PodVolume::create(
@@ -115,38 +98,28 @@ fn pod_reading_another_pods_token_is_owner_mismatch() {
     let ca = pod_cgroup(UID_A, CID_A);
 
     let agent = Agent::start(&config(&kubelet));
-    let (pid, _) = actor(
-        ACTOR,
-        &[
-            "join-cgroup",
-            ca.path.to_str().unwrap(),
-            "+",
-            "open",
-            vb.dir.join("token").to_str().unwrap(),
-        ],
-    );
+    let pid = actor().join_cgroup(&ca).open(vb.dir.join("token")).pid();
     let s = agent.stop();
-    let all = alerts(&s.stdout);
-    let m = of_kind(&all, "owner_mismatch");
+    let all = &s.alerts;
+    let m = of_kind(all, AlertKind::OwnerMismatch);
     assert_eq!(m.len(), 1, "{all:#?}");
     let a = m[0];
-    assert_eq!(a["workload"]["id"], "pod:payments/api-7f9c");
-    assert_eq!(a["credential"]["owner"]["id"], "pod:billing/worker-2");
-    assert_eq!(a["severity"], "high");
-    assert_eq!(a["evidence"][0]["pid"], pid);
-    let summary = a["summary"].as_str().unwrap();
+    assert_eq!(a.workload.id, "pod:payments/api-7f9c");
+    let owner = a.credential.as_ref().unwrap().owner.as_ref().unwrap();
+    assert_eq!(owner.id, "pod:billing/worker-2");
+    assert_eq!(a.severity, Severity::High);
+    assert_eq!(a.evidence[0].pid, pid);
     assert!(
-        summary.contains("pod:payments/api-7f9c") && summary.contains("pod:billing/worker-2"),
-        "{summary}"
+        a.summary.contains("pod:payments/api-7f9c") && a.summary.contains("pod:billing/worker-2"),
+        "{}",
+        a.summary
     );
-    assert!(of_kind(&all, "token_reuse").is_empty());
+    assert!(of_kind(all, AlertKind::TokenReuse).is_empty());
 }
 
 #[test]
+#[ignore = "privileged: real probes (cargo xtask test runs it as root)"]
 fn token_read_through_a_pseudo_terminal_is_human_use() {
-    if !bpf_available("token_read_through_a_pseudo_terminal_is_human_use") {
-        return;
-    }
     let w = workdir();
     let kubelet = w.path().join("kubelet");
     let va = PodVolume::create(
@@ -173,60 +146,42 @@ fn token_read_through_a_pseudo_terminal_is_human_use() {
         String::from_utf8_lossy(&out.stderr)
     );
     let s = agent.stop();
-    let all = alerts(&s.stdout);
-    let h = of_kind(&all, "human_use");
+    let all = &s.alerts;
+    let h = of_kind(all, AlertKind::HumanUse);
     assert_eq!(h.len(), 1, "{all:#?}");
-    assert_eq!(h[0]["evidence"][0]["comm"], "cat");
+    assert_eq!(h[0].evidence[0].comm, "cat");
     assert!(
-        h[0]["evidence"][0]["tty"]
-            .as_str()
-            .unwrap()
-            .starts_with("pts/"),
-        "{:#}",
+        h[0].evidence[0]
+            .tty
+            .as_deref()
+            .is_some_and(|t| t.starts_with("pts/")),
+        "{:#?}",
         h[0]
     );
-    assert_eq!(h[0]["credential"]["type"], "k8s_sa_token");
+    assert_eq!(
+        h[0].credential.as_ref().unwrap().kind,
+        CredentialType::K8sSaToken
+    );
 }
 
 /// Hand-built NDJSON through `credwatch replay`: the alerts come out on stdout, and the
 /// near misses in the same stream stay silent.
 #[test]
+#[ignore = "needs the agent binary (cargo xtask test builds it)"]
 fn replay_of_hand_built_events_fires_exactly_the_expected_alerts() {
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/replay-detections.ndjson"
-    );
-    assert!(
-        credwatch_bin().exists(),
-        "agent binary missing: run `cargo xtask test`"
-    );
-    let out = Command::new(credwatch_bin())
-        .arg("replay")
-        .arg(fixture)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let all = alerts(&String::from_utf8_lossy(&out.stdout));
-    let kinds: Vec<(&str, &str)> = all
+    let out = credwatch(&["replay", &fixture("replay-detections.ndjson")]);
+    let all = parse_alerts(&ok(&out));
+    let kinds: Vec<(AlertKind, &str)> = all
         .iter()
-        .map(|a| {
-            (
-                a["alert"].as_str().unwrap(),
-                a["workload"]["id"].as_str().unwrap(),
-            )
-        })
+        .map(|a| (a.alert, a.workload.id.as_str()))
         .collect();
     assert_eq!(
         kinds,
         vec![
-            ("token_reuse", "pod:billing/worker-2"),
-            ("owner_mismatch", "pod:billing/worker-2"),
-            ("owner_mismatch", "host:1000:/usr/bin/cat"),
-            ("human_use", "host:1000:/usr/bin/cat"),
+            (AlertKind::TokenReuse, "pod:billing/worker-2"),
+            (AlertKind::OwnerMismatch, "pod:billing/worker-2"),
+            (AlertKind::OwnerMismatch, "host:1000:/usr/bin/cat"),
+            (AlertKind::HumanUse, "host:1000:/usr/bin/cat"),
         ],
         "{all:#?}"
     );
@@ -235,24 +190,21 @@ fn replay_of_hand_built_events_fires_exactly_the_expected_alerts() {
 /// `credwatch replay` with the baseline fixtures' policy; (alert, workload, dedup key) per
 /// alert line.
 fn replay_baselines(files: &[&str], state_dir: Option<&Path>) -> Vec<(String, String, String)> {
-    let mut cmd = Command::new(credwatch_bin());
-    cmd.arg("replay")
-        .arg("--config")
-        .arg(fixture("replay-baselines.toml"));
+    let cfg = fixture("replay-baselines.toml");
+    let mut args = vec!["replay".to_owned(), "--config".into(), cfg];
     if let Some(d) = state_dir {
-        cmd.arg("--state-dir").arg(d);
+        args.extend(["--state-dir".into(), d.display().to_string()]);
     }
-    let out = cmd.args(files.iter().map(|f| fixture(f))).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    alerts(&String::from_utf8_lossy(&out.stdout))
-        .iter()
+    args.extend(files.iter().map(|f| fixture(f)));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    parse_alerts(&ok(&credwatch(&args)))
+        .into_iter()
         .map(|a| {
-            let s = |v: &Value| v.as_str().unwrap().to_owned();
-            (s(&a["alert"]), s(&a["workload"]["id"]), s(&a["dedup_key"]))
+            (
+                a.alert.as_str().to_owned(),
+                a.workload.id.to_string(),
+                a.dedup_key,
+            )
         })
         .collect()
 }
@@ -269,11 +221,8 @@ fn fp(c: char) -> String {
 /// allowed destination, an allowlisted finding, a credential read again after two days)
 /// stay silent.
 #[test]
+#[ignore = "needs the agent binary (cargo xtask test builds it)"]
 fn replay_learns_baselines_then_flags_what_is_new() {
-    assert!(
-        credwatch_bin().exists(),
-        "agent binary missing: run `cargo xtask test`"
-    );
     let (api, unit) = ("pod:payments/api-7f9c", "unit:backup.service");
     let spiffe = "spiffe://cluster.local/ns/payments/sa/api";
     let pe = "privilege_expansion";
@@ -380,10 +329,8 @@ fn replay_learns_baselines_then_flags_what_is_new() {
 }
 
 #[test]
+#[ignore = "privileged: real probes (cargo xtask test runs it as root)"]
 fn use_outside_a_declared_schedule_is_off_schedule() {
-    if !bpf_available("use_outside_a_declared_schedule_is_off_schedule") {
-        return;
-    }
     let w = workdir();
     let (night, always) = (w.path().join("backup-key"), w.path().join("service-key"));
     std::fs::write(&night, "fake-backup-credential").unwrap();
@@ -398,43 +345,25 @@ fn use_outside_a_declared_schedule_is_off_schedule() {
         window = window_excluding_now(),
     );
     let agent = Agent::start(&cfg);
-    let (pid, _) = actor(
-        ACTOR,
-        &[
-            "open",
-            night.to_str().unwrap(),
-            "+",
-            "open",
-            always.to_str().unwrap(),
-        ],
-    );
+    let pid = actor().open(&night).open(&always).pid();
     let s = agent.stop();
-    let all = alerts(&s.stdout);
-    let off = of_kind(&all, "off_schedule");
+    let all = &s.alerts;
+    let off = of_kind(all, AlertKind::OffSchedule);
     assert_eq!(off.len(), 1, "{all:#?}");
-    assert_eq!(off[0]["evidence"][0]["pid"], pid);
+    assert_eq!(off[0].evidence[0].pid, pid);
     assert_eq!(
-        off[0]["evidence"][0]["secret_path"],
-        night.to_str().unwrap()
+        off[0].evidence[0].secret_path.as_deref(),
+        Some(night.to_str().unwrap())
     );
-    assert!(
-        off[0]["summary"]
-            .as_str()
-            .unwrap()
-            .contains("nightly backup"),
-        "{:#}",
-        off[0]
-    );
+    assert!(off[0].summary.contains("nightly backup"), "{:#?}", off[0]);
 }
 
 /// A pod learns for a few seconds (token read, connect to port A), the agent restarts on the
 /// same state dir, then the pod reaches port B with the token and runs a set-uid-root helper
 /// as uid 1000: two privilege_expansion alerts, none for port A (learned before the restart).
 #[test]
+#[ignore = "privileged: real probes (cargo xtask test runs it as root)"]
 fn after_learning_a_new_port_and_a_setuid_helper_are_privilege_expansion() {
-    if !bpf_available("after_learning_a_new_port_and_a_setuid_helper_are_privilege_expansion") {
-        return;
-    }
     let w = workdir();
     let kubelet = w.path().join("kubelet");
     let va = PodVolume::create(
@@ -457,23 +386,12 @@ fn after_learning_a_new_port_and_a_setuid_helper_are_privilege_expansion() {
     );
     let token = va.dir.join("token");
     let use_token = |ports: &[u16]| {
-        let mut args = vec![
-            "join-cgroup".to_owned(),
-            ca.path.display().to_string(),
-            "+".into(),
-            "open".into(),
-            token.display().to_string(),
-        ];
-        for p in ports {
-            args.extend([
-                "+".into(),
-                "connect".into(),
-                "tcp".into(),
-                format!("127.0.0.1:{p}"),
-            ]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        actor(ACTOR, &args).0
+        ports
+            .iter()
+            .fold(actor().join_cgroup(&ca).open(&token), |a, p| {
+                a.connect("tcp", format!("127.0.0.1:{p}"))
+            })
+            .pid()
     };
     let cfg = format!("{}[detect]\nlearning_period = \"4s\"\n", config(&kubelet));
     let state = w.path().join("state");
@@ -483,61 +401,38 @@ fn after_learning_a_new_port_and_a_setuid_helper_are_privilege_expansion() {
     std::thread::sleep(std::time::Duration::from_secs(5));
     let first = agent.stop();
     let learned_use = first
-        .of("credential_use", learner)
+        .uses(Some(learner))
         .into_iter()
-        .any(|e| e["dst"]["port"] == pa);
+        .any(|(_, u)| u.dst.port == pa);
     assert!(learned_use, "the learning phase saw the use of port {pa}");
     assert!(state.join("baselines.redb").exists());
 
     let agent = Agent::start_with_state(&cfg, &state);
     let user = use_token(&[pa, pb]);
-    let (helper, out) = actor(
-        ACTOR,
-        &[
-            "join-cgroup",
-            ca.path.to_str().unwrap(),
-            "+",
-            "as-user",
-            "1000",
-            suid.to_str().unwrap(),
-            "ids",
-        ],
-    );
+    let (helper, out) = actor()
+        .join_cgroup(&ca)
+        .exec_as(1000, Actor::new(&suid).ids())
+        .run();
     assert_eq!(
         out.trim(),
         "uid=1000 euid=0",
         "the helper must really be set-uid"
     );
     let s = agent.stop();
-    let all = alerts(&s.stdout);
-    let mine: Vec<&Value> = of_kind(&all, "privilege_expansion")
+    let all = &s.alerts;
+    let mine: Vec<&Alert> = of_kind(all, AlertKind::PrivilegeExpansion)
         .into_iter()
-        .filter(|a| {
-            let pid = &a["evidence"][0]["pid"];
-            *pid == user || *pid == helper
-        })
+        .filter(|a| [user, helper].contains(&a.evidence[0].pid))
         .collect();
     assert_eq!(mine.len(), 2, "{all:#?}");
-    let to_b = mine
-        .iter()
-        .find(|a| a["evidence"][0]["pid"] == user)
-        .unwrap();
-    assert_eq!(to_b["workload"]["id"], "pod:payments/api-7f9c");
-    assert_eq!(to_b["evidence"][0]["dst"]["port"], pb);
+    let to_b = mine.iter().find(|a| a.evidence[0].pid == user).unwrap();
+    assert_eq!(to_b.workload.id, "pod:payments/api-7f9c");
+    assert_eq!(to_b.evidence[0].dst.as_ref().map(|d| d.port), Some(pb));
     assert!(
-        to_b["summary"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("127.0.0.1:{pb}/tcp")),
-        "{to_b:#}"
+        to_b.summary.contains(&format!("127.0.0.1:{pb}/tcp")),
+        "{to_b:#?}"
     );
-    let gain = mine
-        .iter()
-        .find(|a| a["evidence"][0]["pid"] == helper)
-        .unwrap();
-    assert_eq!(gain["evidence"][0]["exe"], suid.to_str().unwrap());
-    assert!(
-        gain["summary"].as_str().unwrap().contains("euid 1000 → 0"),
-        "{gain:#}"
-    );
+    let gain = mine.iter().find(|a| a.evidence[0].pid == helper).unwrap();
+    assert_eq!(gain.evidence[0].exe, suid.to_str().unwrap());
+    assert!(gain.summary.contains("euid 1000 → 0"), "{gain:#?}");
 }

@@ -7,10 +7,14 @@ use std::{
     process::Command,
 };
 
-use credwatch_tests::{Agent, TestCgroup, actor, bpf_available, unique, workdir};
-use serde_json::Value;
+use credwatch::event::{Body, EventKind, SecretRead, WorkloadKind};
+use credwatch_tests::{Actor, Agent, Stopped, TestCgroup, in_mount_namespace, unique, workdir};
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_cw-actor");
+
+fn actor() -> Actor {
+    Actor::new(ACTOR)
+}
 
 fn config_watching(path: &Path) -> String {
     format!(
@@ -19,8 +23,12 @@ fn config_watching(path: &Path) -> String {
     )
 }
 
-fn one_read<'a>(s: &'a credwatch_tests::Stopped, pid: u32, what: &str) -> &'a Value {
-    let reads = s.of("secret_read", pid);
+fn one_read<'a>(
+    s: &'a Stopped,
+    pid: u32,
+    what: &str,
+) -> (&'a credwatch::event::Event, &'a SecretRead) {
+    let reads = s.reads(pid);
     assert_eq!(
         reads.len(),
         1,
@@ -30,10 +38,8 @@ fn one_read<'a>(s: &'a credwatch_tests::Stopped, pid: u32, what: &str) -> &'a Va
 }
 
 #[test]
+#[ignore = "privileged: real probes (cargo xtask test runs it as root)"]
 fn secret_reads_are_matched_by_inode_whatever_the_path() {
-    if !bpf_available("secret_reads_are_matched_by_inode_whatever_the_path") {
-        return;
-    }
     let w = workdir();
     let dir = w.path().join("secrets");
     std::fs::create_dir(&dir).unwrap();
@@ -46,41 +52,21 @@ fn secret_reads_are_matched_by_inode_whatever_the_path() {
     std::os::unix::fs::symlink(&token, w.path().join("link")).unwrap();
     std::fs::hard_link(&token, w.path().join("hardlink")).unwrap();
     let mnt = w.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
 
     let agent = Agent::start(&config_watching(&token));
     let t = token.to_str().unwrap();
-    let abs = actor(ACTOR, &["open", t]).0;
-    let rel = actor(ACTOR, &["open-rel", dir.to_str().unwrap(), "token"]).0;
-    let sym = actor(ACTOR, &["open", w.path().join("link").to_str().unwrap()]).0;
-    let hard = actor(
-        ACTOR,
-        &["open", w.path().join("hardlink").to_str().unwrap()],
-    )
-    .0;
-    let dirfd = actor(ACTOR, &["openat", dir.to_str().unwrap(), "token"]).0;
+    let abs = actor().open(&token).pid();
+    let rel = actor().open_relative(&dir, "token").pid();
+    let sym = actor().open(w.path().join("link")).pid();
+    let hard = actor().open(w.path().join("hardlink")).pid();
+    let dirfd = actor().openat(&dir, "token").pid();
     let proc_root = format!("/proc/self/root{t}");
-    let via_proc = actor(ACTOR, &["open", &proc_root]).0;
-    let o2 = actor(ACTOR, &["openat2", t]).0;
-    let unwatched = actor(ACTOR, &["open", other.to_str().unwrap()]).0;
+    let via_proc = actor().open(&proc_root).pid();
+    let o2 = actor().openat2(&token).pid();
+    let unwatched = actor().open(&other).pid();
     // A private mount namespace where the secrets dir is bind-mounted somewhere else, the way
     // a container sees a volume.
-    let script = format!(
-        "mount --bind {} {} && exec {ACTOR} open {}/token",
-        dir.display(),
-        mnt.display(),
-        mnt.display()
-    );
-    let ns = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        ns.status.success(),
-        "unshare: {}",
-        String::from_utf8_lossy(&ns.stderr)
-    );
-    // unshare and sh exec in place, so the actor keeps unshare's pid; find it by its event.
+    let (in_ns, _) = in_mount_namespace(&actor().open(mnt.join("token")), &[(&dir, &mnt)]);
     let s = agent.stop();
 
     for (pid, what, opened_as) in [
@@ -95,47 +81,32 @@ fn secret_reads_are_matched_by_inode_whatever_the_path() {
         (dirfd, "dirfd openat", "token".to_owned()),
         (via_proc, "/proc/self/root", proc_root.clone()),
         (o2, "openat2", t.to_owned()),
+        (in_ns, "bind mount", mnt.join("token").display().to_string()),
     ] {
-        let e = one_read(&s, pid, what);
-        assert_eq!(e["process"]["pid"], pid, "{what}");
-        assert_eq!(e["process"]["comm"], "cw-actor", "{what}");
-        assert_eq!(e["secret"]["inode"], ino, "{what}");
-        assert_eq!(e["secret"]["dev"], dev, "{what}");
-        assert_eq!(e["secret"]["path"], t, "{what}");
-        assert_eq!(e["secret"]["opened_as"], opened_as.as_str(), "{what}");
-        assert_eq!(e["secret"]["access"], "read", "{what}");
-        assert_eq!(e["workload"]["kind"], "host", "{what}");
+        let (e, r) = one_read(&s, pid, what);
+        assert_eq!(e.process.pid, pid, "{what}");
+        assert_eq!(e.process.comm, "cw-actor", "{what}");
+        assert_eq!(r.secret.inode, ino, "{what}");
+        assert_eq!(r.secret.dev, dev, "{what}");
+        assert_eq!(r.secret.path.as_deref(), Some(t), "{what}");
+        assert_eq!(r.secret.opened_as, opened_as, "{what}");
+        assert_eq!(r.secret.opened_as_status, None, "{what}");
+        assert_eq!(r.secret.access, "read", "{what}");
+        assert_eq!(e.workload.kind, WorkloadKind::Host, "{what}");
     }
-    assert_eq!(one_read(&s, o2, "openat2")["secret"]["syscall"], "openat2");
-    assert_eq!(one_read(&s, dirfd, "dirfd")["secret"]["syscall"], "openat");
+    assert_eq!(one_read(&s, o2, "openat2").1.secret.syscall, "openat2");
+    assert_eq!(one_read(&s, dirfd, "dirfd").1.secret.syscall, "openat");
     assert!(
-        s.of("secret_read", unwatched).is_empty(),
+        s.reads(unwatched).is_empty(),
         "an unwatched file produced an event"
     );
-
-    let bind_path = format!("{}/token", mnt.display());
-    let in_ns: Vec<_> = s
-        .kind("secret_read")
-        .into_iter()
-        .filter(|e| e["secret"]["opened_as"] == bind_path.as_str())
-        .collect();
-    assert_eq!(
-        in_ns.len(),
-        1,
-        "bind-mounted read in a private mount namespace"
-    );
-    assert_eq!(in_ns[0]["secret"]["inode"], ino);
-    assert_eq!(in_ns[0]["process"]["comm"], "cw-actor");
     // Nothing leaks the secret's content.
-    let all = std::fs::read_to_string(s.dir.path().join("events.ndjson")).unwrap();
-    assert!(!all.contains("fake-test-token-0001"));
+    assert!(!s.all_output().contains("fake-test-token-0001"));
 }
 
 #[test]
+#[ignore = "privileged: real probes (cargo xtask test runs it as root)"]
 fn connects_report_destination_protocol_and_result() {
-    if !bpf_available("connects_report_destination_protocol_and_result") {
-        return;
-    }
     let l4 = TcpListener::bind("127.0.0.1:0").unwrap();
     let l6 = TcpListener::bind("[::1]:0").unwrap();
     let (p4, p6) = (
@@ -143,16 +114,8 @@ fn connects_report_destination_protocol_and_result() {
         l6.local_addr().unwrap().port(),
     );
     // A port that was just free: nothing listens, connect is refused.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let closed6 = TcpListener::bind("[::1]:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free = |a: &str| TcpListener::bind(a).unwrap().local_addr().unwrap().port();
+    let (closed, closed6) = (free("127.0.0.1:0"), free("[::1]:0"));
     let u = UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -183,26 +146,25 @@ fn connects_report_destination_protocol_and_result() {
     ];
     let pids: Vec<u32> = cases
         .iter()
-        .map(|(proto, addr, ..)| actor(ACTOR, &["connect", proto, addr]).0)
+        .map(|(proto, addr, ..)| actor().connect(proto, addr).pid())
         .collect();
     let s = agent.stop();
     for ((proto, _, ip, port, result), pid) in cases.iter().zip(pids) {
-        let c = s.of("connect", pid);
+        let c = s.connects(pid);
         assert_eq!(c.len(), 1, "{proto} {ip}:{port}: {c:#?}");
-        assert_eq!(c[0]["dst"]["ip"], *ip);
-        assert_eq!(c[0]["dst"]["port"], *port);
-        assert_eq!(c[0]["dst"]["proto"], proto.trim_end_matches("-nonblocking"));
-        assert_eq!(c[0]["result"], *result, "{proto} {ip}:{port}");
-        assert_eq!(c[0]["process"]["comm"], "cw-actor");
+        let (e, c) = c[0];
+        assert_eq!(c.dst.ip.to_string(), *ip);
+        assert_eq!(c.dst.port, *port);
+        assert_eq!(c.dst.proto, proto.trim_end_matches("-nonblocking"));
+        assert_eq!(c.result, *result, "{proto} {ip}:{port}");
+        assert_eq!(e.process.comm, "cw-actor");
     }
     drop((l4, l6));
 }
 
 #[test]
+#[ignore = "privileged: real probes (cargo xtask test runs it as root)"]
 fn exec_lineage_cgroup_and_setuid() {
-    if !bpf_available("exec_lineage_cgroup_and_setuid") {
-        return;
-    }
     let w = workdir();
     let token = w.path().join("token");
     std::fs::write(&token, "fake-test-token-0002").unwrap();
@@ -214,91 +176,78 @@ fn exec_lineage_cgroup_and_setuid() {
 
     let agent = Agent::start(&config_watching(&token));
     // sh forks a child that execs the actor: lineage sh → cw-actor.
-    let sh = Command::new("sh")
-        .args(["-c", &format!("{ACTOR} ids; true")])
-        .output()
-        .unwrap();
-    assert!(sh.status.success());
     let sh_child = Command::new("sh")
-        .args(["-c", &format!("{ACTOR} ids; true")])
+        .args(["-c", &format!("{} ; true", actor().ids().shell())])
         .spawn()
         .unwrap();
     let sh_pid = sh_child.id();
     sh_child.wait_with_output().unwrap();
-    let in_cg = actor(
-        ACTOR,
-        &[
-            "join-cgroup",
-            cg.path.to_str().unwrap(),
-            "+",
-            "open",
-            token.to_str().unwrap(),
-        ],
-    )
-    .0;
-    let (suid_pid, out) = actor(ACTOR, &["as-user", "1000", suid.to_str().unwrap(), "ids"]);
+    let in_cg = actor().join_cgroup(&cg).open(&token).pid();
+    let (suid_pid, out) = actor().exec_as(1000, Actor::new(&suid).ids()).run();
     assert_eq!(
         out.trim(),
         "uid=1000 euid=0",
         "the test binary must really be set-uid"
     );
-    let (setuid_pid, _) = actor(ACTOR, &["setuid", "1000"]);
+    let setuid_pid = actor().setuid(1000).pid();
     let s = agent.stop();
 
     // Lineage: the actor's exec names sh as its parent.
     let child_exec: Vec<_> = s
-        .kind("exec")
+        .kind(EventKind::Exec)
         .into_iter()
-        .filter(|e| e["process"]["ppid"] == sh_pid)
+        .filter(|e| e.process.ppid == sh_pid)
         .collect();
     assert_eq!(
         child_exec.len(),
         1,
         "one exec whose parent is sh ({sh_pid})"
     );
-    assert_eq!(child_exec[0]["exec"]["filename"], ACTOR);
-    assert_eq!(child_exec[0]["process"]["comm"], "cw-actor");
-    let sh_exec = s.of("exec", sh_pid);
+    let Body::Exec(x) = &child_exec[0].body else {
+        unreachable!()
+    };
+    assert_eq!(x.filename, ACTOR);
+    assert_eq!(child_exec[0].process.comm, "cw-actor");
+    let sh_exec = s.of(EventKind::Exec, sh_pid);
     assert_eq!(sh_exec.len(), 1);
-    assert_eq!(sh_exec[0]["process"]["ppid"], std::process::id());
+    assert_eq!(sh_exec[0].process.ppid, std::process::id());
 
     // cgroup: the id is the directory's inode, the path is relative to the cgroup2 mount.
-    let r = one_read(&s, in_cg, "cgroup");
-    assert_eq!(r["workload"]["cgroup_id"], cg.id());
-    assert_eq!(r["workload"]["cgroup"], cg.rel.as_str());
+    let (e, _) = one_read(&s, in_cg, "cgroup");
+    assert_eq!(e.workload.cgroup_id, cg.id());
+    assert_eq!(e.workload.cgroup.as_deref(), Some(cg.rel.as_str()));
 
     // Set-uid exec: the exec shows uid 1000 / euid 0 and a priv_change says so.
-    let e = s.of("exec", suid_pid);
-    let suid_exec = e
-        .iter()
-        .find(|e| e["exec"]["filename"] == suid.to_str().unwrap())
-        .expect("exec of the setuid binary");
-    assert_eq!(suid_exec["process"]["uid"], 1000);
-    assert_eq!(suid_exec["process"]["euid"], 0);
-    // (as-user's own setgid/setuid calls before the exec are priv_changes too.)
-    let p: Vec<_> = s
-        .of("priv_change", suid_pid)
+    let suid_exec = s
+        .of(EventKind::Exec, suid_pid)
         .into_iter()
-        .filter(|e| e["priv_change"]["via"] == "exec")
+        .find(|e| matches!(&e.body, Body::Exec(x) if x.filename == suid.to_str().unwrap()))
+        .expect("exec of the setuid binary");
+    assert_eq!((suid_exec.process.uid, suid_exec.process.euid), (1000, 0));
+    // (exec_as's own setgid/setuid calls before the exec are priv_changes too.)
+    let p: Vec<_> = s
+        .of(EventKind::PrivChange, suid_pid)
+        .into_iter()
+        .filter_map(|e| e.priv_change())
+        .filter(|p| p.via == "exec")
         .collect();
     assert_eq!(p.len(), 1, "{p:#?}");
-    assert_eq!(p[0]["priv_change"]["old_euid"], 1000);
-    assert_eq!(p[0]["priv_change"]["new_euid"], 0);
+    assert_eq!((p[0].old_euid, p[0].new_euid), (1000, 0));
 
     // setresuid(2) from root to 1000.
-    let p = s.of("priv_change", setuid_pid);
+    let p: Vec<_> = s
+        .of(EventKind::PrivChange, setuid_pid)
+        .into_iter()
+        .filter_map(|e| e.priv_change())
+        .collect();
     assert_eq!(p.len(), 1, "{p:#?}");
-    assert_eq!(p[0]["priv_change"]["via"], "setresuid");
-    assert_eq!(p[0]["priv_change"]["old_uid"], 0);
-    assert_eq!(p[0]["priv_change"]["new_uid"], 1000);
-    assert_eq!(p[0]["priv_change"]["new_euid"], 1000);
+    assert_eq!(p[0].via, "setresuid");
+    assert_eq!((p[0].old_uid, p[0].new_uid, p[0].new_euid), (0, 1000, 1000));
 }
 
 #[test]
+#[ignore = "privileged: real probes (cargo xtask test runs it as root)"]
 fn dns_answer_names_the_next_connect() {
-    if !bpf_available("dns_answer_names_the_next_connect") {
-        return;
-    }
     // A DNS server on a loopback address answering every A query with 127.0.0.1.
     let server = UdpSocket::bind("127.0.9.53:53").expect("bind 127.0.9.53:53 (needs root)");
     let srv = server.try_clone().unwrap();
@@ -327,52 +276,46 @@ fn dns_answer_names_the_next_connect() {
     let port = l.local_addr().unwrap().port();
 
     let agent = Agent::start("[secrets]\ncatalog = false\n");
-    let (pid, _) = actor(
-        ACTOR,
-        &[
-            "dns",
-            "127.0.9.53:53",
-            "api.credwatch.test",
-            "+",
-            "connect",
-            "tcp",
-            &format!("127.0.0.1:{port}"),
-        ],
-    );
+    let pid = actor()
+        .dns("127.0.9.53:53", "api.credwatch.test")
+        .connect("tcp", format!("127.0.0.1:{port}"))
+        .pid();
     let s = agent.stop();
 
     let dns: Vec<_> = s
-        .kind("dns")
+        .kind(EventKind::Dns)
         .into_iter()
-        .filter(|e| e["dns"]["name"] == "api.credwatch.test")
+        .filter_map(|e| match &e.body {
+            Body::Dns(d) if d.name == "api.credwatch.test" => Some(d),
+            _ => None,
+        })
         .collect();
-    assert_eq!(dns.len(), 1, "{:#?}", s.kind("dns"));
-    assert_eq!(dns[0]["dns"]["addrs"][0], "127.0.0.1");
-    assert_eq!(dns[0]["dns"]["server"], "127.0.9.53");
+    assert_eq!(dns.len(), 1, "{:#?}", s.kind(EventKind::Dns));
+    assert_eq!(
+        dns[0].addrs,
+        ["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(dns[0].server, Some("127.0.9.53".parse().unwrap()));
+    let connects = s.connects(pid);
     // The unconnected query itself is seen by the sendmsg hook.
-    let sends: Vec<_> = s
-        .of("connect", pid)
-        .into_iter()
-        .filter(|e| e["result"] == "sent")
+    let sends: Vec<_> = connects
+        .iter()
+        .filter(|(_, c)| c.result == "sent")
         .collect();
     assert_eq!(sends.len(), 1);
-    assert_eq!(sends[0]["dst"]["port"], 53);
-    assert_eq!(sends[0]["dst"]["proto"], "udp");
-    let tcp: Vec<_> = s
-        .of("connect", pid)
-        .into_iter()
-        .filter(|e| e["dst"]["proto"] == "tcp")
+    assert_eq!((sends[0].1.dst.port, &*sends[0].1.dst.proto), (53, "udp"));
+    let tcp: Vec<_> = connects
+        .iter()
+        .filter(|(_, c)| c.dst.proto == "tcp")
         .collect();
     assert_eq!(tcp.len(), 1);
-    assert_eq!(tcp[0]["dst"]["name"], "api.credwatch.test");
+    assert_eq!(tcp[0].1.dst.name.as_deref(), Some("api.credwatch.test"));
     drop(server);
 }
 
 #[test]
+#[ignore = "privileged: real probes (cargo xtask test runs it as root)"]
 fn flood_events_plus_counted_drops_equal_opens() {
-    if !bpf_available("flood_events_plus_counted_drops_equal_opens") {
-        return;
-    }
     let w = workdir();
     let token = w.path().join("token");
     std::fs::write(&token, "fake-test-token-0003").unwrap();
@@ -383,13 +326,10 @@ fn flood_events_plus_counted_drops_equal_opens() {
     );
     let agent = Agent::start(&cfg);
     const OPENS: u64 = 200_000;
-    let (pid, out) = actor(
-        ACTOR,
-        &["flood", token.to_str().unwrap(), &OPENS.to_string()],
-    );
+    let (pid, out) = actor().flood(&token, OPENS).run();
     assert_eq!(out.trim(), format!("flooded {OPENS}"));
     let s = agent.stop();
-    let events = s.of("secret_read", pid).len() as u64;
+    let events = s.reads(pid).len() as u64;
     let drops = s.stats["drops"]["open"]
         .as_u64()
         .expect("stats file has drops.open");
@@ -398,10 +338,8 @@ fn flood_events_plus_counted_drops_equal_opens() {
 }
 
 #[test]
+#[ignore = "privileged: real probes (cargo xtask test runs it as root)"]
 fn hostile_names_are_escaped_not_trusted() {
-    if !bpf_available("hostile_names_are_escaped_not_trusted") {
-        return;
-    }
     let w = workdir();
     let token = w.path().join("token");
     std::fs::write(&token, "fake-test-token-0004").unwrap();
@@ -411,23 +349,22 @@ fn hostile_names_are_escaped_not_trusted() {
         .path()
         .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name));
     std::os::unix::fs::symlink(&token, &link).unwrap();
-    let hex: String = link
-        .as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
     // A comm with control characters.
     let evil = w.path().join("ev\x1b[31mil");
     std::fs::copy(ACTOR, &evil).unwrap();
 
     let agent = Agent::start(&config_watching(&token));
-    let (pid, _) = actor(ACTOR, &["open-hex", &hex]);
-    let (pid2, _) = actor(evil.to_str().unwrap(), &["open", token.to_str().unwrap()]);
+    let pid = actor()
+        .open_bytes(link.as_os_str().as_encoded_bytes())
+        .pid();
+    let pid2 = Actor::new(&evil).open(&token).pid();
     let s = agent.stop();
-    let e = one_read(&s, pid, "non-UTF-8 symlink");
-    let opened = e["secret"]["opened_as"].as_str().unwrap();
-    assert!(opened.ends_with("bad\u{fffd}\\u{1b}[2Jname"), "{opened}");
-    let e = one_read(&s, pid2, "comm with escape");
-    assert_eq!(e["process"]["comm"], "ev\\u{1b}[31mil");
+    let (_, r) = one_read(&s, pid, "non-UTF-8 symlink");
+    assert!(
+        r.secret.opened_as.ends_with("bad\u{fffd}\\u{1b}[2Jname"),
+        "{}",
+        r.secret.opened_as
+    );
+    let (e, _) = one_read(&s, pid2, "comm with escape");
+    assert_eq!(e.process.comm, "ev\\u{1b}[31mil");
 }

@@ -5,7 +5,6 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -60,7 +59,7 @@ struct Workload {
 enum Running {
     None,
     Credwatch {
-        child: Child,
+        agent: crate::launch::AgentProcess,
         stats: PathBuf,
     },
     Auditd {
@@ -112,13 +111,19 @@ pub fn bench(root: &Path) -> Result<()> {
 
     let mut monitors = vec![Monitor::Baseline, Monitor::Credwatch];
     let mut unavailable = BTreeMap::new();
-    match ensure_tool("auditctl", "auditd") {
+    match crate::deps::ensure_debian(&[crate::deps::Package {
+        name: "auditd",
+        provides: "/usr/sbin/auditctl",
+    }]) {
         Ok(()) => monitors.push(Monitor::Auditd),
         Err(e) => {
             unavailable.insert("auditd", format!("{e:#}"));
         }
     }
-    match ensure_tool("bpftrace", "bpftrace") {
+    match crate::deps::ensure_debian(&[crate::deps::Package {
+        name: "bpftrace",
+        provides: "/usr/bin/bpftrace",
+    }]) {
         Ok(()) => monitors.extend([Monitor::Bpftrace, Monitor::Floor]),
         Err(e) => {
             unavailable.insert("bpftrace", format!("{e:#}"));
@@ -185,11 +190,11 @@ pub fn bench(root: &Path) -> Result<()> {
     let live_path =
         live_path_throughput(&root.join("target/release/examples/pipeline_throughput"))?;
     eprintln!("bench: syscall → alert latency");
-    let latency = crate::bench_more::alert_latency(&agent, &work)?;
+    let latency = crate::bench_agent::alert_latency(&agent, &work)?;
     eprintln!("bench: ClickHouse insert rate");
-    let clickhouse = crate::bench_more::clickhouse_rate(root, &work)?;
+    let clickhouse = crate::bench_agent::clickhouse_rate(root, &work)?;
     eprintln!("bench: memory with 10 k processes and 100 k baselines");
-    let memory = crate::bench_more::memory(root, &agent, &work)?;
+    let memory = crate::bench_agent::memory(root, &agent, &work)?;
 
     // Report.
     let med = |m: Monitor, w: &str| samples.get(&(m, w)).map(|v| median(v));
@@ -300,7 +305,7 @@ pub fn bench(root: &Path) -> Result<()> {
             )
         })
         .collect();
-    match crate::bench_more::chart(&out_dir.join("overhead.png"), &chart_rows) {
+    match crate::chart::chart(&out_dir.join("overhead.png"), &chart_rows) {
         Ok(true) => md.push_str("\nChart: target/bench/overhead.png\n"),
         Ok(false) => md.push_str("\nChart: not drawn (no TrueType font found for labels)\n"),
         Err(e) => md.push_str(&format!("\nChart: failed ({e:#})\n")),
@@ -379,63 +384,27 @@ fn run_load(load: &Path, args: &[String]) -> Result<f64> {
         .context("load generator output")
 }
 
-/// Installs a Debian package when its command is missing.
-fn ensure_tool(cmd: &str, package: &str) -> Result<()> {
-    if which(cmd) {
-        return Ok(());
-    }
-    eprintln!("bench: installing {package} for the side-by-side comparison");
-    let _ = Command::new("apt-get").args(["update", "-qq"]).status();
-    let ok = Command::new("apt-get")
-        .args(["install", "-y", "-qq", package])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok || !which(cmd) {
-        bail!("could not install {package}");
-    }
-    Ok(())
-}
-
-fn which(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn start(m: Monitor, agent: &Path, work: &Path, secret: &str) -> Result<Running> {
     Ok(match m {
         Monitor::Baseline => Running::None,
         Monitor::Credwatch => {
-            let cfg = work.join("credwatch.toml");
-            fs::write(&cfg, format!("[secrets]\npaths = [\"{secret}\"]\n"))?;
-            let stats = work.join("credwatch-stats.json");
-            let mut child = Command::new(agent)
-                .args(["run", "--config"])
-                .arg(&cfg)
-                .arg("--state-dir")
-                .arg(work.join("state"))
-                .arg("--stats-file")
-                .arg(&stats)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("starting credwatch")?;
-            let err = child.stderr.take().unwrap();
-            let mut lines = BufReader::new(err).lines();
-            let ready = lines
-                .by_ref()
-                .map_while(Result::ok)
-                .any(|l| l.contains("credwatch ready"));
-            if !ready {
-                let _ = child.kill();
-                bail!("credwatch did not start");
-            }
-            // Keep draining stderr so the agent never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-            Running::Credwatch { child, stats }
+            let config = format!("[secrets]\npaths = [\"{secret}\"]\n");
+            let dir = work.join("credwatch");
+            fs::create_dir_all(&dir)?;
+            let launch = crate::launch::Launch {
+                bin: agent,
+                config: &config,
+                work: &dir,
+                state_dir: None,
+                events: false,
+                stats: true,
+                extra_args: &[],
+                log: None,
+                ready_timeout: Duration::from_secs(120),
+            };
+            let stats = launch.stats_path();
+            let agent = launch.start().map_err(anyhow::Error::msg)?;
+            Running::Credwatch { agent, stats }
         }
         Monitor::Auditd => {
             let started_daemon = !Command::new("pidof")
@@ -506,9 +475,10 @@ fn start(m: Monitor, agent: &Path, work: &Path, secret: &str) -> Result<Running>
 fn stop(r: Running) -> Result<u64> {
     Ok(match r {
         Running::None => 0,
-        Running::Credwatch { mut child, stats } => {
-            signal(child.id(), libc::SIGTERM);
-            child.wait()?;
+        Running::Credwatch { mut agent, stats } => {
+            agent
+                .stop(Duration::from_secs(60))
+                .map_err(anyhow::Error::msg)?;
             let stats: serde_json::Value =
                 serde_json::from_slice(&fs::read(&stats).unwrap_or_default()).unwrap_or_default();
             // Sum of the per-probe drop counters.

@@ -8,8 +8,10 @@ use serde::Deserialize;
 
 use crate::{
     alert::{Alert, AlertKind, AlertStatus, Evidence, Severity},
-    config::ClickHouse as Cfg,
-    event::{CredentialRef, Timestamp, Workload},
+    clickhouse::Config as Cfg,
+    event::{
+        CredentialRef, CredentialType, EventKind, Timestamp, Workload, WorkloadId, WorkloadKind,
+    },
 };
 
 /// Reads of one fingerprint on two or more nodes in [?, ?): one row per (fingerprint, node)
@@ -131,8 +133,8 @@ macro_rules! first_read {
         impl $row {
             fn workload(&self) -> Workload {
                 Workload {
-                    kind: super::rows::kind_of(&self.workload_kind),
-                    id: self.workload_id.clone(),
+                    kind: WorkloadKind::parse(&self.workload_kind),
+                    id: WorkloadId::recorded(self.workload_id.clone()),
                     ..Default::default()
                 }
             }
@@ -141,8 +143,8 @@ macro_rules! first_read {
                 Evidence {
                     event_id: self.event_id.clone(),
                     ts: Timestamp(self.first_ts),
-                    kind: "secret_read".into(),
-                    workload: self.workload_id.clone(),
+                    kind: EventKind::SecretRead,
+                    workload: WorkloadId::recorded(self.workload_id.clone()),
                     pid: self.pid,
                     comm: self.comm.clone(),
                     exe: self.exe.clone(),
@@ -218,7 +220,7 @@ pub async fn check(
         let nodes: Vec<&str> = group.iter().map(|r| r.node.as_str()).collect();
         let cred = CredentialRef {
             fingerprint: first.fingerprint.clone(),
-            kind: first.credential_type.clone(),
+            kind: CredentialType::parse(&first.credential_type),
             ..Default::default()
         };
         let mut a = alert(
@@ -263,7 +265,7 @@ pub async fn check(
                 r.workload(),
                 CredentialRef {
                     fingerprint: r.fingerprint.clone(),
-                    kind: r.credential_type.clone(),
+                    kind: CredentialType::parse(&r.credential_type),
                     ..Default::default()
                 },
             );

@@ -16,7 +16,159 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 
-use crate::config::ClickHouse as Cfg;
+use serde::Deserialize;
+
+use crate::{
+    config::{Checker, Validate, check_http_url, check_nonzero},
+    credential::Secret,
+};
+
+/// `[clickhouse]`: where events and alerts go, and how they are batched and spooled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// HTTP(S) endpoint, `http://clickhouse:8123`.
+    pub url: String,
+    #[serde(default = "default_database")]
+    pub database: String,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    /// File holding the password (a mounted Secret); preferred over `password`.
+    pub password_file: Option<String>,
+    /// CA bundle for an `https://` endpoint (default: the system's web PKI roots).
+    pub ca_file: Option<String>,
+    /// A batch is sent when it has this many rows…
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: usize,
+    /// …or about this many bytes…
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+    /// …or is this old.
+    #[serde(default = "default_flush", with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Rows waiting in memory for the writer; beyond it the agent counts drops.
+    #[serde(default = "default_queue_rows")]
+    pub queue_rows: usize,
+    /// Batches ClickHouse could not take wait on disk (under the state dir) up to this size.
+    #[serde(default = "default_spool_bytes")]
+    pub spool_max_bytes: u64,
+    /// `drop_oldest` (default: keep the newest data) or `drop_newest` when the spool is full.
+    #[serde(default)]
+    pub spool_full: SpoolFull,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Rows older than this are deleted by ClickHouse (TTL), in days.
+    #[serde(default = "default_ttl_days")]
+    pub ttl_days: u32,
+    /// Cluster name: `ON CLUSTER`, Replicated tables and Distributed tables over them.
+    pub cluster: Option<String>,
+    /// Apply the schema at start (idempotent); turn off where the SOC owns the DDL.
+    #[serde(default = "yes")]
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpoolFull {
+    #[default]
+    DropOldest,
+    DropNewest,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_database() -> String {
+    "credwatch".into()
+}
+fn default_batch_rows() -> usize {
+    50_000
+}
+fn default_batch_bytes() -> usize {
+    32 << 20
+}
+fn default_flush() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_queue_rows() -> usize {
+    500_000
+}
+fn default_spool_bytes() -> u64 {
+    1 << 30
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_ttl_days() -> u32 {
+    90
+}
+
+impl Config {
+    /// The settings for `url` with every default (`credwatch schema` without a config).
+    pub fn with_url(url: &str) -> Self {
+        Config {
+            url: url.to_owned(),
+            database: default_database(),
+            user: None,
+            password: None,
+            password_file: None,
+            ca_file: None,
+            batch_rows: default_batch_rows(),
+            batch_bytes: default_batch_bytes(),
+            flush_interval: default_flush(),
+            queue_rows: default_queue_rows(),
+            spool_max_bytes: default_spool_bytes(),
+            spool_full: SpoolFull::default(),
+            timeout: default_timeout(),
+            ttl_days: default_ttl_days(),
+            cluster: None,
+            migrate_on_start: true,
+        }
+    }
+}
+
+/// Names interpolated into DDL: letters, digits and `_` only.
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+impl Validate for Config {
+    fn validate(&self, c: &mut Checker) {
+        check_http_url(c, "url", &self.url);
+        c.check(
+            is_identifier(&self.database),
+            "database",
+            format_args!("must be letters, digits and _ (got {:?})", self.database),
+        );
+        if let Some(cl) = &self.cluster {
+            c.check(
+                is_identifier(cl),
+                "cluster",
+                format_args!("must be letters, digits and _ (got {cl:?})"),
+            );
+        }
+        c.check(self.batch_rows > 0, "batch_rows", "must be at least 1");
+        c.check(
+            self.queue_rows >= self.batch_rows,
+            "batch_rows",
+            format_args!(
+                "must not exceed queue_rows ({}): a batch has to fit in the queue",
+                self.queue_rows
+            ),
+        );
+        c.check(self.batch_bytes > 0, "batch_bytes", "must be at least 1");
+        c.check(self.ttl_days > 0, "ttl_days", "must be at least 1");
+        check_nonzero(c, "flush_interval", self.flush_interval);
+        check_nonzero(c, "timeout", self.timeout);
+        c.check(
+            self.password.is_none() || self.password_file.is_none(),
+            "password_file",
+            "give either `password` or `password_file`, not both",
+        );
+    }
+}
+
+type Cfg = Config;
 
 pub use writer::ClickHouseSink;
 
@@ -50,7 +202,7 @@ pub fn client(cfg: &Cfg) -> Result<Client> {
                 .trim_end_matches(['\n', '\r'])
                 .to_owned(),
         ),
-        (None, p) => p.clone(),
+        (None, p) => p.as_ref().map(|p| p.expose().to_owned()),
     };
     if let Some(p) = password {
         c = c.with_password(p);

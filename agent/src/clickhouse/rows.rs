@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::{
     alert::Alert,
     event::{
-        CredentialRef, Destination, DnsAnswer, Event, EventKind, ExecInfo, Label, Owner,
-        PrivChange, ProcessInfo, SecretRef, Timestamp, Workload, WorkloadKind,
+        Body, Connect, CredentialRef, CredentialType, CredentialUse, Destination, DnsAnswer, Event,
+        EventKind, ExecInfo, Label, Owner, OwnerSource, PrivChange, ProcessInfo, SecretRead,
+        SecretRef, Timestamp, Workload, WorkloadId, WorkloadKind,
     },
 };
 
@@ -117,15 +118,6 @@ fn back(ip: Ipv6Addr, family: u8) -> IpAddr {
     }
 }
 
-pub(super) fn kind_of(s: &str) -> WorkloadKind {
-    match s {
-        "pod" => WorkloadKind::Pod,
-        "container" => WorkloadKind::Container,
-        "unit" => WorkloadKind::Unit,
-        _ => WorkloadKind::Host,
-    }
-}
-
 /// Rough wire size, for batching by bytes.
 pub trait ApproxSize {
     fn approx_bytes(&self) -> usize;
@@ -154,13 +146,14 @@ impl From<&Event> for EventRow {
     fn from(e: &Event) -> Self {
         let p = &e.process;
         let w = &e.workload;
-        let sec = e.secret.as_deref().cloned().unwrap_or_default();
-        let cred = e.credential.as_deref().cloned().unwrap_or_default();
-        let owner = cred.owner.clone().unwrap_or_default();
-        let exec = e.exec.as_deref().cloned().unwrap_or_default();
-        let pc = e.priv_change.as_deref().cloned().unwrap_or_default();
-        let dns = e.dns.as_deref().cloned().unwrap_or_default();
-        let (dst_family, dst_ip, dst_port, dst_proto, dst_name) = match &e.dst {
+        let sec = e.secret().map(|s| SecretRef::clone(s)).unwrap_or_default();
+        let cred = e.credential().map(|c| CredentialRef::clone(c));
+        let owner = cred.as_ref().and_then(|c| c.owner.clone());
+        let (fingerprint, credential_type, labels) = match cred {
+            Some(c) => (c.fingerprint, c.kind.as_str().to_owned(), c.labels),
+            None => (String::new(), String::new(), BTreeMap::new()),
+        };
+        let (dst_family, dst_ip, dst_port, dst_proto, dst_name) = match e.dst() {
             Some(d) => (
                 if d.ip.is_ipv4() { 4 } else { 6 },
                 v6(d.ip),
@@ -170,11 +163,11 @@ impl From<&Event> for EventRow {
             ),
             None => (0, Ipv6Addr::UNSPECIFIED, 0, String::new(), String::new()),
         };
-        EventRow {
+        let mut row = EventRow {
             id: e.id.clone(),
             ts: e.ts.0,
             node: e.node.to_string(),
-            kind: e.kind.as_str().to_owned(),
+            kind: e.kind().as_str().to_owned(),
             pid: p.pid,
             tgid: p.tgid,
             ppid: p.ppid,
@@ -187,7 +180,7 @@ impl From<&Event> for EventRow {
             tty: s(&p.tty),
             session: s(&p.session),
             workload_kind: w.kind.as_str().to_owned(),
-            workload_id: w.id.clone(),
+            workload_id: w.id.to_string(),
             namespace: s(&w.namespace),
             pod: s(&w.pod),
             pod_uid: s(&w.pod_uid),
@@ -206,82 +199,93 @@ impl From<&Event> for EventRow {
             open_flags: sec.open_flags,
             matched: sec.matched.into_owned(),
             fd: sec.fd,
-            fingerprint: cred.fingerprint,
-            credential_type: cred.kind,
-            labels: cred.labels,
-            owner_kind: if cred.owner.is_some() {
-                owner.kind.as_str().to_owned()
-            } else {
-                String::new()
-            },
-            owner_id: owner.id,
-            owner_namespace: s(&owner.namespace),
-            owner_pod: s(&owner.pod),
-            owner_pod_uid: s(&owner.pod_uid),
-            owner_source: owner.source,
+            fingerprint,
+            credential_type,
+            labels,
+            owner_kind: owner
+                .as_ref()
+                .map(|o| o.kind.as_str().to_owned())
+                .unwrap_or_default(),
+            owner_id: owner.as_ref().map(|o| o.id.to_string()).unwrap_or_default(),
+            owner_namespace: owner.as_ref().map(|o| s(&o.namespace)).unwrap_or_default(),
+            owner_pod: owner.as_ref().map(|o| s(&o.pod)).unwrap_or_default(),
+            owner_pod_uid: owner.as_ref().map(|o| s(&o.pod_uid)).unwrap_or_default(),
+            owner_source: owner
+                .as_ref()
+                .map(|o| o.source.as_str().to_owned())
+                .unwrap_or_default(),
             dst_family,
             dst_ip,
             dst_port,
             dst_proto,
             dst_name,
-            result: e.result.as_deref().unwrap_or_default().to_owned(),
-            exec_filename: exec.filename,
-            exec_cap_effective: exec.cap_effective,
-            exec_truncated: exec.truncated,
-            exit_code: e.exit_code,
-            priv_via: pc.via,
-            priv_old_uid: pc.old_uid,
-            priv_old_euid: pc.old_euid,
-            priv_new_uid: pc.new_uid,
-            priv_new_euid: pc.new_euid,
-            priv_old_caps: pc.old_cap_effective,
-            priv_new_caps: pc.new_cap_effective,
-            dns_name: dns.name,
-            dns_addrs: dns.addrs.into_iter().map(v6).collect(),
-            dns_ttl: dns.ttl,
-            dns_server: dns.server.map(v6),
-            read_event: s(&e.read_event),
-            read_ts: e.read_ts.map(|t| t.0),
+            result: String::new(),
+            exec_filename: String::new(),
+            exec_cap_effective: 0,
+            exec_truncated: false,
+            exit_code: None,
+            priv_via: String::new(),
+            priv_old_uid: 0,
+            priv_old_euid: 0,
+            priv_new_uid: 0,
+            priv_new_euid: 0,
+            priv_old_caps: 0,
+            priv_new_caps: 0,
+            dns_name: String::new(),
+            dns_addrs: Vec::new(),
+            dns_ttl: 0,
+            dns_server: None,
+            read_event: String::new(),
+            read_ts: None,
+        };
+        match &e.body {
+            Body::Exec(x) => {
+                row.exec_filename = x.filename.clone();
+                row.exec_cap_effective = x.cap_effective;
+                row.exec_truncated = x.truncated;
+            }
+            Body::Exit { code } => row.exit_code = Some(*code),
+            Body::SecretRead(_) => {}
+            Body::Connect(c) => row.result = c.result.to_string(),
+            Body::CredentialUse(u) => {
+                row.result = u.result.to_string();
+                row.read_event = u.read_event.clone();
+                row.read_ts = Some(u.read_ts.0);
+            }
+            Body::PrivChange(pc) => {
+                row.priv_via = pc.via.clone();
+                row.priv_old_uid = pc.old_uid;
+                row.priv_old_euid = pc.old_euid;
+                row.priv_new_uid = pc.new_uid;
+                row.priv_new_euid = pc.new_euid;
+                row.priv_old_caps = pc.old_cap_effective;
+                row.priv_new_caps = pc.new_cap_effective;
+            }
+            Body::Dns(d) => {
+                row.dns_name = d.name.clone();
+                row.dns_addrs = d.addrs.iter().copied().map(v6).collect();
+                row.dns_ttl = d.ttl;
+                row.dns_server = d.server.map(v6);
+            }
         }
+        row
     }
 }
 
 impl EventRow {
-    /// Back to the event model. DNS answers' address families are not stored separately:
-    /// IPv4-mapped addresses come back as IPv4.
+    /// Back to the event model; `None` when the row does not hold what its kind needs.
+    /// DNS answers' address families are not stored separately: IPv4-mapped addresses come
+    /// back as IPv4.
     pub fn into_event(self) -> Option<Event> {
         let kind: EventKind = serde_json::from_value(serde_json::Value::String(self.kind)).ok()?;
-        let mut e = Event::new(self.id, Timestamp(self.ts), self.node, kind);
-        e.process = ProcessInfo {
-            pid: self.pid,
-            tgid: self.tgid,
-            ppid: self.ppid,
-            uid: self.uid,
-            euid: self.euid,
-            gid: self.gid,
-            egid: self.egid,
-            comm: self.comm,
-            exe: self.exe,
-            tty: opt(self.tty),
-            session: opt(self.session),
-        };
-        e.workload = Arc::new(Workload {
-            kind: kind_of(&self.workload_kind),
-            id: self.workload_id,
-            namespace: opt(self.namespace),
-            pod: opt(self.pod),
-            pod_uid: opt(self.pod_uid),
-            service_account: opt(self.service_account),
-            spiffe_id: opt(self.spiffe_id),
-            container_id: opt(self.container_id),
-            unit: opt(self.unit),
-            cgroup_id: self.cgroup_id,
-            cgroup: opt(self.cgroup),
-        });
-        if !self.opened_as.is_empty() || self.inode != 0 || !self.secret_path.is_empty() {
-            e.secret = Some(Arc::new(SecretRef {
+        let secret = (!self.opened_as.is_empty()
+            || self.inode != 0
+            || !self.secret_path.is_empty())
+        .then(|| {
+            Arc::new(SecretRef {
                 path: opt(self.secret_path),
                 opened_as: self.opened_as,
+                opened_as_status: None,
                 dev: self.dev,
                 inode: self.inode,
                 syscall: self.syscall.into(),
@@ -289,42 +293,53 @@ impl EventRow {
                 open_flags: self.open_flags,
                 matched: self.matched.into(),
                 fd: self.fd,
-            }));
-        }
-        if !self.fingerprint.is_empty() {
-            e.credential = Some(Arc::new(CredentialRef {
+            })
+        });
+        let credential = (!self.fingerprint.is_empty()).then(|| {
+            Arc::new(CredentialRef {
                 fingerprint: self.fingerprint,
-                kind: self.credential_type,
+                kind: CredentialType::parse(&self.credential_type),
                 labels: self.labels,
                 owner: (!self.owner_kind.is_empty()).then(|| Owner {
-                    kind: kind_of(&self.owner_kind),
-                    id: self.owner_id,
+                    kind: WorkloadKind::parse(&self.owner_kind),
+                    id: WorkloadId::recorded(self.owner_id),
                     namespace: opt(self.owner_namespace),
                     pod: opt(self.owner_pod),
                     pod_uid: opt(self.owner_pod_uid),
-                    source: self.owner_source,
+                    source: OwnerSource::parse(&self.owner_source).unwrap_or_default(),
                 }),
-            }));
-        }
-        if self.dst_family != 0 {
-            e.dst = Some(Destination {
-                ip: back(self.dst_ip, self.dst_family),
-                port: self.dst_port,
-                proto: self.dst_proto.into(),
-                name: opt(self.dst_name),
-            });
-        }
-        e.result = opt(self.result).map(Label::from);
-        if kind == EventKind::Exec {
-            e.exec = Some(Box::new(ExecInfo {
+            })
+        });
+        let dst = (self.dst_family != 0).then(|| Destination {
+            ip: back(self.dst_ip, self.dst_family),
+            port: self.dst_port,
+            proto: self.dst_proto.into(),
+            name: opt(self.dst_name),
+        });
+        let result: Label = self.result.into();
+        let body = match kind {
+            EventKind::Exec => Body::Exec(Box::new(ExecInfo {
                 filename: self.exec_filename,
                 cap_effective: self.exec_cap_effective,
                 truncated: self.exec_truncated,
-            }));
-        }
-        e.exit_code = self.exit_code;
-        if !self.priv_via.is_empty() {
-            e.priv_change = Some(Box::new(PrivChange {
+            })),
+            EventKind::Exit => Body::Exit {
+                code: self.exit_code?,
+            },
+            EventKind::SecretRead => Body::SecretRead(SecretRead {
+                secret: secret?,
+                credential: credential?,
+            }),
+            EventKind::Connect => Body::Connect(Connect { dst: dst?, result }),
+            EventKind::CredentialUse => Body::CredentialUse(Box::new(CredentialUse {
+                secret,
+                credential: credential?,
+                dst: dst?,
+                result,
+                read_event: self.read_event,
+                read_ts: Timestamp(self.read_ts?),
+            })),
+            EventKind::PrivChange => Body::PrivChange(Box::new(PrivChange {
                 via: self.priv_via,
                 old_uid: self.priv_old_uid,
                 old_euid: self.priv_old_euid,
@@ -332,19 +347,46 @@ impl EventRow {
                 new_euid: self.priv_new_euid,
                 old_cap_effective: self.priv_old_caps,
                 new_cap_effective: self.priv_new_caps,
-            }));
-        }
-        if kind == EventKind::Dns {
-            e.dns = Some(Box::new(DnsAnswer {
+            })),
+            EventKind::Dns => Body::Dns(Box::new(DnsAnswer {
                 name: self.dns_name,
                 addrs: self.dns_addrs.into_iter().map(|a| back(a, 4)).collect(),
                 ttl: self.dns_ttl,
                 server: self.dns_server.map(|a| back(a, 4)),
-            }));
-        }
-        e.read_event = opt(self.read_event);
-        e.read_ts = self.read_ts.map(Timestamp);
-        Some(e)
+            })),
+        };
+        Some(Event {
+            id: self.id,
+            ts: Timestamp(self.ts),
+            node: self.node.into(),
+            process: ProcessInfo {
+                pid: self.pid,
+                tgid: self.tgid,
+                ppid: self.ppid,
+                uid: self.uid,
+                euid: self.euid,
+                gid: self.gid,
+                egid: self.egid,
+                comm: self.comm,
+                exe: self.exe,
+                tty: opt(self.tty),
+                session: opt(self.session),
+            },
+            workload: Arc::new(Workload {
+                kind: WorkloadKind::parse(&self.workload_kind),
+                id: WorkloadId::recorded(self.workload_id),
+                namespace: opt(self.namespace),
+                pod: opt(self.pod),
+                pod_uid: opt(self.pod_uid),
+                service_account: opt(self.service_account),
+                spiffe_id: opt(self.spiffe_id),
+                container_id: opt(self.container_id),
+                unit: opt(self.unit),
+                cgroup_id: self.cgroup_id,
+                cgroup: opt(self.cgroup),
+            }),
+            body,
+        })
     }
 }
 
@@ -401,14 +443,14 @@ impl AlertRow {
             count: a.count,
             summary: a.summary.clone(),
             workload_kind: a.workload.kind.as_str().to_owned(),
-            workload_id: a.workload.id.clone(),
+            workload_id: a.workload.id.to_string(),
             namespace: s(&a.workload.namespace),
             pod: s(&a.workload.pod),
             service_account: s(&a.workload.service_account),
             spiffe_id: s(&a.workload.spiffe_id),
             fingerprint: cred.fingerprint,
-            credential_type: cred.kind,
-            owner_id: cred.owner.map(|o| o.id).unwrap_or_default(),
+            credential_type: cred.kind.as_str().to_owned(),
+            owner_id: cred.owner.map(|o| o.id.to_string()).unwrap_or_default(),
             dedup_key: a.dedup_key.clone(),
             evidence: serde_json::to_string(&a.evidence).unwrap_or_default(),
             alert_json: serde_json::to_string(a).unwrap_or_default(),
@@ -436,20 +478,18 @@ mod tests {
             let back = EventRow::from(&e).into_event().unwrap();
             assert_eq!(back, e);
         }
-        let mut c = Event::new(
-            "c1".into(),
-            Timestamp::from_unix_nanos(5),
-            "n",
-            EventKind::Connect,
-        );
         for ip in ["10.1.2.3", "::ffff:10.1.2.3", "2001:db8::1"] {
-            c.dst = Some(Destination {
+            let dst = Destination {
                 ip: ip.parse().unwrap(),
                 port: 443,
                 proto: "tcp".into(),
                 name: Some("api.example".into()),
+            };
+            let body = Body::Connect(Connect {
+                dst,
+                result: "ok".into(),
             });
-            c.result = Some("ok".into());
+            let c = Event::new("c1".into(), Timestamp::from_unix_nanos(5), "n", body);
             assert_eq!(EventRow::from(&c).into_event().unwrap(), c, "{ip}");
         }
     }

@@ -16,7 +16,7 @@
 //! in `*_local` Replicated tables and `events`/`alerts` are Distributed tables over them,
 //! sharded by node so one node's batches (and their dedup tokens) land on one shard.
 
-use crate::config::ClickHouse as Cfg;
+use super::Config as Cfg;
 
 /// Bumped whenever a migration is added; `migrate` refuses a database that is newer.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -26,7 +26,7 @@ use super::{
     rows::{AlertRow, ApproxSize, EventRow},
     spool::{Spool, TableKind},
 };
-use crate::{alert::Alert, config::ClickHouse as Cfg, event::Event};
+use crate::{alert::Alert, clickhouse::Config as Cfg, event::Event};
 
 /// Rows cross the queue in chunks of this many, not one by one.
 const CHUNK: usize = 1024;
@@ -125,22 +125,18 @@ impl ClickHouseSink {
             backoff: Duration::from_millis(250),
             down_since: None,
         };
-        let thread = std::thread::Builder::new()
-            .name("clickhouse".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!("ClickHouse writer runtime: {e}");
-                        return;
-                    }
-                };
-                rt.block_on(w.run(rx));
-            })
-            .context("starting the ClickHouse writer")?;
+        let migrate = cfg.migrate_on_start.then(|| cfg.clone());
+        let thread = crate::spawn_runtime_thread("clickhouse", async move {
+            // Before the first insert; unreachable now is fine: batches wait in the spool.
+            if let Some(cfg) = migrate {
+                match super::migrate(&cfg).await {
+                    Ok(v) => info!(version = v, "ClickHouse schema ready"),
+                    Err(e) => warn!("ClickHouse schema not applied: {e:#}"),
+                }
+            }
+            w.run(rx).await
+        })
+        .context("starting the ClickHouse writer")?;
         Ok(ClickHouseSink {
             tx: Some(tx),
             events: Vec::with_capacity(CHUNK),

@@ -9,7 +9,7 @@ use super::{Detector, short_fp};
 use crate::{
     alert::{Alert, AlertKind, Evidence, Severity},
     baseline::Baselines,
-    event::{Event, EventKind, Timestamp},
+    event::{Body, Event, Timestamp, duration_ns},
 };
 
 pub struct DormantCredential {
@@ -19,17 +19,17 @@ pub struct DormantCredential {
 impl DormantCredential {
     pub fn new(after: Duration) -> Self {
         DormantCredential {
-            after_ns: after.as_nanos().min(i64::MAX as u128) as i64,
+            after_ns: duration_ns(after),
         }
     }
 }
 
 impl Detector for DormantCredential {
     fn observe(&mut self, ev: &Event, base: &Baselines, out: &mut Vec<Alert>) {
-        if self.after_ns == 0 || ev.kind != EventKind::SecretRead {
+        let (Body::SecretRead(read), true) = (&ev.body, self.after_ns > 0) else {
             return;
-        }
-        let Some(cred) = &ev.credential else { return };
+        };
+        let cred = &read.credential;
         let Some(last) = base.credential_last_seen(&cred.fingerprint) else {
             return;
         };

@@ -7,25 +7,15 @@ use super::{Detector, short_fp};
 use crate::baseline::Baselines;
 use crate::{
     alert::{Alert, AlertKind, Evidence, Severity},
-    event::{CredentialRef, Event, EventKind},
+    event::{Body, CredentialRef, CredentialType, Event},
 };
 
 pub struct HumanUse;
 
-/// Credential types that identify workloads, not people.
-const MACHINE_TYPES: &[&str] = &[
-    "k8s_sa_token",
-    "gcp_service_account_key",
-    "gcp_workload_identity",
-    "vault_token",
-    "docker_auth",
-    "tls_private_key",
-];
-
 /// A credential belongs to a machine when a workload owns it, when its type is a workload
 /// identity, or when it lives outside people's home directories.
 pub fn is_machine_credential(cred: &CredentialRef, path: Option<&str>) -> bool {
-    if cred.owner.is_some() || MACHINE_TYPES.contains(&cred.kind.as_str()) {
+    if cred.owner.is_some() || cred.kind.is_machine_identity() {
         return true;
     }
     path.is_some_and(|p| !(p.starts_with("/home/") || p.starts_with("/root/")))
@@ -33,20 +23,19 @@ pub fn is_machine_credential(cred: &CredentialRef, path: Option<&str>) -> bool {
 
 impl Detector for HumanUse {
     fn observe(&mut self, ev: &Event, _base: &Baselines, out: &mut Vec<Alert>) {
-        if ev.kind != EventKind::SecretRead {
+        let Body::SecretRead(read) = &ev.body else {
             return;
-        }
-        let Some(cred) = &ev.credential else { return };
+        };
+        let cred = &read.credential;
         let how = match (&ev.process.tty, &ev.process.session) {
             (Some(tty), _) => format!("terminal {tty}"),
             (None, Some(session)) => format!("session {session}"),
             (None, None) => return,
         };
-        let path = ev.secret.as_ref().and_then(|s| s.path.as_deref());
-        if !is_machine_credential(cred, path) {
+        if !is_machine_credential(cred, ev.secret_path()) {
             return;
         }
-        let severity = if cred.kind == "k8s_sa_token" {
+        let severity = if cred.kind == CredentialType::K8sSaToken {
             Severity::High
         } else {
             Severity::Medium
@@ -109,10 +98,11 @@ mod tests {
         );
         let mut own = read("e2", 0, host(1000, "/usr/bin/ssh"), "fp", None);
         own.process.tty = Some("pts/1".into());
-        let c = Arc::make_mut(own.credential.as_mut().unwrap());
-        c.kind = "ssh_private_key".into();
-        Arc::make_mut(own.secret.as_mut().unwrap()).path =
-            Some("/home/alice/.ssh/id_ed25519".into());
+        let Body::SecretRead(r) = &mut own.body else {
+            unreachable!()
+        };
+        Arc::make_mut(&mut r.credential).kind = CredentialType::SshPrivateKey;
+        Arc::make_mut(&mut r.secret).path = Some("/home/alice/.ssh/id_ed25519".into());
         HumanUse.observe(&own, &base(), &mut out);
         assert!(out.is_empty(), "{out:#?}");
     }

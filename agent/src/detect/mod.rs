@@ -21,6 +21,7 @@ pub use token_reuse::TokenReuse;
 use crate::{
     alert::{Alert, Dedup},
     baseline::Baselines,
+    config::{Checker, Validate},
     event::Event,
     policy::Policy,
 };
@@ -31,26 +32,61 @@ pub trait Detector {
     fn observe(&mut self, ev: &Event, base: &Baselines, out: &mut Vec<Alert>);
 }
 
-#[derive(Clone, Debug)]
-pub struct DetectOptions {
-    /// Two workloads using one credential this close together is reuse.
+/// `[detect]`.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// One credential used by two workloads within this window is token reuse.
+    #[serde(default = "default_hour", with = "humantime_serde")]
     pub reuse_window: Duration,
     /// Repeats of one finding within this window raise its count instead of a new alert.
+    #[serde(default = "default_hour", with = "humantime_serde")]
     pub suppression_window: Duration,
-    /// Learning time per workload before baselines judge it (zero: no learned detections).
+    /// How long each workload's behaviour with its credentials is learned before new
+    /// destinations, secrets, executables and hours are findings; `0s` turns learning off.
+    #[serde(default = "default_learning", with = "humantime_serde")]
     pub learning_period: Duration,
-    /// Silence after which a use is `dormant_credential` (zero: off).
+    /// A credential first used again after this much silence is `dormant_credential`;
+    /// `0s` turns it off.
+    #[serde(default = "default_dormant", with = "humantime_serde")]
     pub dormant_after: Duration,
+    /// Bound on learned (workload, credential) profiles; the least recently active go first.
+    #[serde(default = "default_max_baselines")]
+    pub max_baselines: usize,
 }
 
-impl Default for DetectOptions {
+fn default_hour() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_learning() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_dormant() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+fn default_max_baselines() -> usize {
+    100_000
+}
+
+impl Default for Config {
     fn default() -> Self {
-        DetectOptions {
-            reuse_window: Duration::from_secs(3600),
-            suppression_window: Duration::from_secs(3600),
-            learning_period: Duration::from_secs(7 * 24 * 3600),
-            dormant_after: Duration::from_secs(30 * 24 * 3600),
+        Config {
+            reuse_window: default_hour(),
+            suppression_window: default_hour(),
+            learning_period: default_learning(),
+            dormant_after: default_dormant(),
+            max_baselines: default_max_baselines(),
         }
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self, c: &mut Checker) {
+        c.check(
+            self.max_baselines > 0,
+            "max_baselines",
+            "must be at least 1",
+        );
     }
 }
 
@@ -65,7 +101,7 @@ pub struct Detectors {
 }
 
 impl Detectors {
-    pub fn new(opts: &DetectOptions, policy: Arc<Policy>, baselines: Baselines) -> Self {
+    pub fn new(opts: &Config, policy: Arc<Policy>, baselines: Baselines) -> Self {
         Detectors {
             detectors: vec![
                 Box::new(TokenReuse::new(opts.reuse_window)),
@@ -115,17 +151,22 @@ impl Detectors {
     }
 }
 
-/// `hmac-sha256:0123abcd…` → `0123abcd` for summaries.
+/// `hmac-sha256:0123abcd…` → `0123abcd` for summaries. By characters, not bytes: a
+/// fingerprint read back from ClickHouse or a replay is outside input.
 pub fn short_fp(fp: &str) -> &str {
     let hex = fp.rsplit(':').next().unwrap_or(fp);
-    &hex[..hex.len().min(12)]
+    let end = hex.char_indices().nth(12).map_or(hex.len(), |(i, _)| i);
+    &hex[..end]
 }
 
 #[cfg(test)]
 pub(crate) mod testutil {
+    use std::sync::Arc;
+
     use crate::baseline::Baselines;
     use crate::event::{
-        CredentialRef, Event, EventKind, Owner, SecretRef, Timestamp, Workload, WorkloadKind,
+        Body, CredentialRef, CredentialType, CredentialUse, Destination, Event, Owner, OwnerSource,
+        PrivChange, SecretRead, SecretRef, Timestamp, Workload, WorkloadId, WorkloadKind,
     };
 
     /// No learned profiles (learning off).
@@ -136,7 +177,7 @@ pub(crate) mod testutil {
     pub fn pod(ns: &str, name: &str, uid: &str) -> Workload {
         Workload {
             kind: WorkloadKind::Pod,
-            id: format!("pod:{ns}/{name}"),
+            id: WorkloadId::pod(ns, name),
             namespace: Some(ns.into()),
             pod: Some(name.into()),
             pod_uid: Some(uid.into()),
@@ -148,48 +189,70 @@ pub(crate) mod testutil {
     pub fn host(uid: u32, exe: &str) -> Workload {
         Workload {
             kind: WorkloadKind::Host,
-            id: format!("host:{uid}:{exe}"),
+            id: WorkloadId::host(uid, exe),
             ..Default::default()
         }
     }
 
-    pub fn read(id: &str, ts_s: i64, w: Workload, fp: &str, owner: Option<Owner>) -> Event {
+    fn at(id: &str, ts_s: i64, w: Workload, body: Body) -> Event {
         let mut e = Event::new(
             id.into(),
             Timestamp::from_unix_nanos(ts_s * 1_000_000_000),
             "node-1",
-            EventKind::SecretRead,
+            body,
         );
         e.workload = w.into();
         e.process.tgid = 100;
         e.process.comm = "api".into();
-        e.secret = Some(
-            SecretRef {
-                path: Some(format!("/secrets/{fp}")),
-                ..Default::default()
-            }
-            .into(),
-        );
-        e.credential = Some(
-            CredentialRef {
-                fingerprint: fp.into(),
-                kind: "k8s_sa_token".into(),
-                owner,
-                ..Default::default()
-            }
-            .into(),
-        );
         e
+    }
+
+    pub fn read(id: &str, ts_s: i64, w: Workload, fp: &str, owner: Option<Owner>) -> Event {
+        let secret = SecretRef {
+            path: Some(format!("/secrets/{fp}")),
+            ..Default::default()
+        };
+        let credential = CredentialRef {
+            fingerprint: fp.into(),
+            kind: CredentialType::K8sSaToken,
+            owner,
+            ..Default::default()
+        };
+        let body = Body::SecretRead(SecretRead {
+            secret: secret.into(),
+            credential: credential.into(),
+        });
+        at(id, ts_s, w, body)
+    }
+
+    /// The read `r` turned into a use of its credential towards `dst`.
+    pub fn used(r: Event, dst: Destination) -> Event {
+        let Body::SecretRead(read) = &r.body else {
+            panic!("not a read: {r:?}")
+        };
+        let body = Body::CredentialUse(Box::new(CredentialUse {
+            secret: Some(read.secret.clone()),
+            credential: Arc::clone(&read.credential),
+            dst,
+            result: "ok".into(),
+            read_event: r.id.clone(),
+            read_ts: r.ts,
+        }));
+        Event { body, ..r }
+    }
+
+    pub fn priv_change(id: &str, ts_s: i64, w: Workload, change: PrivChange) -> Event {
+        at(id, ts_s, w, Body::PrivChange(Box::new(change)))
     }
 
     pub fn owner_pod(ns: &str, name: &str, uid: &str) -> Owner {
         Owner {
             kind: WorkloadKind::Pod,
-            id: format!("pod:{ns}/{name}"),
+            id: WorkloadId::pod(ns, name),
             namespace: Some(ns.into()),
             pod: Some(name.into()),
             pod_uid: Some(uid.into()),
-            source: "kubelet_volume".into(),
+            source: OwnerSource::KubeletVolume,
         }
     }
 }

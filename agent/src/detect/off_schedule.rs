@@ -9,7 +9,7 @@ use super::{Detector, short_fp};
 use crate::{
     alert::{Alert, AlertKind, Evidence, Severity},
     baseline::{Baselines, hour_of_week, subject_of},
-    event::{CredentialRef, Event, EventKind},
+    event::{CredentialRef, Event},
     policy::Policy,
 };
 
@@ -29,12 +29,8 @@ impl OffSchedule {
 
 impl Detector for OffSchedule {
     fn observe(&mut self, ev: &Event, base: &Baselines, out: &mut Vec<Alert>) {
-        if !matches!(ev.kind, EventKind::SecretRead | EventKind::CredentialUse) {
-            return;
-        }
-        let Some(cred) = &ev.credential else { return };
-        let path = ev.secret.as_ref().and_then(|s| s.path.as_deref());
-        let entry = self.policy.find(cred, path);
+        let Some(cred) = ev.credential() else { return };
+        let entry = self.policy.find(cred, ev.secret_path());
         let Some((entry, schedule)) = entry.and_then(|e| Some((e, e.schedule.as_ref()?))) else {
             learned_hours(ev, cred, base, out);
             return;
@@ -112,7 +108,7 @@ fn learned_hours(ev: &Event, cred: &CredentialRef, base: &Baselines, out: &mut V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::CredentialPolicy, detect::testutil::*, event::Timestamp};
+    use crate::{detect::testutil::*, event::Timestamp, policy::CredentialPolicy};
 
     fn policy(schedule: &str) -> Arc<Policy> {
         Arc::new(

@@ -8,7 +8,7 @@ use super::{Detector, short_fp};
 use crate::{
     alert::{Alert, AlertKind, Evidence, Severity},
     baseline::Baselines,
-    event::{CredentialRef, Event, EventKind, Owner, Workload, WorkloadKind},
+    event::{Body, CredentialRef, Event, Owner, Workload, WorkloadKind},
     policy::Policy,
 };
 
@@ -32,12 +32,11 @@ fn is_owner(owner: &Owner, w: &Workload) -> bool {
 
 impl Detector for OwnerMismatch {
     fn observe(&mut self, ev: &Event, _base: &Baselines, out: &mut Vec<Alert>) {
-        if ev.kind != EventKind::SecretRead {
+        let Body::SecretRead(read) = &ev.body else {
             return;
-        }
-        let Some(cred) = &ev.credential else { return };
-        let path = ev.secret.as_ref().and_then(|s| s.path.as_deref());
-        let entry = self.policy.find(cred, path);
+        };
+        let cred = &read.credential;
+        let entry = self.policy.find(cred, ev.secret_path());
         let declared = entry.and_then(|e| e.owner());
         let owner = match (&declared, &cred.owner) {
             (Some(d), _) => d,
@@ -76,7 +75,7 @@ impl Detector for OwnerMismatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::CredentialPolicy, detect::testutil::*};
+    use crate::{detect::testutil::*, policy::CredentialPolicy};
 
     fn detector(policy: &[CredentialPolicy]) -> OwnerMismatch {
         OwnerMismatch::new(Arc::new(Policy::compile(policy, &[]).unwrap()))
@@ -97,7 +96,7 @@ mod tests {
         let mut d = detector(&[p]);
         let unit = Workload {
             kind: WorkloadKind::Unit,
-            id: "unit:backup.service".into(),
+            id: crate::event::WorkloadId::unit("backup.service"),
             ..Default::default()
         };
         let mut out = Vec::new();
@@ -116,8 +115,8 @@ mod tests {
         assert_eq!(out.len(), 1);
         let owner = out[0].credential.as_ref().unwrap().owner.as_ref().unwrap();
         assert_eq!(
-            (owner.id.as_str(), owner.source.as_str()),
-            ("unit:backup.service", "policy")
+            (owner.id.as_str(), owner.source),
+            ("unit:backup.service", crate::event::OwnerSource::Policy)
         );
     }
 

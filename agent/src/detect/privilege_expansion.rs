@@ -11,8 +11,8 @@ use std::sync::Arc;
 use super::{Detector, short_fp};
 use crate::{
     alert::{Alert, AlertKind, Evidence, Severity},
-    baseline::{Baselines, dest_keys, is_priv_gain, subject_of},
-    event::{Event, EventKind},
+    baseline::{Baselines, dest_keys, subject_of},
+    event::{Body, CredentialUse, Event, EventKind},
     policy::Policy,
 };
 
@@ -25,12 +25,9 @@ impl PrivilegeExpansion {
         PrivilegeExpansion { policy }
     }
 
-    fn policy_destination(&self, ev: &Event, out: &mut Vec<Alert>) {
-        let (Some(cred), Some(dst)) = (&ev.credential, &ev.dst) else {
-            return;
-        };
-        let path = ev.secret.as_ref().and_then(|s| s.path.as_deref());
-        let Some(entry) = self.policy.find(cred, path) else {
+    fn policy_destination(&self, ev: &Event, u: &CredentialUse, out: &mut Vec<Alert>) {
+        let (cred, dst) = (&u.credential, &u.dst);
+        let Some(entry) = self.policy.find(cred, ev.secret_path()) else {
             return;
         };
         if entry.allows_destination(dst) != Some(false) {
@@ -68,12 +65,12 @@ impl PrivilegeExpansion {
 
 impl Detector for PrivilegeExpansion {
     fn observe(&mut self, ev: &Event, base: &Baselines, out: &mut Vec<Alert>) {
-        if ev.kind == EventKind::CredentialUse {
-            self.policy_destination(ev, out);
+        if let Body::CredentialUse(u) = &ev.body {
+            self.policy_destination(ev, u, out);
         }
         let relevant = matches!(
-            ev.kind,
-            EventKind::SecretRead | EventKind::CredentialUse | EventKind::PrivChange
+            ev.body,
+            Body::SecretRead(_) | Body::CredentialUse(_) | Body::PrivChange(_)
         );
         if !relevant {
             return;
@@ -84,11 +81,10 @@ impl Detector for PrivilegeExpansion {
         };
         let w = &ev.workload.id;
         let exe = &ev.process.exe;
-        if ev.kind == EventKind::PrivChange {
-            if !is_priv_gain(ev) || learned.profile.priv_exes.contains(exe) {
+        if let Body::PrivChange(p) = &ev.body {
+            if !p.is_gain() || learned.profile.priv_exes.contains(exe) {
                 return;
             }
-            let Some(p) = &ev.priv_change else { return };
             out.push(Alert::about_workload(
                 AlertKind::PrivilegeExpansion,
                 Severity::High,
@@ -103,11 +99,11 @@ impl Detector for PrivilegeExpansion {
             ));
             return;
         }
-        let Some(cred) = &ev.credential else { return };
+        let Some(cred) = ev.credential() else { return };
         let fp = &cred.fingerprint;
         let (finding, detail, key) = if !learned.profile.secrets.contains(fp) {
             // Only the read itself: the uses that follow are the same finding.
-            if ev.kind != EventKind::SecretRead {
+            if ev.kind() != EventKind::SecretRead {
                 return;
             }
             (
@@ -123,10 +119,10 @@ impl Detector for PrivilegeExpansion {
                 format!("new_secret|{w}|{fp}"),
             )
         } else if let Some(pair) = learned.pair(fp) {
-            if let (EventKind::CredentialUse, Some(dst)) = (ev.kind, &ev.dst)
-                && !pair.knows_destination(dst)
+            if let Body::CredentialUse(u) = &ev.body
+                && !pair.knows_destination(&u.dst)
             {
-                let to = dest_keys(dst).pop().unwrap_or_default();
+                let to = dest_keys(&u.dst).pop().unwrap_or_default();
                 (
                     format!(
                         "used {} credential {} towards a new destination {to}",
@@ -143,7 +139,7 @@ impl Detector for PrivilegeExpansion {
                     ),
                     format!("new_destination|{w}|{fp}|{to}"),
                 )
-            } else if ev.kind == EventKind::SecretRead && !pair.exes.contains(exe) {
+            } else if ev.kind() == EventKind::SecretRead && !pair.exes.contains(exe) {
                 (
                     format!(
                         "{exe} read {} credential {}, which it never did while learned",
@@ -180,24 +176,25 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::CredentialPolicy,
         detect::testutil::*,
         event::{Destination, PrivChange},
+        policy::CredentialPolicy,
     };
 
     const DAY: i64 = 24 * 3600;
 
     fn use_to(id: &str, ts: i64, fp: &str, port: u16) -> Event {
         let mut e = read(id, ts, pod("payments", "api", "ua"), fp, None);
-        e.kind = EventKind::CredentialUse;
         e.process.exe = "/app/api".into();
-        e.dst = Some(Destination {
-            ip: "10.0.0.7".parse().unwrap(),
-            port,
-            proto: "tcp".into(),
-            name: None,
-        });
-        e
+        used(
+            e,
+            Destination {
+                ip: "10.0.0.7".parse().unwrap(),
+                port,
+                proto: "tcp".into(),
+                name: None,
+            },
+        )
     }
 
     fn read_by(id: &str, ts: i64, fp: &str, exe: &str) -> Event {
@@ -268,12 +265,9 @@ mod tests {
         let mut d = PrivilegeExpansion::new(Arc::new(Policy::default()));
         let mut b = Baselines::in_memory(Duration::from_secs(DAY as u64), 100);
         let gain = |id: &str, ts: i64, exe: &str| {
-            let mut e = read(id, ts, pod("payments", "api", "ua"), "fp", None);
-            e.kind = EventKind::PrivChange;
-            e.credential = None;
+            let change = PrivChange::new("exec", (1000, 1000, 0), 1000, 0, u64::MAX);
+            let mut e = priv_change(id, ts, pod("payments", "api", "ua"), change);
             e.process.exe = exe.into();
-            e.priv_change =
-                Some(PrivChange::new("exec", (1000, 1000, 0), 1000, 0, u64::MAX).into());
             e
         };
         run(&mut d, &mut b, &[gain("p1", 0, "/usr/bin/sudo")]);

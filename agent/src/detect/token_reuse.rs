@@ -9,7 +9,7 @@ use super::{Detector, short_fp};
 use crate::baseline::Baselines;
 use crate::{
     alert::{Alert, AlertKind, Evidence, Severity},
-    event::{Event, EventKind, Workload, WorkloadKind},
+    event::{Event, Workload, WorkloadKind, duration_ns},
 };
 
 struct Holder {
@@ -30,7 +30,7 @@ const MAX_CREDENTIALS: usize = 200_000;
 impl TokenReuse {
     pub fn new(window: Duration) -> Self {
         TokenReuse {
-            window_ns: window.as_nanos().min(i64::MAX as u128) as i64,
+            window_ns: duration_ns(window),
             by_fp: HashMap::new(),
         }
     }
@@ -47,10 +47,7 @@ fn distinct(a: &Holder, w: &Workload, uid: u32) -> bool {
 
 impl Detector for TokenReuse {
     fn observe(&mut self, ev: &Event, _base: &Baselines, out: &mut Vec<Alert>) {
-        if !matches!(ev.kind, EventKind::SecretRead | EventKind::CredentialUse) {
-            return;
-        }
-        let Some(cred) = &ev.credential else { return };
+        let Some(cred) = ev.credential() else { return };
         if cred.fingerprint.is_empty() {
             return;
         }

@@ -7,15 +7,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use btf_rs::{Btf, Type};
 use credwatch_common::KernelConfig;
 
-pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+use crate::syscalls::Syscall;
 
-/// (open, openat, openat2, creat, open_by_handle_at) syscall numbers; -1 where absent.
-#[cfg(target_arch = "x86_64")]
-const OPEN_NRS: (i32, i32, i32, i32, i32) = (2, 257, 437, 85, 304);
-#[cfg(target_arch = "aarch64")]
-const OPEN_NRS: (i32, i32, i32, i32, i32) = (-1, 56, 437, -1, 265);
-#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-const OPEN_NRS: (i32, i32, i32, i32, i32) = (-1, -1, -1, -1, -1);
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 pub struct KernelBtf {
     btf: Btf,
@@ -133,11 +127,11 @@ impl KernelBtf {
             tty_name: o("tty_struct", "name")?,
             regs_arg0: self.syscall_arg_offset(0)?,
             regs_arg1: self.syscall_arg_offset(1)?,
-            nr_open: OPEN_NRS.0,
-            nr_openat: OPEN_NRS.1,
-            nr_openat2: OPEN_NRS.2,
-            nr_creat: OPEN_NRS.3,
-            nr_open_by_handle_at: OPEN_NRS.4,
+            nr_open: Syscall::Open.nr(),
+            nr_openat: Syscall::Openat.nr(),
+            nr_openat2: Syscall::Openat2.nr(),
+            nr_creat: Syscall::Creat.nr(),
+            nr_open_by_handle_at: Syscall::OpenByHandleAt.nr(),
             ..KernelConfig::default()
         })
     }

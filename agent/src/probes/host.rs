@@ -19,11 +19,7 @@ pub const TRACEFS: &str = "/sys/kernel/tracing";
 /// Effective capability set of this process.
 fn effective_caps() -> Result<u64> {
     let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .context("/proc/self/status has no CapEff line")?;
-    u64::from_str_radix(hex.trim(), 16).context("parsing CapEff")
+    crate::process::cap_effective(&status).context("/proc/self/status has no CapEff line")
 }
 
 pub fn check_privileges() -> Result<()> {

@@ -17,27 +17,68 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, TracePoint},
 };
 use credwatch_common::{
-    INO_FILTER_WORDS, InodeKey, KernelConfig, PROBE_COUNT, SETTING_WATCHED_DIRS, ino_filter_slot,
+    INO_FILTER_WORDS, InodeKey, KernelConfig, PROBE_COUNT, Probe, SETTING_WATCHED_DIRS,
+    ino_filter_slot,
 };
 use tracing::{debug, info, warn};
+
+use crate::{
+    config::{Checker, Validate, check_nonzero},
+    syscalls,
+};
 
 /// The probe object, built from `ebpf/` by build.rs.
 static PROBES_OBJ: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/credwatch-probes"));
 
-/// Syscalls whose successful return changes credentials.
-const PRIV_SYSCALLS: &[&str] = &[
-    "setuid",
-    "setgid",
-    "setreuid",
-    "setregid",
-    "setresuid",
-    "setresgid",
-    "setfsuid",
-    "setfsgid",
-    "capset",
-];
-const OPEN_SYSCALLS: &[&str] = &["open", "openat", "openat2", "creat", "open_by_handle_at"];
+/// `[sensors]`: the ring buffer between probes and agent, and how it is drained.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_ring_bytes")]
+    pub ring_bytes: u32,
+    /// Wake the agent when this much is waiting (otherwise it drains on its timer).
+    #[serde(default = "default_wake_bytes")]
+    pub wake_bytes: u32,
+    /// The agent drains the ring at least this often (the probes do not wake it per event).
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain_interval: std::time::Duration,
+}
+
+fn default_ring_bytes() -> u32 {
+    8 << 20
+}
+fn default_wake_bytes() -> u32 {
+    256 << 10
+}
+fn default_drain() -> std::time::Duration {
+    std::time::Duration::from_millis(10)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ring_bytes: default_ring_bytes(),
+            wake_bytes: default_wake_bytes(),
+            drain_interval: default_drain(),
+        }
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self, c: &mut Checker) {
+        c.check(
+            self.ring_bytes >= 4096 && self.ring_bytes.is_power_of_two(),
+            "ring_bytes",
+            format_args!("must be a power of two ≥ 4096 (got {})", self.ring_bytes),
+        );
+        c.check(self.wake_bytes > 0, "wake_bytes", "must be at least 1");
+        check_nonzero(c, "drain_interval", self.drain_interval);
+    }
+}
+
+/// Records the ring could not take, per probe (indexed by [`Probe`]).
+pub type Drops = [u64; PROBE_COUNT as usize];
 
 #[derive(Clone, Debug)]
 pub struct SensorOptions {
@@ -48,6 +89,17 @@ pub struct SensorOptions {
     pub btf_path: PathBuf,
     /// Where to mount cgroup2 if the host has none.
     pub cgroup2_fallback: PathBuf,
+}
+
+impl SensorOptions {
+    pub fn from_config(cfg: &Config) -> Self {
+        SensorOptions {
+            ring_bytes: cfg.ring_bytes,
+            // A threshold the ring can never reach would leave only the drain timer.
+            wake_bytes: cfg.wake_bytes.min(cfg.ring_bytes / 2),
+            ..SensorOptions::default()
+        }
+    }
 }
 
 impl Default for SensorOptions {
@@ -130,9 +182,9 @@ impl Sensors {
             &["sched_process_exit"],
             &mut attached,
         )?;
-        let exits: Vec<String> = OPEN_SYSCALLS
+        let exits: Vec<String> = syscalls::OPEN_FAMILY
             .iter()
-            .map(|s| format!("sys_exit_{s}"))
+            .map(|s| format!("sys_exit_{}", s.name()))
             .collect();
         let exits: Vec<&str> = exits.iter().map(String::as_str).collect();
         attach_tracepoint(
@@ -149,9 +201,9 @@ impl Sensors {
             &["sys_exit_connect"],
             &mut attached,
         )?;
-        let privs: Vec<String> = PRIV_SYSCALLS
+        let privs: Vec<String> = syscalls::CREDENTIAL_CHANGES
             .iter()
-            .map(|s| format!("sys_exit_{s}"))
+            .map(|s| format!("sys_exit_{}", s.name()))
             .collect();
         let privs: Vec<&str> = privs.iter().map(String::as_str).collect();
         attach_tracepoint(
@@ -254,12 +306,12 @@ impl Sensors {
             .context("updating probe settings")
     }
 
-    /// Drops per probe since load, summed over CPUs.
-    pub fn drops(&self) -> Result<[u64; PROBE_COUNT as usize]> {
+    /// Drops per probe since load, summed over CPUs, indexed by [`Probe`].
+    pub fn drops(&self) -> Result<Drops> {
         let mut out = [0u64; PROBE_COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let per_cpu = self.drops.get(&(i as u32), 0)?;
-            *slot = per_cpu.iter().sum();
+        for p in Probe::ALL {
+            let per_cpu = self.drops.get(&(*p as u32), 0)?;
+            out[*p as usize] = per_cpu.iter().sum();
         }
         Ok(out)
     }

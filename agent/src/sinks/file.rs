@@ -10,10 +10,46 @@ use std::{
 
 use anyhow::{Context, Result};
 
+use serde::Deserialize;
+
+use super::AlertFormat;
 use crate::{
     alert::Alert,
-    config::{AlertFormat, FileSink},
+    config::{Checker, Validate},
 };
+
+/// `[[alerts.file]]`: JSON lines to a file, rotated by size (`alerts.jsonl` →
+/// `alerts.jsonl.1` …).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub path: String,
+    #[serde(default)]
+    pub format: AlertFormat,
+    #[serde(default = "default_rotate_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_rotate_bytes() -> u64 {
+    100 << 20
+}
+fn default_keep() -> usize {
+    5
+}
+
+impl Validate for Config {
+    fn validate(&self, c: &mut Checker) {
+        c.check(
+            self.path.starts_with('/'),
+            "path",
+            "must be an absolute path",
+        );
+        c.check(self.max_bytes > 0, "max_bytes", "must be at least 1");
+    }
+}
 
 pub struct RotatingFile {
     path: PathBuf,
@@ -31,7 +67,7 @@ fn open(path: &PathBuf) -> std::io::Result<(BufWriter<File>, u64)> {
 }
 
 impl RotatingFile {
-    pub fn open(cfg: &FileSink) -> Result<Self> {
+    pub fn open(cfg: &Config) -> Result<Self> {
         let path = PathBuf::from(&cfg.path);
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -120,7 +156,7 @@ mod tests {
     fn rotates_by_size_and_keeps_n() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("alerts.jsonl");
-        let mut f = RotatingFile::open(&FileSink {
+        let mut f = RotatingFile::open(&Config {
             path: path.display().to_string(),
             format: AlertFormat::Json,
             max_bytes: 2000,
@@ -132,7 +168,7 @@ mod tests {
             AlertKind::HumanUse,
             Severity::High,
             &ev,
-            ev.credential.as_ref().unwrap(),
+            ev.credential().unwrap(),
             "s".into(),
             vec![],
             "k".into(),

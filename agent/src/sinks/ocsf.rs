@@ -50,7 +50,7 @@ pub fn detection_finding(a: &Alert) -> Value {
     let mut resources = vec![json!({
         "type": format!("workload/{}", w.kind.as_str()),
         "uid": w.id,
-        "name": w.pod.clone().or_else(|| w.unit.clone()).unwrap_or_else(|| w.id.clone()),
+        "name": w.pod.clone().or_else(|| w.unit.clone()).unwrap_or_else(|| w.id.to_string()),
         "namespace": w.namespace,
         "labels": workload_labels,
     })];
@@ -137,7 +137,7 @@ mod tests {
             AlertKind::HumanUse,
             Severity::High,
             &ev,
-            ev.credential.as_ref().unwrap(),
+            ev.credential().unwrap(),
             "s".into(),
             vec![crate::alert::Evidence::of(&ev)],
             "k".into(),

@@ -3,27 +3,63 @@
 //! structured data `credwatch@32473` carries the fields a SIEM routes on (rule, severity,
 //! workload, fingerprint, dedup key, count) and MSG the alert JSON.
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering::Relaxed},
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
 use syslog::{Facility, Formatter5424, LogFormat, Severity as SysSeverity};
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt},
     net::{TcpStream, UdpSocket},
-    sync::mpsc,
 };
 use tracing::warn;
 
-use super::{Counters, Shutdown, backoff, past_deadline, render};
+use serde::Deserialize;
+
+use super::{AlertFormat, Attempt, Deliver, render};
 use crate::{
     alert::{Alert, Severity},
-    config::SyslogSink,
+    config::{Checker, Validate, check_nonzero},
 };
+
+/// `[[alerts.syslog]]`: RFC 5424 over `udp://host:514`, `tcp://host:601` (octet counting)
+/// or `tls://host:6514`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub address: String,
+    /// CA bundle for `tls://` (default: the web PKI roots).
+    pub ca_file: Option<String>,
+    #[serde(default = "default_facility")]
+    pub facility: String,
+    #[serde(default = "default_app_name")]
+    pub app_name: String,
+    #[serde(default)]
+    pub format: AlertFormat,
+    #[serde(default = "super::default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "super::default_queue")]
+    pub queue: usize,
+}
+
+fn default_facility() -> String {
+    "auth".into()
+}
+fn default_app_name() -> String {
+    "credwatch".into()
+}
+
+/// Attempts per alert: a syslog receiver that is down for 8 s (the backoff sum) is down.
+const ATTEMPTS: u32 = 5;
+
+impl Validate for Config {
+    fn validate(&self, c: &mut Checker) {
+        if let Err(e) = Target::parse(&self.address, &self.facility) {
+            c.fail("address", format_args!("{e:#}"));
+        }
+        c.check(self.queue > 0, "queue", "must be at least 1");
+        check_nonzero(c, "timeout", self.timeout);
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -84,7 +120,7 @@ fn severity(s: Severity) -> SysSeverity {
 type Stream = Box<dyn AsyncWrite + Unpin + Send>;
 
 pub struct Syslog {
-    cfg: SyslogSink,
+    cfg: Config,
     target: Target,
     formatter: Formatter5424,
     tls: Option<tokio_rustls::TlsConnector>,
@@ -93,7 +129,7 @@ pub struct Syslog {
 }
 
 impl Syslog {
-    pub fn new(cfg: &SyslogSink, node: &str) -> Result<Self> {
+    pub fn new(cfg: &Config, node: &str) -> Result<Self> {
         let target = Target::parse(&cfg.address, &cfg.facility)?;
         let tls = match target.transport {
             Transport::Tls => Some(tokio_rustls::TlsConnector::from(Arc::new(
@@ -121,7 +157,7 @@ impl Syslog {
         let mut params = BTreeMap::new();
         params.insert("alert".to_owned(), a.alert.as_str().to_owned());
         params.insert("severity".to_owned(), a.severity.as_str().to_owned());
-        params.insert("workload".to_owned(), a.workload.id.clone());
+        params.insert("workload".to_owned(), a.workload.id.to_string());
         if let Some(c) = &a.credential {
             params.insert("fingerprint".to_owned(), c.fingerprint.clone());
         }
@@ -184,7 +220,7 @@ impl Syslog {
         Ok(())
     }
 
-    async fn deliver(&mut self, msg: &[u8]) -> Result<()> {
+    async fn send(&mut self, msg: &[u8]) -> Result<()> {
         self.connect().await?;
         let timeout = self.cfg.timeout;
         if let Some(u) = &self.udp {
@@ -214,45 +250,25 @@ impl Syslog {
             }
         }
     }
+}
 
-    pub async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Arc<Alert>>,
-        c: Arc<Counters>,
-        mut shutdown: Shutdown,
-    ) {
-        const ATTEMPTS: u32 = 5;
-        let mut failing = false;
-        while let Some(a) = rx.recv().await {
-            c.queued.fetch_sub(1, Relaxed);
-            let msg = self.message(&a);
-            let mut wait = Duration::from_millis(250);
-            for attempt in 1..=ATTEMPTS {
-                if past_deadline(&shutdown) {
-                    c.dropped.fetch_add(1, Relaxed);
-                    break;
-                }
-                match self.deliver(&msg).await {
-                    Ok(()) => {
-                        c.sent.fetch_add(1, Relaxed);
-                        failing = false;
-                        break;
-                    }
-                    Err(e) => {
-                        c.failed.fetch_add(1, Relaxed);
-                        if !failing {
-                            warn!(syslog = %self.cfg.address, "delivery failing, retrying: {e:#}");
-                            failing = true;
-                        }
-                        if attempt == ATTEMPTS {
-                            c.dropped.fetch_add(1, Relaxed);
-                        } else {
-                            backoff(wait, &mut shutdown).await;
-                            wait = (wait * 2).min(Duration::from_secs(30));
-                        }
-                    }
-                }
-            }
+impl Deliver for Syslog {
+    fn name(&self) -> String {
+        format!("syslog:{}", self.cfg.address)
+    }
+
+    fn max_attempts(&self) -> u32 {
+        ATTEMPTS
+    }
+
+    fn encode(&self, a: &Alert) -> Vec<u8> {
+        self.message(a)
+    }
+
+    async fn deliver(&mut self, msg: &[u8]) -> Attempt {
+        match self.send(msg).await {
+            Ok(()) => Attempt::Sent,
+            Err(e) => Attempt::Retry(format!("{e:#}")),
         }
     }
 }

@@ -3,52 +3,90 @@
 //! optional `X-Credwatch-Signature: sha256=<hex>` HMAC of the body so receivers can
 //! authenticate it.
 
-use std::{sync::Arc, sync::atomic::Ordering::Relaxed, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-use tokio::sync::mpsc;
-use tracing::warn;
+use serde::Deserialize;
 
-use super::{Counters, Shutdown, backoff, past_deadline, render};
-use crate::{alert::Alert, config::WebhookSink};
+use super::{AlertFormat, Attempt, Deliver, render};
+use crate::{
+    alert::Alert,
+    config::{Checker, Validate, check_http_url, check_nonzero},
+    credential::Secret,
+};
+
+/// `[[alerts.webhook]]`: an HTTP POST of each alert as a JSON body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Kept whole only for sending: chat webhooks carry their secret in the path.
+    pub url: Secret,
+    #[serde(default)]
+    pub format: AlertFormat,
+    /// Key for an `X-Credwatch-Signature: sha256=<hex HMAC of the body>` header.
+    pub secret_file: Option<String>,
+    /// Extra headers (`Authorization = "Bearer …"` belongs in a file, not here).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, Secret>,
+    #[serde(default = "super::default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts per alert before it is dropped (and counted).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Alerts waiting for this sink; beyond it new ones are dropped (and counted).
+    #[serde(default = "super::default_queue")]
+    pub queue: usize,
+}
+
+fn default_attempts() -> u32 {
+    5
+}
+
+impl Validate for Config {
+    fn validate(&self, c: &mut Checker) {
+        check_http_url(c, "url", &redact(self.url.expose()));
+        c.check(
+            url::Url::parse(self.url.expose()).is_ok(),
+            "url",
+            format_args!("is not a URL ({})", redact(self.url.expose())),
+        );
+        c.check(self.max_attempts > 0, "max_attempts", "must be at least 1");
+        c.check(self.queue > 0, "queue", "must be at least 1");
+        check_nonzero(c, "timeout", self.timeout);
+    }
+}
 
 pub struct Webhook {
-    cfg: WebhookSink,
+    cfg: Config,
     client: reqwest::Client,
     key: Option<Vec<u8>>,
 }
 
-/// The URL without credentials or query (may hold tokens), for logs and metric labels.
+/// What logs, metric labels and the stats file may say about a webhook URL: scheme, host
+/// and port, plus a short digest of the whole URL so two hooks on one host stay apart.
+/// Never the path or query: Slack, Teams and Discord put the secret there.
 pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(u) => {
+            let digest = crate::credential::hmac_sha256_hex(b"credwatch-sink-name", url.as_bytes());
             format!(
-                "{}://{}{}",
+                "{}://{}{}#{}",
                 u.scheme(),
                 u.host_str().unwrap_or(""),
-                u.port().map(|p| format!(":{p}")).unwrap_or_default()
-            ) + u.path()
+                u.port().map(|p| format!(":{p}")).unwrap_or_default(),
+                &digest[..8]
+            )
         }
         Err(_) => "invalid-url".into(),
     }
 }
 
 pub fn signature(key: &[u8], body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-enum Outcome {
-    Sent,
-    Retry(String),
-    Give(String),
+    format!("sha256={}", crate::credential::hmac_sha256_hex(key, body))
 }
 
 impl Webhook {
-    pub fn new(cfg: &WebhookSink) -> Result<Self> {
+    pub fn new(cfg: &Config) -> Result<Self> {
         let key = cfg
             .secret_file
             .as_ref()
@@ -69,79 +107,41 @@ impl Webhook {
             key,
         })
     }
+}
 
-    async fn post(&self, body: &[u8]) -> Outcome {
+impl Deliver for Webhook {
+    fn name(&self) -> String {
+        format!("webhook:{}", redact(self.cfg.url.expose()))
+    }
+
+    fn max_attempts(&self) -> u32 {
+        self.cfg.max_attempts
+    }
+
+    fn encode(&self, a: &Alert) -> Vec<u8> {
+        render(a, self.cfg.format)
+    }
+
+    async fn deliver(&mut self, body: &[u8]) -> Attempt {
         let mut req = self
             .client
-            .post(&self.cfg.url)
+            .post(self.cfg.url.expose())
             .header("content-type", "application/json")
             .body(body.to_vec());
         for (k, v) in &self.cfg.headers {
-            req = req.header(k, v);
+            req = req.header(k, v.expose());
         }
         if let Some(k) = &self.key {
             req = req.header("x-credwatch-signature", signature(k, body));
         }
         match req.send().await {
-            Ok(r) if r.status().is_success() => Outcome::Sent,
+            Ok(r) if r.status().is_success() => Attempt::Sent,
             Ok(r) if r.status().is_server_error() || r.status().as_u16() == 429 => {
-                Outcome::Retry(format!("HTTP {}", r.status()))
+                Attempt::Retry(format!("HTTP {}", r.status()))
             }
-            Ok(r) => Outcome::Give(format!("HTTP {}", r.status())),
-            Err(e) => Outcome::Retry(e.without_url().to_string()),
-        }
-    }
-
-    pub async fn run(
-        self,
-        mut rx: mpsc::Receiver<Arc<Alert>>,
-        c: Arc<Counters>,
-        mut shutdown: Shutdown,
-    ) {
-        let name = redact(&self.cfg.url);
-        let mut failing = false;
-        while let Some(a) = rx.recv().await {
-            c.queued.fetch_sub(1, Relaxed);
-            let body = render(&a, self.cfg.format);
-            let mut wait = Duration::from_millis(250);
-            let mut attempt = 0;
-            loop {
-                if past_deadline(&shutdown) {
-                    c.dropped.fetch_add(1, Relaxed);
-                    break;
-                }
-                attempt += 1;
-                match self.post(&body).await {
-                    Outcome::Sent => {
-                        c.sent.fetch_add(1, Relaxed);
-                        failing = false;
-                        break;
-                    }
-                    Outcome::Retry(why) | Outcome::Give(why)
-                        if attempt >= self.cfg.max_attempts =>
-                    {
-                        c.failed.fetch_add(1, Relaxed);
-                        c.dropped.fetch_add(1, Relaxed);
-                        warn!(webhook = %name, "alert dropped after {attempt} attempts: {why}");
-                        break;
-                    }
-                    Outcome::Give(why) => {
-                        c.failed.fetch_add(1, Relaxed);
-                        c.dropped.fetch_add(1, Relaxed);
-                        warn!(webhook = %name, "alert rejected: {why}");
-                        break;
-                    }
-                    Outcome::Retry(why) => {
-                        c.failed.fetch_add(1, Relaxed);
-                        if !failing {
-                            warn!(webhook = %name, "delivery failing, retrying: {why}");
-                            failing = true;
-                        }
-                        backoff(wait, &mut shutdown).await;
-                        wait = (wait * 2).min(Duration::from_secs(30));
-                    }
-                }
-            }
+            Ok(r) => Attempt::Give(format!("HTTP {}", r.status())),
+            // Without the URL: reqwest's error text would carry it.
+            Err(e) => Attempt::Retry(e.without_url().to_string()),
         }
     }
 }
@@ -157,9 +157,13 @@ mod tests {
             signature(b"Jefe", b"what do ya want for nothing?"),
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
-        assert_eq!(
-            redact("https://user:pw@hooks.example:8443/soc/in?token=abc"),
-            "https://hooks.example:8443/soc/in"
-        );
+        let secret_path = "https://hooks.slack.test/services/T000/B000/FAKEFAKEFAKE";
+        let r = redact(secret_path);
+        assert!(r.starts_with("https://hooks.slack.test#"), "{r}");
+        assert!(!r.contains("FAKE") && !r.contains("services"), "{r}");
+        assert_ne!(r, redact("https://hooks.slack.test/services/other"));
+        let r = redact("https://user:pw@hooks.example:8443/soc/in?token=abc");
+        assert!(r.starts_with("https://hooks.example:8443#"), "{r}");
+        assert!(!r.contains("pw") && !r.contains("abc"), "{r}");
     }
 }

@@ -1,17 +1,17 @@
-//! The bench's measurements beyond syscall overhead: syscall → alert latency, ClickHouse
-//! insert rate, agent memory with 10 k live processes, memory per learned baseline, and
-//! the PNG chart of the overhead table.
+//! The agent's own costs, beyond what it adds to syscalls: syscall → alert latency, the
+//! ClickHouse insert rate, memory with 10 k live processes and per learned baseline.
 
 use std::{
     fs,
     io::{BufRead, BufReader},
     path::Path,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
+
+use crate::launch::{AgentProcess, Launch};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -21,47 +21,34 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-/// Starts `credwatch run` with `config` (and `--stats-file` when given), waits for
-/// "ready", keeps stderr drained.
+/// Starts `credwatch run` with `config` in `work/<name>/` (with `--stats-file` there when
+/// `stats`), waits for "ready".
 fn start_agent(
     agent: &Path,
     work: &Path,
     name: &str,
     config: &str,
-    stats: Option<&Path>,
-) -> Result<Child> {
-    let cfg = work.join(format!("{name}.toml"));
-    fs::write(&cfg, config)?;
-    let mut cmd = Command::new(agent);
-    cmd.args(["run", "--config"])
-        .arg(&cfg)
-        .arg("--state-dir")
-        .arg(work.join(format!("{name}-state")));
-    if let Some(s) = stats {
-        cmd.arg("--stats-file").arg(s);
+    stats: bool,
+) -> Result<AgentProcess> {
+    let dir = work.join(name);
+    fs::create_dir_all(&dir)?;
+    Launch {
+        bin: agent,
+        config,
+        work: &dir,
+        state_dir: None,
+        events: false,
+        stats,
+        extra_args: &[],
+        log: Some("warn,credwatch::agent=info"),
+        ready_timeout: Duration::from_secs(120),
     }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting credwatch")?;
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    if !lines
-        .by_ref()
-        .map_while(Result::ok)
-        .any(|l| l.contains("credwatch ready"))
-    {
-        let _ = child.kill();
-        bail!("credwatch did not start");
-    }
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-    Ok(child)
+    .start()
+    .map_err(anyhow::Error::msg)
 }
 
-fn stop_agent(mut child: Child) {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
+fn stop_agent(mut a: AgentProcess) {
+    let _ = a.stop(Duration::from_secs(60));
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -99,24 +86,27 @@ pub fn alert_latency(agent: &Path, work: &Path) -> Result<Latency> {
          [metrics]\nlisten = \"\"\n[[credential]]\npath = \"{s}\"\nschedule = [\"daily {hour:02}:00-{:02}:00\"]\n",
         (hour + 1) % 24
     );
-    let mut child = start_agent(agent, work, "latency", &cfg, None)?;
-    let (tx, rx) = mpsc::channel();
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if l.contains("\"off_schedule\"") && tx.send(Instant::now()).is_err() {
-                return;
-            }
-        }
-    });
+    let child = start_agent(agent, work, "latency", &cfg, false)?;
     let mut us = Vec::new();
     for _ in 0..300 {
         std::thread::sleep(Duration::from_millis(15));
+        let seen = child.stdout.lock().unwrap().len();
         let t0 = Instant::now();
         drop(fs::File::open(&secret)?);
-        match rx.recv_timeout(Duration::from_secs(5)) {
-            Ok(t1) => us.push(t1.duration_since(t0).as_secs_f64() * 1e6),
-            Err(_) => {
+        // The reader thread stamps each line as it arrives: polling does not blur it.
+        let deadline = t0 + Duration::from_secs(5);
+        let t1 = loop {
+            if let Some((t, _)) = child.stdout.lock().unwrap().get(seen) {
+                break Some(*t);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        match t1 {
+            Some(t1) => us.push(t1.duration_since(t0).as_secs_f64() * 1e6),
+            None => {
                 stop_agent(child);
                 bail!("no alert within 5 s of a read");
             }
@@ -226,16 +216,10 @@ pub struct Memory {
 /// entry), and memory per learned baseline from the `baseline_memory` example.
 pub fn memory(root: &Path, agent: &Path, work: &Path) -> Result<Memory> {
     const PROCS: usize = 10_000;
-    let stats = work.join("memory-stats.json");
-    let child = start_agent(
-        agent,
-        work,
-        "memory",
-        "[metrics]\nlisten = \"\"\n",
-        Some(&stats),
-    )?;
+    let stats = work.join("memory/stats.json");
+    let child = start_agent(agent, work, "memory", "[metrics]\nlisten = \"\"\n", true)?;
     std::thread::sleep(Duration::from_secs(2));
-    let idle = rss_kib(child.id());
+    let idle = rss_kib(child.pid());
     let mut sleepers = Vec::with_capacity(PROCS);
     let spawned = (|| -> Result<()> {
         for _ in 0..PROCS {
@@ -249,7 +233,7 @@ pub fn memory(root: &Path, agent: &Path, work: &Path) -> Result<Memory> {
         Ok(())
     })();
     std::thread::sleep(Duration::from_secs(3));
-    let loaded = rss_kib(child.id());
+    let loaded = rss_kib(child.pid());
     let tracked = fs::read(&stats)
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -285,86 +269,4 @@ pub fn memory(root: &Path, agent: &Path, work: &Path) -> Result<Memory> {
         baselines: *n as u64,
         baseline_checkpoint_ms: *ms,
     })
-}
-
-/// Grouped bars of ns added per operation (log scale), one group per workload.
-pub fn chart(path: &Path, rows: &[(String, Vec<(&'static str, f64)>)]) -> Result<bool> {
-    use plotters::prelude::*;
-    let font = ["dejavu/DejaVuSans.ttf", "DejaVuSans.ttf"]
-        .iter()
-        .map(|f| Path::new("/usr/share/fonts/truetype").join(f))
-        .find_map(|p| fs::read(p).ok());
-    let Some(font) = font else {
-        // plotters needs a font for any text; without one there is no readable chart.
-        return Ok(false);
-    };
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| anyhow::anyhow!("font not usable"))?;
-    let monitors: Vec<&str> = rows
-        .first()
-        .map(|(_, v)| v.iter().map(|(m, _)| *m).collect())
-        .unwrap_or_default();
-    let max = rows
-        .iter()
-        .flat_map(|(_, v)| v.iter().map(|(_, x)| *x))
-        .filter(|x| x.is_finite())
-        .fold(1000.0f64, f64::max);
-    let root = BitMapBackend::new(path, (1100, 560)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let groups = rows.len().max(1);
-    let mut c = ChartBuilder::on(&root)
-        .caption(
-            "ns added per operation (median, log scale; lower is better)",
-            ("sans-serif", 22),
-        )
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0f64..groups as f64, (50f64..max * 2.0).log_scale())?;
-    c.configure_mesh()
-        .disable_x_mesh()
-        .x_labels(0)
-        .y_desc("ns added")
-        .draw()?;
-    let colors = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-        RGBColor(150, 150, 150),
-    ];
-    let width = 0.8 / monitors.len().max(1) as f64;
-    for (mi, m) in monitors.iter().enumerate() {
-        let color = colors[mi % colors.len()];
-        c.draw_series(rows.iter().enumerate().filter_map(|(gi, (_, v))| {
-            let x = v.get(mi)?.1;
-            if !x.is_finite() || x <= 50.0 {
-                return None;
-            }
-            let x0 = gi as f64 + 0.1 + mi as f64 * width;
-            Some(Rectangle::new(
-                [(x0, 50.0), (x0 + width * 0.9, x)],
-                color.filled(),
-            ))
-        }))?
-        .label(*m)
-        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
-    }
-    for (gi, (name, _)) in rows.iter().enumerate() {
-        root.draw(&Text::new(
-            name.clone(),
-            (
-                85 + ((gi as f64 + 0.2) * (1100.0 - 100.0) / groups as f64) as i32,
-                530,
-            ),
-            ("sans-serif", 16),
-        ))?;
-    }
-    c.configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()?;
-    root.present()?;
-    Ok(true)
 }
