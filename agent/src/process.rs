@@ -20,6 +20,8 @@ pub struct ProcEntry {
     pub exe: String,
     pub tty: Option<String>,
     pub cap_effective: u64,
+    /// cgroup v2 id, from the process's latest record (0 until one is seen).
+    pub cgroup_id: u64,
     /// Boot-time ns of the exit, once seen; the entry is evicted a grace period later.
     pub exited_ns: Option<u64>,
     /// What `session_of` found, and under which parent: the ancestry walk (and the /proc
@@ -134,6 +136,7 @@ impl ProcessTable {
             exe: parent.exe,
             tty: parent.tty,
             cap_effective: parent.cap_effective,
+            cgroup_id: parent.cgroup_id,
             exited_ns: None,
             session: None,
         })
@@ -165,6 +168,7 @@ impl ProcessTable {
             exe,
             tty: tty_name(tty_nr),
             cap_effective,
+            cgroup_id: 0,
             exited_ns: None,
             session: None,
         })
@@ -259,6 +263,30 @@ impl ProcessTable {
                 .is_none_or(|t| now_ns.saturating_sub(t) < EXIT_GRACE_NS)
         });
     }
+}
+
+/// The cgroup v2 id of a process: its `/proc/<pid>/cgroup` path (`0::/…`) under the
+/// cgroup2 mount, whose directory inode is the id.
+pub fn cgroup_id_of(cgroup2_root: &std::path::Path, pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let rel = path.trim_start_matches('/');
+    if rel.split('/').any(|c| c == "..") {
+        return None;
+    }
+    fs::metadata(cgroup2_root.join(rel)).ok().map(|m| m.ino())
+}
+
+/// The process still exists (a zombie counts: its exit has not been reaped).
+pub fn is_alive(tgid: u32) -> bool {
+    // 0 and negative pids name process groups, not a process.
+    let Ok(pid @ 1..) = libc::pid_t::try_from(tgid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// The effective capability set from a `/proc/<pid>/status` text (`CapEff:` in hex).

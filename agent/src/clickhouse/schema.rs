@@ -19,7 +19,34 @@
 use super::Config as Cfg;
 
 /// Bumped whenever a migration is added; `migrate` refuses a database that is newer.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Columns added after version 1, in the order they were added: created with the table on
+/// a fresh database, added by `ALTER TABLE … ADD COLUMN IF NOT EXISTS` to an existing one.
+const ADDED_EVENT_COLUMNS: &[&str] = &[
+    // v2: how a connect was made, folded repeat reads, 32-bit callers, Unix-domain and
+    // cloud-metadata destinations, what exec handed a process, process-memory access and
+    // metadata requests.
+    "via String",
+    "repeats UInt64",
+    "abi String",
+    "opened_as_status String",
+    "dst_metadata Bool",
+    "exec_argv Array(String)",
+    "exec_env_truncated Bool",
+    "exposed_credentials String",
+    "access_kind String",
+    "target_pid UInt32",
+    "target_comm String",
+    "target_exe String",
+    "target_workload_id String",
+    "target_workload String",
+    "metadata_method String",
+    "metadata_path String",
+    "metadata_provider String",
+    "metadata_credentials Bool",
+    "metadata_role String",
+];
 
 const EVENT_COLUMNS: &str = "
     id String,
@@ -88,8 +115,10 @@ const EVENT_COLUMNS: &str = "
     dns_ttl UInt32,
     dns_server Nullable(IPv6),
     read_event String,
-    read_ts Nullable(DateTime64(9, 'UTC')),
-    INDEX workload_idx workload_id TYPE bloom_filter GRANULARITY 4";
+    read_ts Nullable(DateTime64(9, 'UTC'))";
+
+/// After the columns of `events`.
+const EVENT_INDEXES: &str = "INDEX workload_idx workload_id TYPE bloom_filter GRANULARITY 4";
 
 const ALERT_COLUMNS: &str = "
     id String,
@@ -121,6 +150,8 @@ const DEDUP_WINDOW: u32 = 10_000;
 struct Table {
     name: &'static str,
     columns: &'static str,
+    added: &'static [&'static str],
+    indexes: &'static str,
     partition: &'static str,
     order: &'static str,
 }
@@ -129,12 +160,16 @@ const TABLES: [Table; 2] = [
     Table {
         name: "events",
         columns: EVENT_COLUMNS,
+        added: ADDED_EVENT_COLUMNS,
+        indexes: EVENT_INDEXES,
         partition: "toDate(ts)",
         order: "(kind, fingerprint, node, ts)",
     },
     Table {
         name: "alerts",
         columns: ALERT_COLUMNS,
+        added: &[],
+        indexes: "",
         partition: "toYYYYMM(ts)",
         order: "(alert, node, ts)",
     },
@@ -166,18 +201,37 @@ pub fn statements(cfg: &Cfg) -> Vec<String> {
                 "replicated_deduplication_window",
             ),
         };
+        let mut columns = t.columns.to_owned();
+        for c in t.added {
+            columns.push_str(",\n    ");
+            columns.push_str(c);
+        }
+        if !t.indexes.is_empty() {
+            columns.push_str(",\n    ");
+            columns.push_str(t.indexes);
+        }
         out.push(format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{local}{on}\n({}\n)\nENGINE = {engine}\n\
+            "CREATE TABLE IF NOT EXISTS {db}.{local}{on}\n({columns}\n)\nENGINE = {engine}\n\
              PARTITION BY {}\nORDER BY {}\nTTL toDateTime(ts) + INTERVAL {ttl} DAY\n\
              SETTINGS {dedup} = {DEDUP_WINDOW}",
-            t.columns, t.partition, t.order
+            t.partition, t.order
         ));
+        let mut tables = vec![local.clone()];
         if let Some(c) = &cfg.cluster {
             out.push(format!(
                 "CREATE TABLE IF NOT EXISTS {db}.{}{on} AS {db}.{local}\n\
                  ENGINE = Distributed({c}, {db}, {local}, cityHash64(node))",
                 t.name
             ));
+            tables.push(t.name.to_owned());
+        }
+        // A table made by an older schema gets the newer columns (a no-op on a fresh one).
+        for c in t.added {
+            for name in &tables {
+                out.push(format!(
+                    "ALTER TABLE {db}.{name}{on} ADD COLUMN IF NOT EXISTS {c}"
+                ));
+            }
         }
     }
     out.push(format!(
