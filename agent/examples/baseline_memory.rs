@@ -2,14 +2,15 @@
 //! profiles (each with two destinations, one executable, one hour), reports resident memory
 //! per profile and how long writing them all to the redb store takes.
 //! Used by `cargo xtask bench`; prints `rss_bytes_per_baseline checkpoint_ms N`.
+//! `baseline_memory N DIR` leaves the store in DIR (an agent state dir).
 
 use std::time::{Duration, Instant};
 
 use credwatch::{
     baseline::Baselines,
     event::{
-        Body, CredentialRef, CredentialType, CredentialUse, Destination, Event, Timestamp,
-        Workload, WorkloadId, WorkloadKind,
+        Attribution, Body, CredentialRef, CredentialType, CredentialUse, Destination, Event,
+        Timestamp, Workload, WorkloadId, WorkloadKind,
     },
 };
 
@@ -30,7 +31,11 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000);
-    let dir = std::env::temp_dir().join(format!("credwatch-baselines-{}", std::process::id()));
+    // A second argument keeps the store there (the bench starts the agent on it).
+    let keep = std::env::args().nth(2).map(std::path::PathBuf::from);
+    let dir = keep.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("credwatch-baselines-{}", std::process::id()))
+    });
     std::fs::create_dir_all(&dir).unwrap();
     let before = rss_bytes();
     let mut b = Baselines::open(&dir, Duration::from_secs(7 * 24 * 3600), n).unwrap();
@@ -55,6 +60,8 @@ fn main() {
             result: "ok".into(),
             read_event: format!("r{i}"),
             read_ts: ts,
+            attribution: Attribution::Held,
+            via_pid: None,
         }));
         let mut ev = Event::new(format!("e{i}"), ts, "bench", body);
         ev.workload = std::sync::Arc::new(Workload {
@@ -76,5 +83,7 @@ fn main() {
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let per = after.saturating_sub(before) as f64 / b.len().max(1) as f64;
     println!("{per:.0} {ms:.0} {}", b.len());
-    let _ = std::fs::remove_dir_all(&dir);
+    if keep.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

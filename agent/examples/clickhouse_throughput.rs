@@ -10,8 +10,8 @@ use credwatch::{
     clickhouse::{ClickHouseSink, migrate},
     config::Config,
     event::{
-        Body, Connect, CredentialRef, CredentialType, CredentialUse, Destination, Event,
-        SecretRead, SecretRef, Timestamp, Workload, WorkloadId, WorkloadKind,
+        Attribution, Body, Connect, CredentialRef, CredentialType, CredentialUse, Destination,
+        Event, SecretRead, SecretRef, Timestamp, Workload, WorkloadId, WorkloadKind,
     },
 };
 
@@ -35,6 +35,7 @@ fn event(i: u64) -> Event {
         kind: CredentialType::K8sSaToken,
         labels: [("namespace".to_owned(), "payments".to_owned())].into(),
         owner: None,
+        identity: format!("k8s:https://kubernetes.default.svc|sa{}|pod", i % 100),
     });
     let dst = Destination {
         name: Some("api.internal".into()),
@@ -42,7 +43,11 @@ fn event(i: u64) -> Event {
     };
     let ts = Timestamp::from_unix_nanos(1_795_000_000_000_000_000 + i as i64 * 1000);
     let body = match i % 4 {
-        0 => Body::SecretRead(SecretRead { secret, credential }),
+        0 => Body::SecretRead(SecretRead {
+            secret,
+            credential,
+            maintenance: false,
+        }),
         1 | 2 => Body::Connect(Connect {
             dst,
             result: "ok".into(),
@@ -55,6 +60,8 @@ fn event(i: u64) -> Event {
             result: "ok".into(),
             read_event: format!("bench-{}", i - 3),
             read_ts: ts,
+            attribution: Attribution::ReadThenConnect,
+            via_pid: None,
         })),
     };
     let mut e = Event::new(format!("bench-{i}"), ts, "bench-node", body);

@@ -60,6 +60,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
 
     let mut pipeline = PipelineBuilder::new(&cfg)
         .state_dir(Some(&opts.state_dir))
+        .resolvers(node_resolvers())
         .alerts_to(NdjsonSink::open(&opts.alerts)?);
     if let Some(path) = &opts.events {
         pipeline = pipeline.events_to(NdjsonSink::open(path)?);
@@ -165,6 +166,19 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     agent.collect(events.get_mut(), RING_EVENTS);
     agent.shutdown();
     Ok(())
+}
+
+/// The nameservers of the node's resolv.conf (the host's, through pid 1, when the agent
+/// runs in a container with the host's pid namespace).
+fn node_resolvers() -> Vec<std::net::IpAddr> {
+    let text = std::fs::read_to_string("/proc/1/root/etc/resolv.conf")
+        .or_else(|_| std::fs::read_to_string("/etc/resolv.conf"))
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().split('%').next()?.parse().ok())
+        .take(16)
+        .collect()
 }
 
 /// The next pod list, or never when there is no kubelet to ask.

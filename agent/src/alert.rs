@@ -6,7 +6,8 @@ use std::{collections::HashMap, sync::Arc};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{
-    CredentialRef, Destination, Event, EventKind, Timestamp, Workload, WorkloadId, duration_ns,
+    Attribution, Body, CredentialRef, Destination, Event, EventKind, Timestamp, Workload,
+    WorkloadId, duration_ns,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -18,6 +19,8 @@ pub enum AlertKind {
     PrivilegeExpansion,
     DormantCredential,
     HumanUse,
+    CredentialTheft,
+    MetadataCredentialFetch,
 }
 
 impl AlertKind {
@@ -29,6 +32,8 @@ impl AlertKind {
             AlertKind::PrivilegeExpansion => "privilege_expansion",
             AlertKind::DormantCredential => "dormant_credential",
             AlertKind::HumanUse => "human_use",
+            AlertKind::CredentialTheft => "credential_theft",
+            AlertKind::MetadataCredentialFetch => "metadata_credential_fetch",
         }
     }
 }
@@ -69,8 +74,18 @@ pub struct Evidence {
     pub secret_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dst: Option<Destination>,
+    /// For a credential use: why the connect counts as one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<Attribution>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+fn attribution_of(ev: &Event) -> Option<Attribution> {
+    match &ev.body {
+        Body::CredentialUse(u) => Some(u.attribution),
+        _ => None,
+    }
 }
 
 impl Evidence {
@@ -86,6 +101,7 @@ impl Evidence {
             tty: ev.process.tty.clone(),
             secret_path: ev.secret_path().map(str::to_owned),
             dst: ev.dst().cloned(),
+            attribution: attribution_of(ev),
             detail: None,
         }
     }
@@ -105,6 +121,7 @@ impl Evidence {
             tty,
             secret_path,
             dst,
+            attribution,
             detail,
         } = self;
         event_id.clone_from(&ev.id);
@@ -129,6 +146,7 @@ impl Evidence {
             (Some(mine), Some(d)) => mine.clone_from(d),
             (_, d) => *dst = d.cloned(),
         }
+        *attribution = attribution_of(ev);
         *detail = None;
     }
 
@@ -316,6 +334,7 @@ mod tests {
         let body = Body::SecretRead(SecretRead {
             secret: secret.into(),
             credential: Default::default(),
+            maintenance: false,
         });
         let mut read = Event::new("a-1".into(), Timestamp::from_unix_nanos(5), "n", body);
         read.process.comm = "api".into();

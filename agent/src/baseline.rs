@@ -5,12 +5,16 @@
 //! learned for `learning_period` from its first event; after that the profile is frozen and
 //! the detectors compare against it. Credentials' last use feeds `dormant_credential`.
 //!
+//! Credentials are followed by their identity (a projected token across its rotations, a
+//! file across rewrites), not by the value's fingerprint. Profiles keep 64-bit keyed hashes
+//! of what they learned (credential identities, destinations, executables) rather than the
+//! strings: 100 000 profiles fit in about 15 MiB.
+//!
 //! Everything lives in memory; dirty entries are written to an embedded redb file under the
 //! state dir on [`Baselines::checkpoint`], so a restart keeps what was learned. Time comes
 //! from event timestamps only, so replays learn the same profiles.
 
 use std::{
-    collections::BTreeSet,
     net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -26,24 +30,69 @@ use tracing::warn;
 use crate::event::{Body, Destination, Event, Timestamp, Workload, duration_ns};
 
 const SUBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("subjects");
-const PAIRS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("pairs");
-const CREDENTIALS: TableDefinition<&str, i64> = TableDefinition::new("credentials");
+const PAIRS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("pairs");
+const CREDENTIALS: TableDefinition<u64, i64> = TableDefinition::new("credentials");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Bumped when the stored profile layout changes incompatibly.
-const FORMAT: u64 = 1;
+/// Bumped when the stored profile layout changes incompatibly. 2: identities and hashed
+/// sets (a format-1 store is discarded and relearned).
+const FORMAT: u64 = 2;
 
 /// Sets in a profile stop growing here: a workload talking to thousands of destinations is
 /// not one whose next new destination means anything.
 const MAX_SET: usize = 256;
 
+/// SipHash-1-3 under a fixed key: stable across builds and platforms (the hashes are
+/// stored), and without the easy second preimages of FNV-like hashes — a workload naming
+/// files cannot make its path hash like a credential another workload was learned with.
+pub fn key_hash(s: &str) -> u64 {
+    use std::hash::Hasher;
+    let mut h =
+        siphasher::sip::SipHasher13::new_with_keys(0x6372_6564_7761_7463, 0x6862_6173_656c_696e);
+    h.write(s.as_bytes());
+    h.finish()
+}
+
+/// A bounded set of key hashes, sorted; up to two inline (most profiles know one or two
+/// destinations and executables), so a typical profile allocates nothing for them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KeySet(smallvec::SmallVec<[u64; 2]>);
+
+impl KeySet {
+    pub fn contains(&self, key: &str) -> bool {
+        self.0.binary_search(&key_hash(key)).is_ok()
+    }
+
+    /// False when it was there already or the set is full.
+    pub fn insert(&mut self, key: &str) -> bool {
+        let h = key_hash(key);
+        match self.0.binary_search(&h) {
+            Ok(_) => false,
+            Err(_) if self.0.len() >= MAX_SET => false,
+            Err(i) => {
+                self.0.insert(i, h);
+                true
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SubjectProfile {
     pub first_seen: i64,
     pub last_seen: i64,
-    /// Fingerprints read while learning.
-    pub secrets: BTreeSet<String>,
+    /// Credential identities read while learning.
+    pub secrets: KeySet,
     /// Executables that gained uid 0 or capabilities while learning.
-    pub priv_exes: BTreeSet<String>,
+    pub priv_exes: KeySet,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -52,8 +101,8 @@ pub struct PairProfile {
     pub last_seen: i64,
     pub uses: u64,
     /// `ip:port/proto`, and `name:port/proto` when the name was resolved.
-    pub destinations: BTreeSet<String>,
-    pub exes: BTreeSet<String>,
+    pub destinations: KeySet,
+    pub exes: KeySet,
     /// Hour-of-week bitmap (UTC, Monday 00:00 is bit 0) of reads and uses while learning.
     pub hours: [u64; 3],
 }
@@ -136,15 +185,17 @@ pub fn subject_of(w: &Workload) -> &str {
 #[derive(Default)]
 struct Subject {
     profile: SubjectProfile,
-    pairs: HashMap<String, PairProfile>,
+    /// By credential identity ([`key_hash`]).
+    pairs: HashMap<u64, PairProfile>,
 }
 
 pub struct Baselines {
     learning_ns: i64,
     max_entries: usize,
     subjects: HashMap<String, Subject>,
-    /// Last read or use per fingerprint.
-    credentials: HashMap<String, i64>,
+    /// Last read or direct use per credential identity ([`key_hash`]: the identities
+    /// themselves are in the events, not needed here).
+    credentials: HashMap<u64, i64>,
     pairs: usize,
     store: Option<Store>,
 }
@@ -155,10 +206,10 @@ struct Store {
     /// Subjects changed since the last checkpoint; their pairs are written with them (a
     /// pair only changes through an event of its subject).
     dirty_subjects: HashSet<String>,
-    dirty_credentials: HashSet<String>,
+    dirty_credentials: HashSet<u64>,
     gone_subjects: HashSet<String>,
-    gone_pairs: HashSet<(String, String)>,
-    gone_credentials: HashSet<String>,
+    gone_pairs: HashSet<(String, u64)>,
+    gone_credentials: HashSet<u64>,
 }
 
 impl Baselines {
@@ -177,7 +228,12 @@ impl Baselines {
     /// Opens (or creates) `<state_dir>/baselines.redb` and loads it.
     pub fn open(state_dir: &Path, learning_period: Duration, max_entries: usize) -> Result<Self> {
         let path = state_dir.join("baselines.redb");
-        let db = Database::create(&path)
+        // Memory is authoritative and the store is read once at start and written in
+        // batches: a small page cache (redb's default is 1 GiB) keeps the load from leaving
+        // the whole file resident.
+        let db = redb::Builder::new()
+            .set_cache_size(4 << 20)
+            .create(&path)
             .with_context(|| format!("opening baseline store {}", path.display()))?;
         let mut b = Baselines::in_memory(learning_period, max_entries);
         b.load(&db)
@@ -204,6 +260,16 @@ impl Baselines {
                     meta.insert("format", FORMAT)?;
                 }
                 Some(FORMAT) => {}
+                Some(f) if f < FORMAT => {
+                    warn!(
+                        "baseline store has format {f} (profiles by fingerprint); this version \
+                         learns by credential identity: relearning from scratch"
+                    );
+                    tx.delete_table(SUBJECTS)?;
+                    tx.delete_table(PAIRS)?;
+                    tx.delete_table(CREDENTIALS)?;
+                    meta.insert("format", FORMAT)?;
+                }
                 Some(f) => {
                     bail!("written by a newer credwatch (format {f}, this one reads {FORMAT})")
                 }
@@ -228,22 +294,22 @@ impl Baselines {
                 Err(_) => skipped += 1,
             }
         }
+        for row in tx.open_table(CREDENTIALS)?.iter()? {
+            let (k, v) = row?;
+            self.credentials.insert(k.value(), v.value());
+        }
         for row in tx.open_table(PAIRS)?.iter()? {
             let (k, v) = row?;
-            let (subject, fp) = k.value();
+            let (subject, identity) = k.value();
             match serde_json::from_slice::<PairProfile>(v.value()) {
                 Ok(p) => {
                     let s = self.subjects.entry(subject.to_owned()).or_default();
-                    if s.pairs.insert(fp.to_owned(), p).is_none() {
+                    if s.pairs.insert(identity, p).is_none() {
                         self.pairs += 1;
                     }
                 }
                 Err(_) => skipped += 1,
             }
-        }
-        for row in tx.open_table(CREDENTIALS)?.iter()? {
-            let (k, v) = row?;
-            self.credentials.insert(k.value().to_owned(), v.value());
         }
         if skipped > 0 {
             warn!("baseline store: {skipped} unreadable entries skipped (they are relearned)");
@@ -282,8 +348,9 @@ impl Baselines {
         Duration::from_nanos(self.learning_ns as u64)
     }
 
-    pub fn credential_last_seen(&self, fp: &str) -> Option<i64> {
-        self.credentials.get(fp).copied()
+    /// When a credential (by identity) was last read or used.
+    pub fn credential_last_seen(&self, identity: &str) -> Option<i64> {
+        self.credentials.get(&key_hash(identity)).copied()
     }
 
     /// Folds an event into the profiles. Called after the detectors judged it.
@@ -318,56 +385,45 @@ impl Baselines {
         s.profile.last_seen = s.profile.last_seen.max(ts);
         let mut new_pair = false;
         match (&ev.body, ev.credential()) {
-            (Body::PrivChange(_), _)
-                if learning
-                    && s.profile.priv_exes.len() < MAX_SET
-                    && !s.profile.priv_exes.contains(&ev.process.exe) =>
-            {
-                s.profile.priv_exes.insert(ev.process.exe.clone());
+            (Body::PrivChange(_), _) if learning => {
+                s.profile.priv_exes.insert(&ev.process.exe);
             }
             (Body::PrivChange(_), _) => {}
             (_, Some(cred)) => {
-                let fp = cred.fingerprint.as_str();
-                if learning && s.profile.secrets.len() < MAX_SET && !s.profile.secrets.contains(fp)
-                {
-                    s.profile.secrets.insert(fp.to_owned());
+                let id = cred.identity();
+                if learning {
+                    s.profile.secrets.insert(id);
                 }
-                let p = match s.pairs.get_mut(fp) {
-                    Some(p) => p,
-                    None => {
-                        new_pair = true;
-                        s.pairs.entry(fp.to_owned()).or_insert_with(|| PairProfile {
-                            first_seen: ts,
-                            ..Default::default()
-                        })
+                let key = key_hash(id);
+                self.credentials.entry(key).or_insert(ts);
+                let p = s.pairs.entry(key).or_insert_with(|| {
+                    new_pair = true;
+                    PairProfile {
+                        first_seen: ts,
+                        ..Default::default()
                     }
-                };
+                });
                 p.last_seen = p.last_seen.max(ts);
                 p.uses += 1;
                 if learning {
-                    if p.exes.len() < MAX_SET && !p.exes.contains(&ev.process.exe) {
-                        p.exes.insert(ev.process.exe.clone());
-                    }
+                    p.exes.insert(&ev.process.exe);
                     let h = hour_of_week(ev.ts);
                     p.hours[h / 64] |= 1 << (h % 64);
                     if let Some(d) = ev.dst() {
                         for_each_dest_key(d, |k| {
-                            if p.destinations.len() < MAX_SET && !p.destinations.contains(k) {
-                                p.destinations.insert(k.to_owned());
-                            }
+                            p.destinations.insert(k);
                         });
                     }
                 }
-                match self.credentials.get_mut(fp) {
-                    Some(last) => *last = (*last).max(ts),
-                    None => {
-                        self.credentials.insert(fp.to_owned(), ts);
-                    }
-                }
-                if let Some(st) = &mut self.store
-                    && !st.dirty_credentials.contains(fp)
+                // A holder connecting somewhere is no sign of life of the credential
+                // (dormancy counts reads and direct uses).
+                if !ev.is_indirect_use()
+                    && let Some(last) = self.credentials.get_mut(&key)
                 {
-                    st.dirty_credentials.insert(fp.to_owned());
+                    *last = (*last).max(ts);
+                }
+                if let Some(st) = &mut self.store {
+                    st.dirty_credentials.insert(key);
                 }
             }
             _ => {}
@@ -390,13 +446,13 @@ impl Baselines {
 
     /// Drops the least recently active tenth of the pairs (and subjects left without any).
     fn evict(&mut self) {
-        let mut all: Vec<(i64, String, String)> = self
+        let mut all: Vec<(i64, String, u64)> = self
             .subjects
             .iter()
             .flat_map(|(s, sub)| {
                 sub.pairs
                     .iter()
-                    .map(move |(fp, p)| (p.last_seen, s.clone(), fp.clone()))
+                    .map(move |(fp, p)| (p.last_seen, s.clone(), *fp))
             })
             .collect();
         all.sort_unstable();
@@ -423,11 +479,7 @@ impl Baselines {
     }
 
     fn evict_credentials(&mut self) {
-        let mut all: Vec<(i64, String)> = self
-            .credentials
-            .iter()
-            .map(|(k, v)| (*v, k.clone()))
-            .collect();
+        let mut all: Vec<(i64, u64)> = self.credentials.iter().map(|(k, v)| (*v, *k)).collect();
         all.sort_unstable();
         for (_, fp) in all.into_iter().take((self.max_entries / 10).max(1)) {
             self.credentials.remove(&fp);
@@ -472,21 +524,21 @@ impl Baselines {
                 }
                 let mut t = tx.open_table(PAIRS)?;
                 for k in &st.dirty_subjects {
-                    for (fp, p) in self.subjects.get(k).iter().flat_map(|s| &s.pairs) {
-                        t.insert((k.as_str(), fp.as_str()), serde_json::to_vec(p)?.as_slice())?;
+                    for (id, p) in self.subjects.get(k).iter().flat_map(|s| &s.pairs) {
+                        t.insert((k.as_str(), *id), serde_json::to_vec(p)?.as_slice())?;
                     }
                 }
-                for (s, fp) in &st.gone_pairs {
-                    t.remove((s.as_str(), fp.as_str()))?;
+                for (s, id) in &st.gone_pairs {
+                    t.remove((s.as_str(), *id))?;
                 }
                 let mut t = tx.open_table(CREDENTIALS)?;
-                for fp in &st.dirty_credentials {
-                    if let Some(v) = self.credentials.get(fp) {
-                        t.insert(fp.as_str(), *v)?;
+                for id in &st.dirty_credentials {
+                    if let Some(v) = self.credentials.get(id) {
+                        t.insert(*id, *v)?;
                     }
                 }
-                for fp in &st.gone_credentials {
-                    t.remove(fp.as_str())?;
+                for id in &st.gone_credentials {
+                    t.remove(*id)?;
                 }
             }
             tx.commit()?;
@@ -505,12 +557,13 @@ impl Baselines {
 /// A subject whose learning is over.
 pub struct Learned<'a> {
     pub profile: &'a SubjectProfile,
-    pairs: &'a HashMap<String, PairProfile>,
+    pairs: &'a HashMap<u64, PairProfile>,
 }
 
 impl Learned<'_> {
-    pub fn pair(&self, fp: &str) -> Option<&PairProfile> {
-        self.pairs.get(fp)
+    /// The profile of one credential (by identity).
+    pub fn pair(&self, identity: &str) -> Option<&PairProfile> {
+        self.pairs.get(&key_hash(identity))
     }
 }
 
@@ -572,10 +625,10 @@ mod tests {
             )
             .unwrap();
         let p = l.pair("fpA").unwrap();
-        assert_eq!(
-            p.destinations.iter().cloned().collect::<Vec<_>>(),
-            ["10.0.0.1:5432/tcp", "db.internal:5432/tcp"]
-        );
+        assert_eq!(p.destinations.len(), 2);
+        assert!(p.destinations.contains("10.0.0.1:5432/tcp"));
+        assert!(p.destinations.contains("db.internal:5432/tcp"));
+        assert!(!p.destinations.contains("10.0.0.1:6379/tcp"));
         assert_eq!(p.uses, 2);
         assert!(l.profile.secrets.contains("fpA"));
         assert_eq!(

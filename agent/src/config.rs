@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use toml::{Spanned, de::DeValue};
 
-use crate::{clickhouse, correlate, credential, detect, inventory, kubelet, metrics, policy};
+use crate::{clickhouse, credential, detect, holders, inventory, kubelet, metrics, policy};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,7 +24,10 @@ pub struct Config {
     #[serde(default)]
     pub fingerprint: credential::FingerprintConfig,
     #[serde(default)]
-    pub correlate: correlate::Config,
+    pub holders: holders::Config,
+    /// `[[node_agent]]`: software maintaining pod volumes, on top of the built-in ones.
+    #[serde(default)]
+    pub node_agent: Vec<holders::NodeAgentConfig>,
     #[serde(default)]
     pub detect: detect::Config,
     /// `[[credential]]` policy entries.
@@ -141,7 +144,8 @@ impl Validate for Config {
         c.within("secrets", |c| self.secrets.validate(c));
         c.within("kubernetes", |c| self.kubernetes.validate(c));
         c.within("fingerprint", |c| self.fingerprint.validate(c));
-        c.within("correlate", |c| self.correlate.validate(c));
+        c.within("holders", |c| self.holders.validate(c));
+        c.each("node_agent", &self.node_agent);
         c.within("detect", |c| self.detect.validate(c));
         c.within("sensors", |c| self.sensors.validate(c));
         if let Some(ch) = &self.clickhouse {
@@ -271,14 +275,14 @@ mod tests {
     fn empty_config_gets_defaults() {
         let c = Config::parse("").unwrap();
         assert!(c.secrets.catalog);
-        assert_eq!(c.correlate.window, std::time::Duration::from_secs(30));
+        assert_eq!(c.holders.window, std::time::Duration::from_secs(30));
         assert_eq!(c.kubernetes.trust_domain, "cluster.local");
     }
 
     #[test]
     fn type_errors_carry_line_numbers() {
         assert!(err("[secrets]\npaths = [\"/a\"]\nbogus = 1\n").starts_with("3: "));
-        assert!(err("[correlate]\nwindow = \"soon\"\n").starts_with("2: "));
+        assert!(err("[holders]\nwindow = \"soon\"\n").starts_with("2: "));
     }
 
     #[test]

@@ -66,6 +66,7 @@ credential_types! {
     UrlPassword => "url_password",
     Password => "password",
     ApiKey => "api_key",
+    CloudMetadata => "cloud_metadata",
     Unreadable => "unreadable",
 }
 
@@ -222,22 +223,58 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// What a secret file holds: its type and non-secret labels.
+/// What a secret file holds: its type, non-secret labels, and where in the file the
+/// credential itself is (what its fingerprint is taken over).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Analysis {
     pub kind: CredentialType,
     pub labels: Labels,
+    /// Byte range of the material: the AWS secret key, the JWT, a kubeconfig user's token
+    /// or client key, a token file without its line ending; the whole file otherwise. So
+    /// the same key in a file and in an environment variable has one fingerprint.
+    pub material: std::ops::Range<usize>,
+}
+
+impl Analysis {
+    /// The fingerprint of the material in `bytes` (what `analyze` was given).
+    pub fn fingerprint(&self, fp: &Fingerprinter, bytes: &[u8]) -> String {
+        fp.fingerprint(bytes.get(self.material.clone()).unwrap_or(bytes))
+    }
+}
+
+/// The range of `part` (a sub-slice of `whole`) in `whole`.
+fn range_of(whole: &str, part: &str) -> std::ops::Range<usize> {
+    let start = (part.as_ptr() as usize).saturating_sub(whole.as_ptr() as usize);
+    start..start + part.len()
 }
 
 pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
+    let mut an = classify(path, bytes);
+    if an.material.end > bytes.len() || an.material.is_empty() {
+        an.material = 0..bytes.len();
+    }
+    an
+}
+
+fn classify(path: &str, bytes: &[u8]) -> Analysis {
     let text = std::str::from_utf8(bytes).ok();
     let file = path.rsplit('/').next().unwrap_or(path);
     let mut labels = Labels::new();
     let trimmed = text.map(str::trim).unwrap_or("");
+    // A token file's value without its line ending; binary content as it is.
+    let whole = match text {
+        Some(t) => range_of(t, trimmed),
+        None => 0..bytes.len(),
+    };
+    let all = 0..bytes.len();
 
     if let Some(claims) = jwt_claims(trimmed) {
         let kind = jwt_kind(&claims, &mut labels);
-        return Analysis { kind, labels };
+        return Analysis {
+            kind,
+            labels,
+            material: whole,
+        };
     }
     if let Some(t) = text {
         if t.contains("aws_access_key_id") {
@@ -245,6 +282,7 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
             return Analysis {
                 kind: CredentialType::AwsAccessKey,
                 labels,
+                material: aws_secret_key(t).map_or(all, |k| range_of(t, k)),
             };
         }
         if t.contains("-----BEGIN OPENSSH PRIVATE KEY-----") {
@@ -252,6 +290,7 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
             return Analysis {
                 kind: CredentialType::SshPrivateKey,
                 labels,
+                material: whole,
             };
         }
         if let Some(alg) = pem_key_algorithm(t) {
@@ -261,20 +300,34 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
             } else {
                 CredentialType::TlsPrivateKey
             };
-            return Analysis { kind, labels };
-        }
-        if (t.contains("clusters:") || t.contains("\"clusters\""))
-            && kubeconfig_labels(t, &mut labels)
-        {
             return Analysis {
-                kind: CredentialType::Kubeconfig,
+                kind,
                 labels,
+                material: whole,
             };
+        }
+        if t.contains("clusters:") || t.contains("\"clusters\"") {
+            let mut material = None;
+            if kubeconfig_labels(t, &mut labels, &mut material) {
+                return Analysis {
+                    kind: CredentialType::Kubeconfig,
+                    labels,
+                    // The user's token or key as it stands in the file; the whole file
+                    // when it is written some other way (quoted, folded).
+                    material: material
+                        .and_then(|m| t.find(m.expose()).map(|i| i..i + m.expose().len()))
+                        .unwrap_or(all),
+                };
+            }
         }
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(t)
             && let Some(kind) = json_labels(&v, &mut labels)
         {
-            return Analysis { kind, labels };
+            return Analysis {
+                kind,
+                labels,
+                material: all,
+            };
         }
         if file == ".vault-token" || file == "vault-token" {
             let prefix = trimmed
@@ -288,6 +341,7 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
             return Analysis {
                 kind: CredentialType::VaultToken,
                 labels,
+                material: whole,
             };
         }
         if file == ".netrc" || file == "_netrc" {
@@ -302,6 +356,7 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
             return Analysis {
                 kind: CredentialType::Netrc,
                 labels,
+                material: all,
             };
         }
         if file == ".git-credentials" {
@@ -314,6 +369,7 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
             return Analysis {
                 kind: CredentialType::GitCredentials,
                 labels,
+                material: all,
             };
         }
         if file == ".npmrc" || file == ".pypirc" {
@@ -324,13 +380,38 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
                     CredentialType::PypiToken
                 },
                 labels,
+                material: all,
             };
         }
     }
     Analysis {
         kind: CredentialType::GenericSecret,
         labels,
+        material: whole,
     }
+}
+
+/// The secret key of the `[default]` profile, else of the first one.
+fn aws_secret_key(t: &str) -> Option<&str> {
+    let mut profile = "";
+    let mut first = None;
+    for line in t.lines() {
+        let line = line.trim();
+        if let Some(p) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            profile = p.trim();
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=')
+            && k.trim() == "aws_secret_access_key"
+        {
+            let v = v.trim();
+            if profile == "default" || profile == "profile default" {
+                return Some(v);
+            }
+            first.get_or_insert(v);
+        }
+    }
+    first
 }
 
 fn vault_kind(prefix: &str) -> &'static str {
@@ -514,7 +595,8 @@ fn pem_key_algorithm(t: &str) -> Option<&'static str> {
     None
 }
 
-fn kubeconfig_labels(t: &str, labels: &mut Labels) -> bool {
+/// `material`: the current user's token or client key, as the document holds it.
+fn kubeconfig_labels(t: &str, labels: &mut Labels, material: &mut Option<Secret>) -> bool {
     let Ok(doc) = serde_yaml::from_str::<serde_yaml::Value>(t) else {
         return false;
     };
@@ -558,6 +640,10 @@ fn kubeconfig_labels(t: &str, labels: &mut Labels) -> bool {
         })
         .and_then(|u| u.get("user"))
         .map(|u| {
+            *material = ["token", "client-key-data"]
+                .iter()
+                .find_map(|k| u.get(*k)?.as_str())
+                .map(|s| Secret(s.to_owned()));
             if u.get("client-key-data").is_some() || u.get("client-key").is_some() {
                 "client_certificate"
             } else if u.get("token").is_some() || u.get("tokenFile").is_some() {
@@ -669,6 +755,32 @@ mod tests {
         );
         assert_eq!(an.labels["auth"], "token");
         assert!(an.labels.values().all(|v| !v.contains("FAKE-TOKEN")));
+    }
+
+    #[test]
+    fn the_material_is_fingerprinted_not_the_file() {
+        let fp = Fingerprinter::new(b"k");
+        let f = "[other]\naws_access_key_id = AKIAFAKEFAKEFAKE0002\naws_secret_access_key = fake/other\n\
+                 [default]\naws_access_key_id = AKIAFAKEFAKEFAKE0001\naws_secret_access_key = fake/secret/NOT-REAL\n";
+        let an = analyze("/root/.aws/credentials", f.as_bytes());
+        assert_eq!(
+            an.fingerprint(&fp, f.as_bytes()),
+            fp.fingerprint(b"fake/secret/NOT-REAL")
+        );
+        let k = "clusters:\n- cluster: {server: 'https://x'}\n  name: c\ncontexts:\n- context: {cluster: c, user: u}\n  name: x\ncurrent-context: x\nusers:\n- name: u\n  user:\n    token: FAKE-KUBE-TOKEN\n";
+        let an = analyze("/root/.kube/config", k.as_bytes());
+        assert_eq!(
+            an.fingerprint(&fp, k.as_bytes()),
+            fp.fingerprint(b"FAKE-KUBE-TOKEN")
+        );
+        // A token file's line ending is not part of the token.
+        let an = analyze("/run/secrets/api-token", b"fake-token-value\n");
+        assert_eq!(
+            an.fingerprint(&fp, b"fake-token-value\n"),
+            fp.fingerprint(b"fake-token-value")
+        );
+        let an = analyze("/x", b"");
+        assert_eq!(an.material, 0..0);
     }
 
     #[test]

@@ -649,11 +649,11 @@ impl Enricher {
         let pid = r.target_pid;
         let t = self.procs.lookup(pid, 0, "");
         let (comm, exe, uid) = (t.comm.clone(), t.exe.clone(), t.uid);
-        let mut cgroup_id = t.cgroup_id;
-        if cgroup_id == 0 {
-            cgroup_id = crate::process::cgroup_id_of(&self.cgroup2_root, pid).unwrap_or(0);
-            self.procs.lookup(pid, 0, "").cgroup_id = cgroup_id;
-        }
+        // Looked up now, not as of the target's exec: it may have moved since (a
+        // container's init joins its cgroup after it started). Rare events, one read.
+        let cgroup_id =
+            crate::process::cgroup_id_of(&self.cgroup2_root, pid).unwrap_or(t.cgroup_id);
+        self.procs.lookup(pid, 0, "").cgroup_id = cgroup_id;
         let workload = self.workloads.resolve(cgroup_id, uid, &exe, &self.pods);
         let body = Body::ProcessAccess(Box::new(ProcessAccess {
             access: kind.name().into(),
@@ -662,6 +662,7 @@ impl Enricher {
                 comm,
                 exe,
                 workload,
+                credentials: Vec::new(),
             },
         }));
         out.push(self.event(ids, cx, body));
@@ -687,6 +688,24 @@ impl Enricher {
         if provider == "unknown" && ip == IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)) {
             provider = "alibaba".into();
         }
+        // The response (the credential itself) is never seen: what the process now holds
+        // is named by provider and role.
+        let credential = credentials.then(|| {
+            let role_s = role.as_deref().unwrap_or("");
+            let name = format!("cloud_metadata:{provider}|{role_s}");
+            let mut labels = std::collections::BTreeMap::new();
+            labels.insert("provider".to_owned(), provider.to_string());
+            if let Some(r) = &role {
+                labels.insert("role".to_owned(), r.clone());
+            }
+            Arc::new(CredentialRef {
+                fingerprint: self.inventory.fingerprinter().fingerprint(name.as_bytes()),
+                kind: crate::credential::CredentialType::CloudMetadata,
+                labels,
+                owner: None,
+                identity: name,
+            })
+        });
         let body = Body::MetadataFetch(Box::new(MetadataFetch {
             dst,
             method,
@@ -694,6 +713,7 @@ impl Enricher {
             provider,
             credentials,
             role,
+            credential,
         }));
         out.push(self.event(ids, cx, body));
     }
@@ -825,7 +845,15 @@ impl Enricher {
         if r.opens > 0 {
             self.track_repeats(rkey, r.opens, cx.h, &secret, &credential);
         }
-        let mut ev = self.event(ids, cx, Body::SecretRead(SecretRead { secret, credential }));
+        let mut ev = self.event(
+            ids,
+            cx,
+            Body::SecretRead(SecretRead {
+                secret,
+                credential,
+                maintenance: false,
+            }),
+        );
         ev.process.session = self.procs.session_of(cx.h.tgid);
         out.push(ev);
     }
@@ -890,6 +918,7 @@ impl Enricher {
         let body = Body::SecretRead(SecretRead {
             secret: Arc::new(secret),
             credential,
+            maintenance: false,
         });
         let mut ev = self.event(ids, &cx, body);
         ev.process.session = self.procs.session_of(h.tgid);

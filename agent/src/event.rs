@@ -304,6 +304,22 @@ pub struct CredentialRef {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
+    /// The credential across rotations (a projected token's issuer, subject and pod; a
+    /// file's owner and path; an environment variable's workload and name). Empty in
+    /// events recorded before identities: the fingerprint stands in.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity: String,
+}
+
+impl CredentialRef {
+    /// What baselines and detectors that follow a credential through rotations key on.
+    pub fn identity(&self) -> &str {
+        if self.identity.is_empty() {
+            &self.fingerprint
+        } else {
+            &self.identity
+        }
+    }
 }
 
 /// How the agent knows a credential's owner.
@@ -508,6 +524,9 @@ pub struct DnsAnswer {
 pub struct SecretRead {
     pub secret: Arc<SecretRef>,
     pub credential: Arc<CredentialRef>,
+    /// Read by a node agent (kubelet, container runtime) maintaining a pod's volume: not a
+    /// use, not an ownership violation (set by the holders stage).
+    pub maintenance: bool,
 }
 
 /// A connection attempt and how it went.
@@ -537,6 +556,19 @@ pub struct TargetProcess {
     #[serde(default)]
     pub exe: String,
     pub workload: Arc<Workload>,
+    /// What the target held at that moment (set by the holders stage).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<HeldCredential>,
+}
+
+/// A credential a process holds, named without its value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeldCredential {
+    pub fingerprint: String,
+    #[serde(rename = "type")]
+    pub kind: CredentialType,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity: String,
 }
 
 /// A request to a cloud metadata service: its first line, bounded, and what it asks for.
@@ -553,6 +585,10 @@ pub struct MetadataFetch {
     /// The role or service account named in the path, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+    /// For a credential fetch: the `cloud_metadata` credential the process now holds. The
+    /// response is never seen, so its fingerprint names (provider, role), not a value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<Arc<CredentialRef>>,
 }
 
 /// A holder of a credential connecting somewhere: the unit the SOC cares about.
@@ -566,6 +602,70 @@ pub struct CredentialUse {
     /// Id and time of the event that made the process a holder.
     pub read_event: String,
     pub read_ts: Timestamp,
+    /// Why the agent believes this connect used this credential.
+    pub attribution: Attribution,
+    /// The other process the credential came through (the helper child that read it, the
+    /// sibling in a script, the parent it was inherited from).
+    pub via_pid: Option<u32>,
+}
+
+/// Why a connect counts as a use of a credential.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Attribution {
+    /// The holder read it, then connected within `[correlate] window`.
+    #[default]
+    ReadThenConnect,
+    /// The holder read it longer ago and still holds it (an SDK reads its key once).
+    Held,
+    /// The holder read it on a connection already open there (ssh reads its key after
+    /// connecting; libpq its `.pgpass`).
+    ConnectedThenRead,
+    /// Read by the parent before this process was forked (pre-fork workers).
+    Inherited,
+    /// Read by a child this process started for it (git's credential helper).
+    Helper,
+    /// Read by a sibling in the same script shortly before (`T=$(cat token); curl …`).
+    Script,
+    /// Given in the environment or on the command line at exec.
+    Exec,
+}
+
+impl Attribution {
+    pub const ALL: [Attribution; 7] = [
+        Attribution::ReadThenConnect,
+        Attribution::Held,
+        Attribution::ConnectedThenRead,
+        Attribution::Inherited,
+        Attribution::Helper,
+        Attribution::Script,
+        Attribution::Exec,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attribution::ReadThenConnect => "read_then_connect",
+            Attribution::Held => "held",
+            Attribution::ConnectedThenRead => "connected_then_read",
+            Attribution::Inherited => "inherited",
+            Attribution::Helper => "helper",
+            Attribution::Script => "script",
+            Attribution::Exec => "exec",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Attribution> {
+        Attribution::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    /// The connect is tied to this credential by what happened around it, not only by the
+    /// process having it (`held`, `inherited`): what such a use did is worth a finding.
+    /// Every use is learned from either way.
+    pub fn is_direct(self) -> bool {
+        !matches!(self, Attribution::Held | Attribution::Inherited)
+    }
 }
 
 /// What an event says, by kind.
@@ -636,8 +736,20 @@ impl Event {
         match &self.body {
             Body::SecretRead(r) => Some(&r.credential),
             Body::CredentialUse(u) => Some(&u.credential),
+            Body::MetadataFetch(m) => m.credential.as_ref(),
             _ => None,
         }
+    }
+
+    /// A use whose connect is only known to have been made by a holder (see
+    /// [`Attribution::is_direct`]).
+    pub fn is_indirect_use(&self) -> bool {
+        matches!(&self.body, Body::CredentialUse(u) if !u.attribution.is_direct())
+    }
+
+    /// A node agent's read of a pod volume it maintains.
+    pub fn is_maintenance(&self) -> bool {
+        matches!(&self.body, Body::SecretRead(r) if r.maintenance)
     }
 
     /// The secret file a read or use is about.
@@ -703,6 +815,8 @@ mod wire {
         secret: Option<&'a SecretRef>,
         #[serde(skip_serializing_if = "Option::is_none")]
         credential: Option<&'a CredentialRef>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        maintenance: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         dst: Option<&'a Destination>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -725,6 +839,10 @@ mod wire {
         read_event: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         read_ts: Option<Timestamp>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        attribution: Option<Attribution>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        via_pid: Option<u32>,
     }
 
     impl<'a> From<&'a Event> for Out<'a> {
@@ -738,6 +856,7 @@ mod wire {
                 workload: &e.workload,
                 secret: None,
                 credential: None,
+                maintenance: false,
                 dst: None,
                 result: None,
                 via: None,
@@ -749,6 +868,8 @@ mod wire {
                 metadata: None,
                 read_event: None,
                 read_ts: None,
+                attribution: None,
+                via_pid: None,
             };
             match &e.body {
                 Body::Exec(x) => o.exec = Some(x),
@@ -756,6 +877,7 @@ mod wire {
                 Body::SecretRead(r) => {
                     o.secret = Some(&r.secret);
                     o.credential = Some(&r.credential);
+                    o.maintenance = r.maintenance;
                 }
                 Body::Connect(c) => {
                     o.dst = Some(&c.dst);
@@ -769,6 +891,8 @@ mod wire {
                     o.result = Some(&u.result);
                     o.read_event = Some(&u.read_event);
                     o.read_ts = Some(u.read_ts);
+                    o.attribution = Some(u.attribution);
+                    o.via_pid = u.via_pid;
                 }
                 Body::PrivChange(p) => o.priv_change = Some(p),
                 Body::Dns(d) => o.dns = Some(d),
@@ -792,6 +916,8 @@ mod wire {
         #[serde(default)]
         credential: Option<Arc<CredentialRef>>,
         #[serde(default)]
+        maintenance: bool,
+        #[serde(default)]
         dst: Option<Destination>,
         #[serde(default)]
         result: Option<Label>,
@@ -813,6 +939,10 @@ mod wire {
         read_event: Option<String>,
         #[serde(default)]
         read_ts: Option<Timestamp>,
+        #[serde(default)]
+        attribution: Option<Attribution>,
+        #[serde(default)]
+        via_pid: Option<u32>,
     }
 
     fn need<T>(v: Option<T>, kind: EventKind, key: &str) -> Result<T, String> {
@@ -830,6 +960,7 @@ mod wire {
                 EventKind::SecretRead => Body::SecretRead(SecretRead {
                     secret: need(self.secret, k, "secret")?,
                     credential: need(self.credential, k, "credential")?,
+                    maintenance: self.maintenance,
                 }),
                 EventKind::Connect => Body::Connect(Connect {
                     dst: need(self.dst, k, "dst")?,
@@ -844,6 +975,9 @@ mod wire {
                     result: need(self.result, k, "result")?,
                     read_event: need(self.read_event, k, "read_event")?,
                     read_ts: need(self.read_ts, k, "read_ts")?,
+                    // Recorded before uses said why: a read then a connect was the only kind.
+                    attribution: self.attribution.unwrap_or_default(),
+                    via_pid: self.via_pid,
                 })),
                 EventKind::PrivChange => {
                     Body::PrivChange(need(self.priv_change, k, "priv_change")?)

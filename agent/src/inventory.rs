@@ -97,6 +97,11 @@ impl Validate for Config {
 impl Inventory {
     /// The inventory `cfg` describes, with pod volumes under `kubelet_root`; the host root
     /// from `CREDWATCH_HOST_ROOT`, else `host_root`.
+    /// The fleet key's fingerprinter (for credentials that are not files).
+    pub fn fingerprinter(&self) -> &Fingerprinter {
+        &self.fp
+    }
+
     pub fn from_config(cfg: &Config, kubelet_root: &str, fp: Fingerprinter) -> Result<Self> {
         let host_root = std::env::var_os("CREDWATCH_HOST_ROOT")
             .filter(|v| !v.is_empty())
@@ -430,7 +435,11 @@ impl Inventory {
         match read_bounded(path, self.max_read) {
             Ok((bytes, truncated)) => {
                 let an = analyze(path_str, &bytes);
-                credential.fingerprint = self.fp.fingerprint(&bytes);
+                credential.fingerprint = if truncated {
+                    self.fp.fingerprint(&bytes)
+                } else {
+                    an.fingerprint(&self.fp, &bytes)
+                };
                 credential.kind = an.kind;
                 credential.labels = an.labels;
                 if truncated {
@@ -448,6 +457,7 @@ impl Inventory {
                     .insert("read_error".into(), e.kind().to_string());
             }
         }
+        credential.identity = identity(&credential, path_str);
         credential.owner = owner_pod_uid.as_ref().map(|uid| Owner {
             kind: WorkloadKind::Pod,
             id: WorkloadId::pod_uid(uid),
@@ -487,6 +497,31 @@ impl Inventory {
         }
         None
     }
+}
+
+/// The credential across rotations: a service-account token by (issuer, subject, pod),
+/// anything else by where it lives, with the kubelet's atomic-writer generation
+/// (`..2026_12_01_10_00_00.123/`, `..data/`) taken out of the path.
+pub fn identity(c: &CredentialRef, path: &str) -> String {
+    let l = &c.labels;
+    if c.kind == CredentialType::K8sSaToken
+        && let (Some(iss), Some(sub)) = (l.get("iss"), l.get("sub"))
+    {
+        let pod = l.get("pod_uid").map(String::as_str).unwrap_or("");
+        return format!("k8s:{iss}|{sub}|{pod}");
+    }
+    let stable: Vec<&str> = path
+        .split('/')
+        .filter(|c| !is_writer_generation(c))
+        .collect();
+    format!("file:{}", stable.join("/"))
+}
+
+/// `..data` and `..2026_12_01_10_00_00.123456789`: the kubelet atomic writer's (not `..`).
+fn is_writer_generation(c: &str) -> bool {
+    c == "..data"
+        || c.strip_prefix("..")
+            .is_some_and(|r| r.starts_with(|d: char| d.is_ascii_digit()))
 }
 
 fn mtime_ns(m: &fs::Metadata) -> i64 {
@@ -566,6 +601,40 @@ fn merge_roots(mut roots: Vec<(PathBuf, usize)>) -> Vec<(PathBuf, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identities_survive_rotation_not_relocation() {
+        let file = CredentialRef::default();
+        let a = identity(
+            &file,
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~secret/db/..2026_12_01_10_00_00.1/password",
+        );
+        let b = identity(
+            &file,
+            "/var/lib/kubelet/pods/u/volumes/kubernetes.io~secret/db/..data/password",
+        );
+        assert_eq!(
+            a,
+            "file:/var/lib/kubelet/pods/u/volumes/kubernetes.io~secret/db/password"
+        );
+        assert_eq!(a, b);
+        assert_eq!(identity(&file, "/srv/../etc/key"), "file:/srv/../etc/key");
+        let mut sa = CredentialRef {
+            kind: CredentialType::K8sSaToken,
+            ..Default::default()
+        };
+        for (k, v) in [
+            ("iss", "https://k"),
+            ("sub", "system:serviceaccount:ns:sa"),
+            ("pod_uid", "u1"),
+        ] {
+            sa.labels.insert(k.into(), v.into());
+        }
+        assert_eq!(
+            identity(&sa, "/anywhere/token"),
+            "k8s:https://k|system:serviceaccount:ns:sa|u1"
+        );
+    }
 
     #[test]
     fn walk_roots_from_globs() {

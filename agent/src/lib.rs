@@ -2,7 +2,7 @@
 //!
 //! Stages, in data-flow order: [`probes`] → [`decode`] → [`enrich`] (using [`process`],
 //! [`workload`]/[`kubelet`], [`inventory`]/[`credential`], [`dns`]) → [`pipeline`]
-//! ([`correlate`], [`detect`] with [`baseline`]/[`policy`] → [`alert`], then the outputs:
+//! ([`holders`], [`detect`] with [`baseline`]/[`policy`] → [`alert`], then the outputs:
 //! NDJSON, [`sinks`], [`clickhouse`]). `replay` enters at the pipeline; [`metrics`] reports
 //! on all of it.
 
@@ -67,7 +67,6 @@ pub mod alert;
 pub mod baseline;
 pub mod clickhouse;
 pub mod config;
-pub mod correlate;
 pub mod credential;
 pub mod decode;
 pub mod detect;
@@ -75,6 +74,7 @@ pub mod dns;
 pub mod enrich;
 pub mod environ;
 pub mod event;
+pub mod holders;
 pub mod inventory;
 pub mod kubelet;
 pub mod metadata;

@@ -17,10 +17,10 @@ use crate::{
     baseline::Baselines,
     clickhouse::{ClickHouseSink, writer::WriterCounts},
     config::Config,
-    correlate::Correlator,
     detect::Detectors,
     enrich::IdGen,
     event::{Event, EventKind},
+    holders::{Holders, NodeAgents},
     metrics::SinkCounts,
     sinks::{AlertFormat, AlertSinks, render},
 };
@@ -201,6 +201,7 @@ pub struct PipelineStats {
     pub alerts_write_failures: u64,
     pub alerts_allowlisted: u64,
     pub baselines: usize,
+    pub holders: crate::holders::HolderStats,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clickhouse: Option<WriterCounts>,
 }
@@ -210,6 +211,7 @@ pub struct PipelineBuilder<'a> {
     cfg: &'a Config,
     state_dir: Option<&'a Path>,
     replay: bool,
+    resolvers: Vec<std::net::IpAddr>,
     outputs: Vec<Box<dyn Output>>,
 }
 
@@ -219,6 +221,7 @@ impl<'a> PipelineBuilder<'a> {
             cfg,
             state_dir: None,
             replay: false,
+            resolvers: Vec::new(),
             outputs: Vec::new(),
         }
     }
@@ -234,6 +237,12 @@ impl<'a> PipelineBuilder<'a> {
     /// kernel has to keep up).
     pub fn replay(mut self) -> Self {
         self.replay = true;
+        self
+    }
+
+    /// The node's DNS resolvers (its resolv.conf), on top of `[holders] resolvers`.
+    pub fn resolvers(mut self, r: Vec<std::net::IpAddr>) -> Self {
+        self.resolvers = r;
         self
     }
 
@@ -280,8 +289,15 @@ impl<'a> PipelineBuilder<'a> {
         if !sinks.is_empty() {
             self.outputs.push(Box::new(sinks));
         }
+        let mut agents = crate::holders::default_node_agents();
+        agents.extend(cfg.node_agent.iter().cloned());
+        let mut holders_cfg = cfg.holders.clone();
+        holders_cfg.resolvers.extend(self.resolvers.iter().copied());
         Ok(Pipeline {
-            correlator: Correlator::new(cfg.correlate.window),
+            holders: Holders::new(
+                &holders_cfg,
+                NodeAgents::new(&agents, &cfg.kubernetes.kubelet_root),
+            ),
             detectors: Detectors::new(d, Arc::clone(&cfg.policy), baselines),
             outputs: self.outputs,
             counts: [0; EventKind::ALL.len()],
@@ -293,7 +309,7 @@ impl<'a> PipelineBuilder<'a> {
 }
 
 pub struct Pipeline {
-    correlator: Correlator,
+    holders: Holders,
     detectors: Detectors,
     outputs: Vec<Box<dyn Output>>,
     /// Per event kind, indexed by discriminant (a map lookup per event showed in profiles).
@@ -304,9 +320,9 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn handle(&mut self, ev: Event, ids: &mut IdGen) {
+    pub fn handle(&mut self, mut ev: Event, ids: &mut IdGen) {
         let mut uses = std::mem::take(&mut self.uses);
-        uses.extend(self.correlator.observe(&ev, || ids.next_id()));
+        self.holders.observe(&mut ev, || ids.next_id(), &mut uses);
         self.emit(&ev);
         for u in uses.drain(..) {
             self.emit(&u);
@@ -378,6 +394,7 @@ impl Pipeline {
             alerts_write_failures: out.alerts_write_failures,
             alerts_allowlisted: self.detectors.allowlisted,
             baselines: self.detectors.baselines().len(),
+            holders: self.holders.stats(),
             clickhouse: out.clickhouse,
         }
     }

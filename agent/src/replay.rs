@@ -65,8 +65,8 @@ pub fn replay(
                     continue;
                 }
             };
-            // Credential uses are derived: the correlator recreates them from reads and
-            // connects, so recorded ones are not fed back in twice.
+            // Credential uses are derived: the holders stage recreates them from reads,
+            // execs and connects, so recorded ones are not fed back in twice.
             if ev.kind() == EventKind::CredentialUse {
                 continue;
             }

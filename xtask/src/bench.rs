@@ -330,8 +330,9 @@ pub fn bench(root: &Path) -> Result<()> {
         clickhouse.rows_per_s, clickhouse.rows, clickhouse.seconds, clickhouse.engine_rows_per_s
     ));
     md.push_str(&format!(
-        "Memory: agent RSS {:.1} MiB idle, {:.1} MiB with {} more live processes ({} tracked); \
-         {:.0} bytes per learned baseline ({} baselines; writing them all to the store {:.0} ms)\n",
+        "Memory: agent RSS {:.1} MiB idle with 100 k learned baselines loaded, {:.1} MiB with {} more \
+         live processes each holding a credential ({} tracked); {:.0} bytes per learned baseline ({} \
+         baselines; writing them all to the store {:.0} ms)\n",
         memory.idle_rss_mib,
         memory.with_processes_rss_mib,
         memory.processes,

@@ -72,27 +72,37 @@ pub struct Latency {
 /// policy schedule excludes now and the suppression window is 0, so every read is one
 /// `off_schedule` line.
 pub fn alert_latency(agent: &Path, work: &Path) -> Result<Latency> {
-    let secret = work.join("latency-secret");
-    fs::write(&secret, "fake-latency-credential")?;
+    const READS: usize = 300;
+    // A secret per read: each is the first read of its file by this process, which the
+    // probe reports at once (a re-read of the same one would be a counted repeat).
+    let dir = work.join("latency-secrets");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    for i in 0..READS {
+        fs::write(
+            dir.join(format!("secret-{i:03}")),
+            format!("fake-latency-{i}"),
+        )?;
+    }
     let hour = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs()
         / 3600
         + 6)
         % 24;
-    let s = secret.display();
+    let s = dir.display();
     let cfg = format!(
-        "[secrets]\ncatalog = false\npaths = [\"{s}\"]\n[detect]\nsuppression_window = \"0s\"\n\
-         [metrics]\nlisten = \"\"\n[[credential]]\npath = \"{s}\"\nschedule = [\"daily {hour:02}:00-{:02}:00\"]\n",
+        "[secrets]\ncatalog = false\npaths = [\"{s}/*\"]\n[detect]\nsuppression_window = \"0s\"\n\
+         [metrics]\nlisten = \"\"\n[[credential]]\npath = \"{s}/*\"\nschedule = [\"daily {hour:02}:00-{:02}:00\"]\n",
         (hour + 1) % 24
     );
     let child = start_agent(agent, work, "latency", &cfg, false)?;
     let mut us = Vec::new();
-    for _ in 0..300 {
+    for i in 0..READS {
         std::thread::sleep(Duration::from_millis(15));
         let seen = child.stdout.lock().unwrap().len();
         let t0 = Instant::now();
-        drop(fs::File::open(&secret)?);
+        drop(fs::File::open(dir.join(format!("secret-{i:03}")))?);
         // The reader thread stamps each line as it arrives: polling does not blur it.
         let deadline = t0 + Duration::from_secs(5);
         let t1 = loop {
@@ -212,20 +222,45 @@ pub struct Memory {
     pub baseline_checkpoint_ms: f64,
 }
 
-/// Agent RSS before and after 10 k processes start (each an exec record and a process table
-/// entry), and memory per learned baseline from the `baseline_memory` example.
+/// Agent RSS with 100 k learned baselines in its store (written by the `baseline_memory`
+/// example into the agent's state dir, so the agent loads them at start), before and after
+/// 10 k processes start that each hold a credential given in their environment (an exec
+/// record, a process table entry and a holder each); and memory per learned baseline.
 pub fn memory(root: &Path, agent: &Path, work: &Path) -> Result<Memory> {
+    use std::os::unix::fs::DirBuilderExt;
     const PROCS: usize = 10_000;
     let stats = work.join("memory/stats.json");
+    let state = work.join("memory/state");
+    let _ = fs::remove_dir_all(&state);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state)?;
+    let out = Command::new(root.join("target/release/examples/baseline_memory"))
+        .arg("100000")
+        .arg(&state)
+        .output()?;
+    if !out.status.success() {
+        bail!("baseline_memory: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let [per, ms, n] = v.as_slice() else {
+        bail!("baseline_memory printed {text:?}");
+    };
     let child = start_agent(agent, work, "memory", "[metrics]\nlisten = \"\"\n", true)?;
     std::thread::sleep(Duration::from_secs(2));
     let idle = rss_kib(child.pid());
     let mut sleepers = Vec::with_capacity(PROCS);
     let spawned = (|| -> Result<()> {
-        for _ in 0..PROCS {
+        for i in 0..PROCS {
             sleepers.push(
                 Command::new("sleep")
                     .arg("300")
+                    .env("BENCH_API_TOKEN", format!("fake-bench-holder-token-{i:06}"))
                     .stdin(Stdio::null())
                     .spawn()?,
             );
@@ -245,21 +280,6 @@ pub fn memory(root: &Path, agent: &Path, work: &Path) -> Result<Memory> {
     }
     stop_agent(child);
     spawned?;
-
-    let out = Command::new(root.join("target/release/examples/baseline_memory"))
-        .arg("100000")
-        .output()?;
-    if !out.status.success() {
-        bail!("baseline_memory: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Vec<f64> = text
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let [per, ms, n] = v.as_slice() else {
-        bail!("baseline_memory printed {text:?}");
-    };
     Ok(Memory {
         idle_rss_mib: idle as f64 / 1024.0,
         with_processes_rss_mib: loaded as f64 / 1024.0,

@@ -17,7 +17,9 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_agent;
 mod chart;
+mod dashboards;
 mod deps;
+mod image;
 /// The agent launcher the integration tests use too (they use all of it, the bench not).
 #[allow(dead_code)]
 #[path = "../../tests/src/launch.rs"]
@@ -64,6 +66,16 @@ enum Task {
     Lint,
     /// Overhead and throughput side by side: no monitor, credwatch, auditd, bpftrace.
     Bench,
+    /// The agent's OCI image (static binary, CA bundle), reproducibly, without a container
+    /// daemon: target/image/credwatch-<version>.oci.tar and its SBOM.
+    Image {
+        /// Package this static binary instead of building one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Where to write the OCI archive (the SBOM goes beside it).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Run every fuzz target for SECONDS each (default 300).
     Fuzz {
         #[arg(default_value_t = 300)]
@@ -118,6 +130,10 @@ fn real_main() -> Result<()> {
         Task::Bench => {
             setup()?;
             bench::bench(&root)
+        }
+        Task::Image { binary, output } => {
+            setup()?;
+            image::build(&root, &image::Options { binary, output }).map(|_| ())
         }
         Task::Fuzz { seconds } => {
             setup()?;
@@ -368,7 +384,7 @@ impl TestCounts {
 }
 
 /// `cargo test` with its output passed through and its result lines counted.
-fn cargo_test(args: &[OsString], env: &[(&str, &Path)]) -> Result<TestCounts> {
+fn cargo_test(args: &[OsString], env: &[(&str, &std::ffi::OsStr)]) -> Result<TestCounts> {
     use std::io::{BufRead, BufReader};
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.arg("test")
@@ -406,8 +422,8 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     let ci = env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     let root_user = is_root();
     if root_user {
-        // What the privileged sensor tests drive: a 32-bit binary (gcc -m32), network
-        // namespaces (ip).
+        // What the privileged tests drive: a 32-bit binary (gcc -m32), network namespaces
+        // (ip), an sshd.
         deps::ensure_debian(&[
             deps::Package {
                 name: "gcc-multilib",
@@ -417,7 +433,19 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
                 name: "iproute2",
                 provides: "/usr/sbin/ip",
             },
+            // The holder tests drive a real ssh client against a local sshd.
+            deps::Package {
+                name: "openssh-server",
+                provides: "/usr/sbin/sshd",
+            },
         ])?;
+    }
+    // Grafana's schema packages and the OCI image (with runc and skopeo to run and inspect
+    // it) for the dashboard and image tests, which are #[ignore]d without them.
+    let mut image_env = Vec::new();
+    if root_user {
+        dashboards::ensure_schema_tools(root)?;
+        image_env = image::for_tests(root)?;
     }
     if ci && !root_user {
         bail!("CI=true but not running as root: the privileged probe tests cannot run");
@@ -446,13 +474,14 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
         ));
     }
     args.extend(extra.iter().cloned());
-    let counts = cargo_test(
-        &args,
-        &[
-            ("CREDWATCH_BIN", &bin),
-            ("CREDWATCH_TEST_CHDB_PYTHON", &python),
-        ],
-    )?;
+    let mut env_vars: Vec<(&str, OsString)> = vec![
+        ("CREDWATCH_BIN", bin.into_os_string()),
+        ("CREDWATCH_TEST_CHDB_PYTHON", python.into_os_string()),
+    ];
+    env_vars.extend(image_env);
+    let env_refs: Vec<(&str, &std::ffi::OsStr)> =
+        env_vars.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
+    let counts = cargo_test(&args, &env_refs)?;
     eprintln!(
         "xtask: {} tests ran and passed, {} left out (ignored {}, filtered {})",
         counts.passed,

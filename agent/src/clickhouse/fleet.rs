@@ -151,6 +151,7 @@ macro_rules! first_read {
                     tty: None,
                     secret_path: (!self.secret_path.is_empty()).then(|| self.secret_path.clone()),
                     dst: None,
+                    attribution: None,
                     detail: Some(detail),
                 }
             }

@@ -115,6 +115,13 @@ pub struct EventRow {
     pub metadata_provider: String,
     pub metadata_credentials: bool,
     pub metadata_role: String,
+    pub credential_identity: String,
+    pub maintenance: bool,
+    pub attribution: String,
+    /// 0: none.
+    pub via_pid: u32,
+    /// JSON: what a memory-access target held.
+    pub target_credentials: String,
 }
 
 /// What exec exposed, in one JSON column (a row has room for one list).
@@ -180,9 +187,14 @@ impl From<&Event> for EventRow {
         let sec = e.secret().map(|s| SecretRef::clone(s)).unwrap_or_default();
         let cred = e.credential().map(|c| CredentialRef::clone(c));
         let owner = cred.as_ref().and_then(|c| c.owner.clone());
-        let (fingerprint, credential_type, labels) = match cred {
-            Some(c) => (c.fingerprint, c.kind.as_str().to_owned(), c.labels),
-            None => (String::new(), String::new(), BTreeMap::new()),
+        let (fingerprint, credential_type, labels, credential_identity) = match cred {
+            Some(c) => (
+                c.fingerprint,
+                c.kind.as_str().to_owned(),
+                c.labels,
+                c.identity,
+            ),
+            None => (String::new(), String::new(), BTreeMap::new(), String::new()),
         };
         // A Unix-domain destination is family 1 (AF_UNIX) with its path in `dst_name`.
         let (dst_family, dst_ip, dst_port, dst_proto, dst_name) = match e.dst() {
@@ -291,6 +303,11 @@ impl From<&Event> for EventRow {
             metadata_provider: String::new(),
             metadata_credentials: false,
             metadata_role: String::new(),
+            credential_identity,
+            maintenance: false,
+            attribution: String::new(),
+            via_pid: 0,
+            target_credentials: String::new(),
         };
         if let Some(sr) = e.secret() {
             row.repeats = sr.repeats;
@@ -318,7 +335,7 @@ impl From<&Event> for EventRow {
                 }
             }
             Body::Exit { code } => row.exit_code = Some(*code),
-            Body::SecretRead(_) => {}
+            Body::SecretRead(r) => row.maintenance = r.maintenance,
             Body::Connect(c) => {
                 row.result = c.result.to_string();
                 row.via = c.via.to_string();
@@ -330,6 +347,10 @@ impl From<&Event> for EventRow {
                 row.target_exe = a.target.exe.clone();
                 row.target_workload_id = a.target.workload.id.to_string();
                 row.target_workload = serde_json::to_string(&a.target.workload).unwrap_or_default();
+                if !a.target.credentials.is_empty() {
+                    row.target_credentials =
+                        serde_json::to_string(&a.target.credentials).unwrap_or_default();
+                }
             }
             Body::MetadataFetch(m) => {
                 row.metadata_method = m.method.clone();
@@ -342,6 +363,8 @@ impl From<&Event> for EventRow {
                 row.result = u.result.to_string();
                 row.read_event = u.read_event.clone();
                 row.read_ts = Some(u.read_ts.0);
+                row.attribution = u.attribution.as_str().to_owned();
+                row.via_pid = u.via_pid.unwrap_or(0);
             }
             Body::PrivChange(pc) => {
                 row.priv_via = pc.via.clone();
@@ -401,6 +424,7 @@ impl EventRow {
                     pod_uid: opt(self.owner_pod_uid),
                     source: OwnerSource::parse(&self.owner_source).unwrap_or_default(),
                 }),
+                identity: self.credential_identity,
             })
         });
         let dst = match self.dst_family {
@@ -437,6 +461,7 @@ impl EventRow {
             EventKind::SecretRead => Body::SecretRead(SecretRead {
                 secret: secret?,
                 credential: credential?,
+                maintenance: self.maintenance,
             }),
             EventKind::Connect => Body::Connect(Connect {
                 dst: dst?,
@@ -450,6 +475,7 @@ impl EventRow {
                     comm: self.target_comm,
                     exe: self.target_exe,
                     workload: serde_json::from_str(&self.target_workload).ok()?,
+                    credentials: serde_json::from_str(&self.target_credentials).unwrap_or_default(),
                 },
             })),
             EventKind::MetadataFetch => Body::MetadataFetch(Box::new(MetadataFetch {
@@ -459,6 +485,7 @@ impl EventRow {
                 provider: self.metadata_provider.into(),
                 credentials: self.metadata_credentials,
                 role: opt(self.metadata_role),
+                credential,
             })),
             EventKind::CredentialUse => Body::CredentialUse(Box::new(CredentialUse {
                 secret,
@@ -467,6 +494,9 @@ impl EventRow {
                 result,
                 read_event: self.read_event,
                 read_ts: Timestamp(self.read_ts?),
+                attribution: crate::event::Attribution::parse(&self.attribution)
+                    .unwrap_or_default(),
+                via_pid: (self.via_pid != 0).then_some(self.via_pid),
             })),
             EventKind::PrivChange => Body::PrivChange(Box::new(PrivChange {
                 via: self.priv_via,

@@ -46,6 +46,14 @@ const ADDED_EVENT_COLUMNS: &[&str] = &[
     "metadata_provider String",
     "metadata_credentials Bool",
     "metadata_role String",
+    // v2, holders: the credential across rotations, node-agent maintenance reads, why a
+    // connect counts as a use (and through which other process), what a memory-access
+    // target held.
+    "credential_identity String",
+    "maintenance Bool",
+    "attribution LowCardinality(String)",
+    "via_pid UInt32",
+    "target_credentials String",
 ];
 
 const EVENT_COLUMNS: &str = "
@@ -235,10 +243,11 @@ pub fn statements(cfg: &Cfg) -> Vec<String> {
         }
     }
     out.push(format!(
-        "CREATE VIEW IF NOT EXISTS {db}.credential_uses{on} AS\n\
+        // Replaced, not kept: a migration that adds columns the view shows updates it.
+        "CREATE OR REPLACE VIEW {db}.credential_uses{on} AS\n\
          SELECT ts, node, workload_kind, workload_id, namespace, pod, service_account, spiffe_id,\n\
-         \x20      fingerprint, credential_type, owner_id, dst_ip, dst_port, dst_proto, dst_name,\n\
-         \x20      pid, comm, exe, read_event, read_ts, id\n\
+         \x20      fingerprint, credential_identity, credential_type, owner_id, dst_ip, dst_port,\n\
+         \x20      dst_proto, dst_name, pid, comm, exe, read_event, read_ts, attribution, via_pid, id\n\
          FROM {db}.events WHERE kind = 'credential_use'"
     ));
     let (vlocal, vengine) = match &cfg.cluster {

@@ -30,7 +30,7 @@ impl Detector for DormantCredential {
             return;
         };
         let cred = &read.credential;
-        let Some(last) = base.credential_last_seen(&cred.fingerprint) else {
+        let Some(last) = base.credential_last_seen(cred.identity()) else {
             return;
         };
         let silent = ev.ts.unix_nanos().saturating_sub(last);

@@ -2,8 +2,10 @@
 //! and folds repeats through [`Dedup`]. Time comes from event timestamps only, so a replay
 //! reaches the same conclusions as the live run.
 
+mod credential_theft;
 mod dormant_credential;
 mod human_use;
+mod metadata_fetch;
 mod off_schedule;
 mod owner_mismatch;
 mod privilege_expansion;
@@ -11,8 +13,10 @@ mod token_reuse;
 
 use std::{sync::Arc, time::Duration};
 
+pub use credential_theft::CredentialTheft;
 pub use dormant_credential::DormantCredential;
 pub use human_use::HumanUse;
+pub use metadata_fetch::MetadataCredentialFetch;
 pub use off_schedule::OffSchedule;
 pub use owner_mismatch::OwnerMismatch;
 pub use privilege_expansion::PrivilegeExpansion;
@@ -110,6 +114,8 @@ impl Detectors {
                 Box::new(PrivilegeExpansion::new(policy.clone())),
                 Box::new(DormantCredential::new(opts.dormant_after)),
                 Box::new(HumanUse),
+                Box::new(CredentialTheft),
+                Box::new(MetadataCredentialFetch),
             ],
             baselines,
             policy,
@@ -120,6 +126,10 @@ impl Detectors {
     }
 
     pub fn observe(&mut self, ev: &Event, out: &mut Vec<Alert>) {
+        // A node agent maintaining a pod's volume is neither using nor stealing it.
+        if ev.is_maintenance() {
+            return;
+        }
         for d in &mut self.detectors {
             d.observe(ev, &self.baselines, &mut self.scratch);
         }
@@ -221,6 +231,7 @@ pub(crate) mod testutil {
         let body = Body::SecretRead(SecretRead {
             secret: secret.into(),
             credential: credential.into(),
+            maintenance: false,
         });
         at(id, ts_s, w, body)
     }
@@ -237,6 +248,8 @@ pub(crate) mod testutil {
             result: "ok".into(),
             read_event: r.id.clone(),
             read_ts: r.ts,
+            attribution: Default::default(),
+            via_pid: None,
         }));
         Event { body, ..r }
     }

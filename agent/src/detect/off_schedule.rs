@@ -30,6 +30,10 @@ impl OffSchedule {
 impl Detector for OffSchedule {
     fn observe(&mut self, ev: &Event, base: &Baselines, out: &mut Vec<Alert>) {
         let Some(cred) = ev.credential() else { return };
+        // A holder connecting at 3 am does not say the credential was used at 3 am.
+        if ev.is_indirect_use() {
+            return;
+        }
         let entry = self.policy.find(cred, ev.secret_path());
         let Some((entry, schedule)) = entry.and_then(|e| Some((e, e.schedule.as_ref()?))) else {
             learned_hours(ev, cred, base, out);
@@ -66,7 +70,7 @@ fn learned_hours(ev: &Event, cred: &CredentialRef, base: &Baselines, out: &mut V
         return;
     };
     // A credential new to the workload is privilege_expansion's finding, not this one.
-    let Some(pair) = learned.pair(&cred.fingerprint) else {
+    let Some(pair) = learned.pair(cred.identity()) else {
         return;
     };
     let period = base.learning_period();

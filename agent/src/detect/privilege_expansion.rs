@@ -65,7 +65,9 @@ impl PrivilegeExpansion {
 
 impl Detector for PrivilegeExpansion {
     fn observe(&mut self, ev: &Event, base: &Baselines, out: &mut Vec<Alert>) {
-        if let Body::CredentialUse(u) = &ev.body {
+        if let Body::CredentialUse(u) = &ev.body
+            && u.attribution.is_direct()
+        {
             self.policy_destination(ev, u, out);
         }
         let relevant = matches!(
@@ -101,7 +103,9 @@ impl Detector for PrivilegeExpansion {
         }
         let Some(cred) = ev.credential() else { return };
         let fp = &cred.fingerprint;
-        let (finding, detail, key) = if !learned.profile.secrets.contains(fp) {
+        // Judged by identity: a rotated token is the same credential.
+        let id = cred.identity();
+        let (finding, detail, key) = if !learned.profile.secrets.contains(id) {
             // Only the read itself: the uses that follow are the same finding.
             if ev.kind() != EventKind::SecretRead {
                 return;
@@ -116,10 +120,11 @@ impl Detector for PrivilegeExpansion {
                     "learned {} other credentials",
                     learned.profile.secrets.len()
                 ),
-                format!("new_secret|{w}|{fp}"),
+                format!("new_secret|{w}|{id}"),
             )
-        } else if let Some(pair) = learned.pair(fp) {
+        } else if let Some(pair) = learned.pair(id) {
             if let Body::CredentialUse(u) = &ev.body
+                && u.attribution.is_direct()
                 && !pair.knows_destination(&u.dst)
             {
                 let to = dest_keys(&u.dst).pop().unwrap_or_default();
@@ -130,14 +135,11 @@ impl Detector for PrivilegeExpansion {
                         short_fp(fp)
                     ),
                     format!(
-                        "learned destinations: {}",
-                        pair.destinations
-                            .iter()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        "destinations learned for it: {}; attributed by {}",
+                        pair.destinations.len(),
+                        u.attribution.as_str()
                     ),
-                    format!("new_destination|{w}|{fp}|{to}"),
+                    format!("new_destination|{w}|{id}|{to}"),
                 )
             } else if ev.kind() == EventKind::SecretRead && !pair.exes.contains(exe) {
                 (
@@ -146,11 +148,8 @@ impl Detector for PrivilegeExpansion {
                         cred.kind,
                         short_fp(fp)
                     ),
-                    format!(
-                        "learned executables: {}",
-                        pair.exes.iter().cloned().collect::<Vec<_>>().join(", ")
-                    ),
-                    format!("new_executable|{w}|{fp}|{exe}"),
+                    format!("executables learned for it: {}", pair.exes.len()),
+                    format!("new_executable|{w}|{id}|{exe}"),
                 )
             } else {
                 return;
@@ -229,7 +228,12 @@ mod tests {
             "{}",
             out[0].summary
         );
-        assert!(out[0].evidence[0].detail.as_ref().unwrap().contains("5432"));
+        let detail = out[0].evidence[0].detail.as_ref().unwrap();
+        assert!(
+            detail.contains("destinations learned for it: 1"),
+            "{detail}"
+        );
+        assert!(detail.contains("read_then_connect"), "{detail}");
     }
 
     #[test]

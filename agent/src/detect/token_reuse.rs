@@ -6,7 +6,8 @@ use std::{sync::Arc, time::Duration};
 use foldhash::{HashMap, HashMapExt};
 
 use super::{Detector, short_fp};
-use crate::baseline::Baselines;
+use crate::baseline::{Baselines, subject_of};
+use crate::credential::CredentialType;
 use crate::{
     alert::{Alert, AlertKind, Evidence, Severity},
     event::{Event, Workload, WorkloadKind, duration_ns},
@@ -37,18 +38,21 @@ impl TokenReuse {
 }
 
 /// Two host processes are one identity per uid: a person's `kubectl` and `cat` reading the
-/// same kubeconfig is not reuse, another uid or any pod/container/unit is.
+/// same kubeconfig is not reuse, another uid is. Pods are one identity per SPIFFE ID: the
+/// replicas of a Deployment share their secrets by design.
 fn distinct(a: &Holder, w: &Workload, uid: u32) -> bool {
     if a.workload.kind == WorkloadKind::Host && w.kind == WorkloadKind::Host {
         return a.uid != uid;
     }
-    a.workload.id != w.id
+    subject_of(&a.workload) != subject_of(w)
 }
 
 impl Detector for TokenReuse {
     fn observe(&mut self, ev: &Event, _base: &Baselines, out: &mut Vec<Alert>) {
         let Some(cred) = ev.credential() else { return };
-        if cred.fingerprint.is_empty() {
+        // The node's cloud role is shared by everything on the node by design; a pod
+        // fetching it is metadata_credential_fetch.
+        if cred.fingerprint.is_empty() || cred.kind == CredentialType::CloudMetadata {
             return;
         }
         let now = ev.ts.unix_nanos();

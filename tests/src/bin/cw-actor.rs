@@ -41,6 +41,20 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     for step in a.split(|s| *s == "+") {
+        if step == ["fork"] {
+            // The steps after this one run in a child forked without exec (a pre-fork
+            // worker); the parent waits for it and prints its pid.
+            // SAFETY: single-threaded here; the child only runs the remaining steps.
+            let child = unsafe { libc::fork() };
+            check(child, "fork");
+            if child > 0 {
+                let mut st = 0;
+                unsafe { libc::waitpid(child, &mut st, 0) };
+                println!("child {child}");
+                std::process::exit(if st == 0 { 0 } else { 1 });
+            }
+            continue;
+        }
         run(step);
     }
 }
@@ -201,6 +215,13 @@ fn run(a: &[&str]) {
             let b: SocketAddr = b.parse().unwrap_or_else(|_| fail("bad address".into()));
             let n: usize = n.parse().unwrap_or_else(|_| fail("bad count".into()));
             println!("{}", connect_race(a, b, n));
+        }
+        ["connect-each", host, ports @ ..] => {
+            // TCP connects to each port of `host`, twice.
+            for p in ports.iter().chain(ports.iter()) {
+                let _ = TcpStream::connect(format!("{host}:{p}"));
+            }
+            println!("connected {}", ports.len());
         }
         ["unix-connect", path] => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => println!("connected"),
