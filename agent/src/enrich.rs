@@ -725,15 +725,21 @@ impl Enricher {
         e.cgroup_id = h.cgroup_id;
         // The record's view is fresher than the table's for ids and comm; the table knows
         // the executable and terminal.
+        // Records from where the probe cannot see the task (sk_msg) carry neither comm nor
+        // parent: the table's stand in.
         let process = ProcessInfo {
             pid: h.pid,
             tgid: h.tgid,
-            ppid: h.ppid,
+            ppid: if h.ppid == 0 { e.ppid } else { h.ppid },
             uid: h.uid,
             euid: h.euid,
             gid: h.gid,
             egid: h.egid,
-            comm: cx.comm.clone(),
+            comm: if cx.comm.is_empty() {
+                e.comm.clone()
+            } else {
+                cx.comm.clone()
+            },
             exe: e.exe.clone(),
             tty: e.tty.clone(),
             session: None,

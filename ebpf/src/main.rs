@@ -19,8 +19,8 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_sock_addr, bpf_sock_ops},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
-        bpf_probe_read_user_str_bytes,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_str_bytes,
         generated::{
             bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_probe_read_kernel as read_raw,
             bpf_probe_read_user as read_user_raw, bpf_skb_cgroup_id, bpf_skb_load_bytes,
@@ -289,6 +289,25 @@ unsafe fn fill_header(h: *mut Header, kind: RecordKind, task: *const u8) {
     }
 }
 
+/// The process part of a record where the task is out of reach (sk_msg programs may not
+/// read `current` or its comm on every kernel): ids, cgroup and time; the agent fills
+/// comm and parent from its process table.
+#[inline(always)]
+fn fill_header_light(h: &mut Header, kind: RecordKind) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    *h = Header::default();
+    h.kind = kind as u32;
+    h.pid = pid_tgid as u32;
+    h.tgid = (pid_tgid >> 32) as u32;
+    h.ts_ns = unsafe { bpf_ktime_get_boot_ns() };
+    h.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    h.uid = uid_gid as u32;
+    h.euid = uid_gid as u32;
+    h.gid = (uid_gid >> 32) as u32;
+    h.egid = (uid_gid >> 32) as u32;
+}
+
 #[inline(always)]
 unsafe fn cap_effective(task: *const u8) -> u64 {
     unsafe {
@@ -364,36 +383,46 @@ unsafe fn try_exec(ctx: &TracePointContext) -> Result<(), i32> {
         let argv_total = arg_end.saturating_sub(arg_start);
         (*rec).env_total = env_total.min(u32::MAX as u64) as u32;
         (*rec).argv_total = argv_total.min(u32::MAX as u64) as u32;
-        let mut env_len = env_total.min(ENV_MAX as u64) as u32;
         if env_total > ENV_MAX as u64 {
             (*rec).flags |= FLAG_ENV_TRUNCATED;
         }
-        let mut argv_len = argv_total.min(ARGV_MAX as u64) as u32;
         if argv_total > ARGV_MAX as u64 {
             (*rec).flags |= FLAG_ARGV_TRUNCATED;
         }
         let data = (&raw mut (*scratch).data).cast::<u8>();
-        // Masks the verifier can follow: each length provably within its part of `data`.
-        env_len &= (ENV_MAX as u32 * 2) - 1;
-        if env_len > ENV_MAX as u32 {
-            env_len = ENV_MAX as u32;
+        // 64-bit lengths, read back through memory so the compiler keeps each bound check:
+        // it knows they hold, older verifiers (6.1) cannot follow its 32-bit shortcuts, and
+        // each length must provably fit its part of `data`.
+        let mut env_len: u64 = core::ptr::read_volatile(&env_total);
+        if env_len > ENV_MAX as u64 {
+            env_len = ENV_MAX as u64;
         }
-        if env_len > 0 && read_user_raw(data.cast(), env_len, env_start as *const _) != 0 {
+        if env_len > 0 && read_user_raw(data.cast(), env_len as u32, env_start as *const _) != 0 {
             env_len = 0;
             (*rec).flags |= FLAG_ENV_UNREADABLE;
         }
-        argv_len &= (ARGV_MAX as u32 * 2) - 1;
-        if argv_len > ARGV_MAX as u32 {
-            argv_len = ARGV_MAX as u32;
+        let mut argv_len: u64 = core::ptr::read_volatile(&argv_total);
+        if argv_len > ARGV_MAX as u64 {
+            argv_len = ARGV_MAX as u64;
         }
-        let argv_dst = data.add(env_len as usize);
-        if argv_len > 0 && read_user_raw(argv_dst.cast(), argv_len, arg_start as *const _) != 0 {
+        let mut env_off: u64 = core::ptr::read_volatile(&env_len);
+        if env_off > ENV_MAX as u64 {
+            env_off = ENV_MAX as u64;
+        }
+        let argv_dst = data.add(env_off as usize);
+        if argv_len > 0
+            && read_user_raw(argv_dst.cast(), argv_len as u32, arg_start as *const _) != 0
+        {
             argv_len = 0;
             (*rec).flags |= FLAG_ENV_UNREADABLE;
         }
+        let (env_len, argv_len) = (env_off as u32, argv_len as u32);
         (*rec).env_len = env_len;
         (*rec).argv_len = argv_len;
-        let mut size = core::mem::size_of::<ExecFixed>() + env_len as usize + argv_len as usize;
+        let size = core::mem::size_of::<ExecFixed>() + env_len as usize + argv_len as usize;
+        // Through memory, so the compiler keeps the bound below: it knows the lengths are
+        // in range, older verifiers (6.1) lose track of them and reject the output size.
+        let mut size = core::ptr::read_volatile(&size);
         if size > core::mem::size_of::<ExecScratch>() {
             size = core::mem::size_of::<ExecScratch>();
         }
@@ -1377,11 +1406,7 @@ unsafe fn try_metadata_request(ctx: &SkMsgContext) -> Result<(), i32> {
     let rec = entry.as_mut_ptr();
     let md = unsafe { &*ctx.msg };
     unsafe {
-        fill_header(
-            &raw mut (*rec).hdr,
-            RecordKind::MetadataRequest,
-            current_task(),
-        );
+        fill_header_light(&mut (*rec).hdr, RecordKind::MetadataRequest);
         (*rec).cookie = 0;
         // The kernel hands the network-order port over in the upper half (little-endian).
         (*rec).port = u16::from_be((md.remote_port >> 16) as u16);

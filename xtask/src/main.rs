@@ -20,6 +20,7 @@ mod chart;
 mod dashboards;
 mod deps;
 mod image;
+mod kernels;
 /// The agent launcher the integration tests use too (they use all of it, the bench not).
 #[allow(dead_code)]
 #[path = "../../tests/src/launch.rs"]
@@ -81,6 +82,11 @@ enum Task {
         #[arg(default_value_t = 300)]
         seconds: u64,
     },
+    /// Boot each kernel of the matrix under qemu and run the agent's scenario inside it.
+    TestKernels(kernels::Args),
+    /// Inside a test-kernels guest: the harness the guest's init runs.
+    #[command(hide = true)]
+    KernelGuest(kernels::GuestArgs),
 }
 
 fn main() -> ExitCode {
@@ -139,6 +145,11 @@ fn real_main() -> Result<()> {
             setup()?;
             fuzz(&root, seconds)
         }
+        Task::TestKernels(args) => {
+            setup()?;
+            kernels::test_kernels(&root, &args)
+        }
+        Task::KernelGuest(args) => kernels::guest(&args),
     }
 }
 
@@ -409,6 +420,10 @@ fn cargo_test(args: &[OsString], env: &[(&str, &std::ffi::OsStr)]) -> Result<Tes
     Ok(counts)
 }
 
+/// Kernels `cargo xtask test` boots the agent in besides this one (5.10 is below the
+/// probes' minimum, 5.11: `cargo xtask test-kernels` shows the refusal).
+const TEST_KERNELS: &[&str] = &["6.1", "6.12"];
+
 fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     cargo(&["build", "-p", "credwatch", "--bins"])?;
     let bin = root.join("target/debug/credwatch");
@@ -494,6 +509,17 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     }
     if ci && counts.ignored > 0 {
         bail!("{} tests did not run in CI", counts.ignored);
+    }
+    if root_user && extra.is_empty() {
+        // The same probes and scenario on the kernels the fleet runs (qemu, cached).
+        kernels::test_kernels(
+            root,
+            &kernels::Args {
+                kernels: TEST_KERNELS.iter().map(|k| k.to_string()).collect(),
+                ..kernels::Args::default()
+            },
+        )
+        .context("kernel matrix")?;
     }
     Ok(())
 }

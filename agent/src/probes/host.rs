@@ -22,6 +22,38 @@ fn effective_caps() -> Result<u64> {
     crate::process::cap_effective(&status).context("/proc/self/status has no CapEff line")
 }
 
+/// The oldest kernel the probes load on: they read task fields through
+/// bpf_get_current_task_btf (5.11). Refused up front with the reason, not with a verifier
+/// message about an unknown helper.
+const MIN_KERNEL: (u32, u32) = (5, 11);
+
+pub fn check_kernel() -> Result<()> {
+    // SAFETY: uname fills the struct it is given.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return Ok(());
+    }
+    let release: String = u
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
+    let mut nums = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    let (major, minor) = (nums.next().unwrap_or(0), nums.next().unwrap_or(0));
+    if (major, minor) < MIN_KERNEL {
+        bail!(
+            "kernel {release} is too old: credwatch's probes need Linux {}.{} or newer \
+             (bpf_get_current_task_btf)",
+            MIN_KERNEL.0,
+            MIN_KERNEL.1
+        );
+    }
+    Ok(())
+}
+
 pub fn check_privileges() -> Result<()> {
     let caps = effective_caps()?;
     let has = |c: u32| caps & (1u64 << c) != 0;

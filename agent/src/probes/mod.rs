@@ -239,6 +239,7 @@ pub struct Sensors {
 
 impl Sensors {
     pub fn load(opts: &SensorOptions) -> Result<Self> {
+        host::check_kernel()?;
         host::check_privileges()?;
         if !opts.btf_path.exists() {
             return Err(anyhow!(
