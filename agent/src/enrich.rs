@@ -357,11 +357,12 @@ impl Enricher {
     fn exec(&mut self, r: &c::Exec, cx: &Ctx, ids: &mut IdGen, out: &mut Vec<Event>) {
         let h = &cx.h;
         let filename = sanitize(cstr(&r.filename));
+        let exe = self.procs.canonical_exe(h.tgid, &filename);
         let entry = self.procs.lookup(h.tgid, h.ppid, &cx.comm);
         let before = (entry.uid, entry.euid, entry.cap_effective);
         entry.ppid = h.ppid;
         entry.comm = cx.comm.clone();
-        entry.exe = filename.clone();
+        entry.exe = exe;
         entry.uid = h.uid;
         entry.euid = h.euid;
         entry.cap_effective = r.cap_effective;
