@@ -74,7 +74,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let enricher = Enricher::new(
         cfg.node_name().into(),
         inventory,
-        WorkloadResolver::new(sensors.cgroup2_root.clone(), &cfg.kubernetes.trust_domain),
+        WorkloadResolver::from_config(sensors.cgroup2_root.clone(), &cfg.kubernetes)?,
         ProcessTable::new("/proc", 1 << 20),
     );
     let ring_fill = match RingFill::new(std::os::fd::AsFd::as_fd(ring.get_ref())) {
@@ -220,12 +220,7 @@ impl Agent {
         let Some(url) = cfg.url() else {
             return Ok(None);
         };
-        let client = KubeletClient::new(
-            &url,
-            cfg.token_path.clone(),
-            cfg.ca_file.as_deref(),
-            cfg.insecure_skip_tls_verify,
-        )?;
+        let client = KubeletClient::from_config(&url, cfg)?;
         match tokio::time::timeout(Duration::from_secs(5), client.fetch()).await {
             Ok(Ok(dir)) => self.enricher.set_pods(dir),
             Ok(Err(e)) => {

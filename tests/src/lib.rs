@@ -86,6 +86,7 @@ impl Agent {
         require_privileges();
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = credwatch_bin();
+        let roots = test_cgroup_roots();
         let process = launch::Launch {
             bin: &bin,
             config,
@@ -95,6 +96,7 @@ impl Agent {
             stats: true,
             extra_args: extra,
             log: None,
+            env: &[("CREDWATCH_CGROUP_ROOTS", &roots)],
             ready_timeout: Duration::from_secs(60),
         }
         .start()
@@ -491,6 +493,13 @@ pub fn cgroup2_root() -> PathBuf {
         }
     }
     panic!("no cgroup2 mount")
+}
+
+/// The cgroup roots an agent under test parses layouts below: the mount's root, and the
+/// per-test prefixes this test process builds its kubelet and systemd trees under
+/// (`unique("cwtest")`, see [`pod_cgroup`]).
+pub fn test_cgroup_roots() -> String {
+    format!("/,/cwtest-{}-*", std::process::id())
 }
 
 /// A unique name for per-test cgroups, files and ports.
