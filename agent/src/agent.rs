@@ -47,7 +47,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     inventory.rescan();
 
     let mut sensors = Sensors::load(&SensorOptions::from_config(&cfg.sensors))?;
-    sensors.sync_inodes(&inventory.file_keys(), &inventory.dir_keys())?;
+    let synced =
+        sensors.sync_inodes(&inventory.file_keys_ranked(), &inventory.dir_keys_ranked())?;
+    report_kernel_sync(&synced, 0);
+    // From here on scans run off the loop; the loop applies their results.
+    inventory.scan_in_background()?;
     let ring = sensors.take_ring().context("ring buffer already taken")?;
     // SAFETY: the RingBuf owns its map fd for its whole life and always returns the same fd.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -259,14 +263,25 @@ impl Agent {
         }
     }
 
-    /// After a rescan changed the inventory: the kernel's inode maps follow.
+    /// Applies finished inventory scans: the kernel's inode maps follow, then the reads that
+    /// waited for a directory rescan go through the pipeline.
     fn sync_kernel_maps(&mut self) {
-        if !self.enricher.take_inventory_change() {
-            return;
+        if self.enricher.take_inventory_change() {
+            let inv = self.enricher.inventory();
+            match self
+                .sensors
+                .sync_inodes(&inv.file_keys_ranked(), &inv.dir_keys_ranked())
+            {
+                Ok(r) => {
+                    let before = self.enricher.set_kernel_left_out(r.left_out());
+                    report_kernel_sync(&r, before);
+                }
+                Err(e) => error!("updating kernel inode maps: {e:#}"),
+            }
         }
-        let inv = self.enricher.inventory();
-        if let Err(e) = self.sensors.sync_inodes(&inv.file_keys(), &inv.dir_keys()) {
-            error!("updating kernel inode maps: {e:#}");
+        self.enricher.release_held(&mut self.ids, &mut self.batch);
+        for ev in self.batch.drain(..) {
+            self.pipeline.handle(ev, &mut self.ids);
         }
     }
 
@@ -303,6 +318,11 @@ impl Agent {
     /// Flushes what the probes already produced, then every output.
     fn shutdown(mut self, ring: &mut RingBuf<MapData>) {
         self.drain(ring);
+        self.enricher
+            .release_all_held(&mut self.ids, &mut self.batch);
+        for ev in self.batch.drain(..) {
+            self.pipeline.handle(ev, &mut self.ids);
+        }
         self.pipeline.finish();
         if let Ok(d) = self.sensors.drops() {
             self.drops = d;
@@ -328,12 +348,39 @@ impl Agent {
             dns_unparsed: c.stats.dns_unparsed,
             inventory_secrets: c.inventory_secrets,
             watched_dirs: c.watched_dirs,
+            inventory_unwatched: c.inventory_unwatched,
+            inventory_scan: c.inventory,
             processes: c.processes,
+            processes_dropped: c.processes_dropped,
+            cgroups_unresolved: c.cgroups_unresolved,
             pods: c.pods,
             sinks: self.pipeline.outputs().sinks,
             ring_size_bytes: self.ring_size,
             ring_peak_bytes: self.ring_peak,
         }
+    }
+}
+
+/// Warns when the kernel maps could not take the whole inventory (and when that changes).
+fn report_kernel_sync(r: &crate::probes::SyncReport, before: usize) {
+    let left_out = r.left_out();
+    if let Some(e) = &r.insert_error {
+        error!("updating kernel inode maps: {e}");
+    }
+    if left_out > 0 && left_out != before {
+        warn!(
+            secrets = r.files_wanted,
+            in_kernel = r.files_in_map,
+            capacity = r.file_capacity,
+            dirs = r.dirs_wanted,
+            dirs_in_kernel = r.dirs_in_map,
+            dir_capacity = r.dir_capacity,
+            left_out,
+            "kernel inode maps full: the least trusted secrets (home directories first) are \
+             not watched"
+        );
+    } else if left_out == 0 && before > 0 {
+        info!("kernel inode maps hold the whole inventory again");
     }
 }
 

@@ -2,8 +2,11 @@
 //! DNS names applied in that order. Live-only stage; replay starts after it.
 
 use std::{
+    collections::VecDeque,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use credwatch_common::{self as c, InodeKey};
@@ -16,7 +19,7 @@ use crate::{
         Body, Connect, CredentialRef, Destination, Event, ExecInfo, Label, PrivChange, ProcessInfo,
         SecretRead, SecretRef, Timestamp, WorkloadId, WorkloadKind, cstr, sanitize,
     },
-    inventory::Inventory,
+    inventory::{DirRescan, Inventory},
     kubelet::PodDirectory,
     process::ProcessTable,
     syscalls::Syscall,
@@ -108,6 +111,10 @@ pub struct EnrichStats {
     pub dns_unparsed: u64,
     /// Records whose kernel-written enum fields hold a value this build does not know.
     pub unknown_values: u64,
+    /// Secret reads that waited for a rescan of their watched directory.
+    pub reads_held: u64,
+    /// Held records released before their rescan finished (timeout or hold queue full).
+    pub held_released_early: u64,
 }
 
 /// What the enricher knows about the node right now, for stats and metrics.
@@ -118,6 +125,16 @@ pub struct EnrichCounts {
     pub watched_dirs: usize,
     pub processes: usize,
     pub pods: usize,
+    /// What inventory scans left out (caps, FIFOs, foreign symlinks).
+    pub inventory: crate::inventory::ScanStats,
+    /// cgroup ids that resolved to no cgroup.
+    pub cgroups_unresolved: u64,
+    /// Processes the table had no room for (fork floods), ever.
+    pub processes_dropped: u64,
+    /// Secrets and watched directories the kernel maps could not take (reads not seen).
+    pub inventory_unwatched: usize,
+    /// Records waiting for a directory rescan now.
+    pub held: usize,
 }
 
 /// Probe records in, events out: owns the process table, the workload resolver, the pod
@@ -136,7 +153,27 @@ pub struct Enricher {
     pod_miss: Option<Arc<tokio::sync::Notify>>,
     stats: EnrichStats,
     owners: OwnerNames,
+    /// Records waiting for the scanner: a read of an unknown file in a watched directory
+    /// waits for that directory's rescan, and the later records of its process wait behind
+    /// it (so a read still comes before the connect that uses it). In arrival order.
+    held: VecDeque<Held>,
+    /// Processes with records in `held`, and how many.
+    held_tgids: foldhash::HashMap<u32, usize>,
+    /// Secrets and watched directories the kernel maps could not take at the last sync.
+    kernel_left_out: usize,
 }
+
+struct Held {
+    rec: Record,
+    /// The directory rescan a secret read waits for (`None`: a record held for order).
+    dir: Option<PathBuf>,
+    since: Instant,
+}
+
+/// A held record waits at most this long for its directory's rescan…
+const HOLD_MAX: Duration = Duration::from_millis(500);
+/// …and at most this many records wait at once (beyond it the oldest go on unmatched).
+const HOLD_MAX_RECORDS: usize = 4096;
 
 impl Enricher {
     pub fn new(
@@ -157,6 +194,9 @@ impl Enricher {
             pod_miss: None,
             stats: EnrichStats::default(),
             owners: OwnerNames::default(),
+            held: VecDeque::new(),
+            held_tgids: foldhash::HashMap::default(),
+            kernel_left_out: 0,
         }
     }
 
@@ -178,16 +218,94 @@ impl Enricher {
         self.procs.bootstrap()
     }
 
-    /// Full inventory rescan; the kernel maps need a sync when it changed something.
+    /// Full inventory rescan (queued to the scanner thread once it runs one); the kernel
+    /// maps need a sync when it changed something.
     pub fn rescan(&mut self) {
         if self.inventory.rescan() {
             self.inventory_dirty = true;
         }
     }
 
-    /// True once after the inventory changed (the caller syncs the kernel maps).
+    /// Applies finished scans; true once after the inventory changed (the caller syncs the
+    /// kernel maps, then calls [`Self::release_held`]).
     pub fn take_inventory_change(&mut self) -> bool {
+        if self.inventory.poll() {
+            self.inventory_dirty = true;
+        }
         std::mem::take(&mut self.inventory_dirty)
+    }
+
+    /// Records of watched-directory misses whose rescan finished (or waited too long), and
+    /// the records of their processes that queued behind them, enriched in their order.
+    pub fn release_held(&mut self, ids: &mut IdGen, out: &mut Vec<Event>) {
+        self.release(ids, out, false);
+    }
+
+    /// Everything held, now (shutdown).
+    pub fn release_all_held(&mut self, ids: &mut IdGen, out: &mut Vec<Event>) {
+        self.release(ids, out, true);
+    }
+
+    fn release(&mut self, ids: &mut IdGen, out: &mut Vec<Event>, all: bool) {
+        while let Some(front) = self.held.front() {
+            let waiting = front.dir.as_ref().is_some_and(|d| {
+                self.inventory.retry_dir(d);
+                self.inventory.dir_pending(d)
+            });
+            let overdue = front.since.elapsed() >= HOLD_MAX;
+            if waiting && !all && !overdue {
+                break;
+            }
+            if waiting {
+                self.stats.held_released_early += 1;
+            }
+            let Some(h) = self.held.pop_front() else {
+                break;
+            };
+            let tgid = h.rec.header().tgid;
+            if let Some(n) = self.held_tgids.get_mut(&tgid) {
+                *n -= 1;
+                if *n == 0 {
+                    self.held_tgids.remove(&tgid);
+                }
+            }
+            match &h.rec {
+                // Its rescan is done: matched now or never (no second rescan).
+                Record::SecretOpen(r) if h.dir.is_some() => {
+                    let cx = self.ctx(&h.rec);
+                    self.secret_open(r, &cx, ids, out, false);
+                }
+                rec => self.enrich(rec, ids, out),
+            }
+        }
+    }
+
+    /// Holds `rec` (a record of a process that has a held read, or the read itself).
+    fn hold(&mut self, rec: Record, dir: Option<PathBuf>) {
+        if self.held.len() >= HOLD_MAX_RECORDS {
+            // Bounded: the oldest waits no longer (its read goes on unmatched if its rescan
+            // has not finished).
+            if let Some(front) = self.held.front_mut() {
+                front.since = Instant::now() - HOLD_MAX;
+            }
+        }
+        *self.held_tgids.entry(rec.header().tgid).or_default() += 1;
+        self.held.push_back(Held {
+            rec,
+            dir,
+            since: Instant::now(),
+        });
+    }
+
+    /// Records held now (stats, tests).
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// After a sync of the kernel maps: how much of the inventory they could not take.
+    /// Returns the previous count (callers warn when it changes).
+    pub fn set_kernel_left_out(&mut self, n: usize) -> usize {
+        std::mem::replace(&mut self.kernel_left_out, n)
     }
 
     /// Once a second: re-reads the wall clock offset (NTP steps) and forgets processes that
@@ -209,6 +327,11 @@ impl Enricher {
             watched_dirs: self.inventory.dir_keys().len(),
             processes: self.procs.len(),
             pods: self.pods.len(),
+            inventory: self.inventory.stats(),
+            cgroups_unresolved: self.workloads.cgroups.unresolved,
+            processes_dropped: self.procs.dropped(),
+            inventory_unwatched: self.kernel_left_out,
+            held: self.held.len(),
         }
     }
 }
@@ -324,13 +447,23 @@ struct Ctx {
 }
 
 impl Enricher {
-    pub fn enrich(&mut self, rec: &Record, ids: &mut IdGen, out: &mut Vec<Event>) {
+    fn ctx(&self, rec: &Record) -> Ctx {
         let h = *rec.header();
-        let cx = Ctx {
+        Ctx {
             h,
             ts: self.clock.to_wall(h.ts_ns),
             comm: sanitize(cstr(&h.comm)),
-        };
+        }
+    }
+
+    pub fn enrich(&mut self, rec: &Record, ids: &mut IdGen, out: &mut Vec<Event>) {
+        // Behind a read that waits for its directory's rescan, a process's records wait too.
+        if !self.held_tgids.is_empty() && self.held_tgids.contains_key(&rec.header().tgid) {
+            self.hold(rec.clone(), None);
+            return;
+        }
+        let cx = self.ctx(rec);
+        let h = cx.h;
         match rec {
             Record::Exec(r) => self.exec(r, &cx, ids, out),
             Record::Exit(r) => {
@@ -338,7 +471,7 @@ impl Enricher {
                 self.procs.mark_exited(h.tgid, h.ts_ns);
                 out.push(ev);
             }
-            Record::SecretOpen(r) => self.secret_open(r, &cx, ids, out),
+            Record::SecretOpen(r) => self.secret_open(r, &cx, ids, out, true),
             Record::Connect(r) => self.connect(r, &cx, ids, out),
             Record::PrivChange(r) => {
                 let entry = self.procs.lookup(h.tgid, h.ppid, &cx.comm);
@@ -478,7 +611,16 @@ impl Enricher {
         }
     }
 
-    fn secret_open(&mut self, r: &c::SecretOpen, cx: &Ctx, ids: &mut IdGen, out: &mut Vec<Event>) {
+    /// `may_rescan`: an unknown file in a watched directory asks for that directory's
+    /// rescan (and the read waits for it); false once that rescan is done.
+    fn secret_open(
+        &mut self,
+        r: &c::SecretOpen,
+        cx: &Ctx,
+        ids: &mut IdGen,
+        out: &mut Vec<Event>,
+        may_rescan: bool,
+    ) {
         let key = InodeKey {
             dev: r.dev,
             ino: r.ino,
@@ -490,9 +632,13 @@ impl Enricher {
             self.stats.unknown_values += 1;
             return;
         };
-        if self.inventory.get(&key).is_none() && matched != c::MatchKind::File {
-            // New file in a watched directory (rotation, new pod): rescan that directory now
-            // instead of waiting for the periodic rescan.
+        if may_rescan
+            && self.inventory.get(&key).is_none()
+            && matched != c::MatchKind::File
+            && !self.inventory.is_known_not_secret(&key)
+        {
+            // New file in a watched directory (rotation, new pod): that directory is rescanned
+            // now instead of at the periodic rescan, off the loop; the read waits for it.
             let dir = self
                 .inventory
                 .watched_dir(&InodeKey {
@@ -500,10 +646,15 @@ impl Enricher {
                     ino: r.dir_ino,
                 })
                 .map(|p| p.to_path_buf());
-            if let Some(dir) = dir
-                && self.inventory.rescan_dir(&dir)
-            {
-                self.inventory_dirty = true;
+            if let Some(dir) = dir {
+                match self.inventory.rescan_dir(&dir) {
+                    DirRescan::Done(changed) => self.inventory_dirty |= changed,
+                    DirRescan::Queued => {
+                        self.stats.reads_held += 1;
+                        self.hold(Record::SecretOpen(*r), Some(dir));
+                        return;
+                    }
+                }
             }
         }
         // Only the parts the event carries (the entry also holds scan bookkeeping).
