@@ -75,12 +75,13 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         }
     }
 
-    let enricher = Enricher::new(
+    let mut enricher = Enricher::new(
         cfg.node_name().into(),
         inventory,
         WorkloadResolver::from_config(sensors.cgroup2_root.clone(), &cfg.kubernetes)?,
         ProcessTable::new("/proc", 1 << 20),
     );
+    enricher.set_kernel_left_out(synced.left_out());
     let ring_fill = match RingFill::new(std::os::fd::AsFd::as_fd(ring.get_ref())) {
         Ok(f) => Some(f),
         Err(e) => {
@@ -350,6 +351,9 @@ impl Agent {
             watched_dirs: c.watched_dirs,
             inventory_unwatched: c.inventory_unwatched,
             inventory_scan: c.inventory,
+            inventory_dir_rescans: c.dir_rescans,
+            reads_held: c.stats.reads_held,
+            reads_held_released_early: c.stats.held_released_early,
             processes: c.processes,
             processes_dropped: c.processes_dropped,
             cgroups_unresolved: c.cgroups_unresolved,

@@ -135,6 +135,8 @@ pub struct EnrichCounts {
     pub inventory_unwatched: usize,
     /// Records waiting for a directory rescan now.
     pub held: usize,
+    /// Watched-directory rescans asked for (each on the scanner thread), ever.
+    pub dir_rescans: u64,
 }
 
 /// Probe records in, events out: owns the process table, the workload resolver, the pod
@@ -171,7 +173,7 @@ struct Held {
 }
 
 /// A held record waits at most this long for its directory's rescan…
-const HOLD_MAX: Duration = Duration::from_millis(500);
+const HOLD_MAX: Duration = Duration::from_secs(2);
 /// …and at most this many records wait at once (beyond it the oldest go on unmatched).
 const HOLD_MAX_RECORDS: usize = 4096;
 
@@ -248,10 +250,16 @@ impl Enricher {
 
     fn release(&mut self, ids: &mut IdGen, out: &mut Vec<Event>, all: bool) {
         while let Some(front) = self.held.front() {
-            let waiting = front.dir.as_ref().is_some_and(|d| {
-                self.inventory.retry_dir(d);
-                self.inventory.dir_pending(d)
-            });
+            // A read waits for a rescan of its directory that started after it was seen
+            // (one already running may have missed the new file).
+            let waiting = match &front.dir {
+                Some(d) if !self.inventory.scanned_since(d, front.since) => {
+                    let (d, since) = (d.clone(), front.since);
+                    self.inventory.want_dir(&d, since);
+                    true
+                }
+                _ => false,
+            };
             let overdue = front.since.elapsed() >= HOLD_MAX;
             if waiting && !all && !overdue {
                 break;
@@ -275,13 +283,13 @@ impl Enricher {
                     let cx = self.ctx(&h.rec);
                     self.secret_open(r, &cx, ids, out, false);
                 }
-                rec => self.enrich(rec, ids, out),
+                rec => self.enrich_now(rec, ids, out),
             }
         }
     }
 
     /// Holds `rec` (a record of a process that has a held read, or the read itself).
-    fn hold(&mut self, rec: Record, dir: Option<PathBuf>) {
+    fn hold(&mut self, rec: Record, dir: Option<PathBuf>, since: Instant) {
         if self.held.len() >= HOLD_MAX_RECORDS {
             // Bounded: the oldest waits no longer (its read goes on unmatched if its rescan
             // has not finished).
@@ -290,11 +298,7 @@ impl Enricher {
             }
         }
         *self.held_tgids.entry(rec.header().tgid).or_default() += 1;
-        self.held.push_back(Held {
-            rec,
-            dir,
-            since: Instant::now(),
-        });
+        self.held.push_back(Held { rec, dir, since });
     }
 
     /// Records held now (stats, tests).
@@ -332,6 +336,7 @@ impl Enricher {
             processes_dropped: self.procs.dropped(),
             inventory_unwatched: self.kernel_left_out,
             held: self.held.len(),
+            dir_rescans: self.inventory.dir_rescans,
         }
     }
 }
@@ -459,9 +464,13 @@ impl Enricher {
     pub fn enrich(&mut self, rec: &Record, ids: &mut IdGen, out: &mut Vec<Event>) {
         // Behind a read that waits for its directory's rescan, a process's records wait too.
         if !self.held_tgids.is_empty() && self.held_tgids.contains_key(&rec.header().tgid) {
-            self.hold(rec.clone(), None);
+            self.hold(rec.clone(), None, Instant::now());
             return;
         }
+        self.enrich_now(rec, ids, out);
+    }
+
+    fn enrich_now(&mut self, rec: &Record, ids: &mut IdGen, out: &mut Vec<Event>) {
         let cx = self.ctx(rec);
         let h = cx.h;
         match rec {
@@ -647,11 +656,12 @@ impl Enricher {
                 })
                 .map(|p| p.to_path_buf());
             if let Some(dir) = dir {
+                let since = Instant::now();
                 match self.inventory.rescan_dir(&dir) {
                     DirRescan::Done(changed) => self.inventory_dirty |= changed,
                     DirRescan::Queued => {
                         self.stats.reads_held += 1;
-                        self.hold(Record::SecretOpen(*r), Some(dir));
+                        self.hold(Record::SecretOpen(*r), Some(dir), since);
                         return;
                     }
                 }
@@ -778,5 +788,101 @@ mod tests {
             user_dev(InodeKey::kernel_dev(0, 300)),
             libc::makedev(0, 300)
         );
+    }
+
+    fn header(kind: c::RecordKind, tgid: u32) -> c::Header {
+        c::Header {
+            kind: kind as u32,
+            pid: tgid,
+            tgid,
+            ppid: 1,
+            uid: 0,
+            euid: 0,
+            gid: 0,
+            egid: 0,
+            ts_ns: 1,
+            cgroup_id: 1,
+            comm: [b'x'; 16],
+        }
+    }
+
+    /// A read of a file new in a watched directory waits for that directory's rescan on the
+    /// scanner thread (the loop does not scan), and the reading process's later records wait
+    /// behind it, so its connect still follows its read; other processes are not held up.
+    #[test]
+    fn a_watched_dir_miss_holds_its_process_until_the_rescan_lands() {
+        let tmp = tempfile::tempdir().unwrap();
+        let watched = tmp.path().join("w");
+        std::fs::create_dir_all(&watched).unwrap();
+        let glob = format!("{}/*.key", watched.display());
+        let mut inv = Inventory::new(
+            &[glob],
+            false,
+            &[watched.display().to_string()],
+            "/nonexistent",
+            4096,
+            crate::credential::Fingerprinter::new(b"k"),
+        )
+        .unwrap();
+        inv.rescan();
+        inv.scan_in_background().unwrap();
+        let dir_key = crate::inventory::inode_key(&std::fs::metadata(&watched).unwrap());
+        let mut e = Enricher::new(
+            "n".into(),
+            inv,
+            WorkloadResolver::new(tmp.path().join("no-cgroups"), "cluster.local"),
+            ProcessTable::new(tmp.path().join("no-proc"), 64),
+        );
+        let secret = watched.join("new.key");
+        std::fs::write(&secret, "fake-new-key").unwrap();
+        let key = crate::inventory::inode_key(&std::fs::metadata(&secret).unwrap());
+        let open = c::SecretOpen {
+            hdr: header(c::RecordKind::SecretOpen, 100),
+            dev: key.dev,
+            ino: key.ino,
+            dir_ino: dir_key.ino,
+            matched: c::MatchKind::ParentDir as u32,
+            syscall: c::OpenSyscall::Openat as u32,
+            fd: 3,
+            open_flags: 0,
+            flags: 0,
+            _pad: 0,
+            name: [0; 256],
+        };
+        let connect = |tgid| c::Connect {
+            hdr: header(c::RecordKind::Connect, tgid),
+            family: libc::AF_INET as u16,
+            sock_type: libc::SOCK_STREAM as u16,
+            port: 443,
+            _pad: 0,
+            addr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ret: 0,
+            op: c::ConnectOp::Connect as u32,
+        };
+        let (mut ids, mut out) = (IdGen::new(), Vec::new());
+        e.enrich(&Record::SecretOpen(open), &mut ids, &mut out);
+        e.enrich(&Record::Connect(connect(100)), &mut ids, &mut out);
+        e.enrich(&Record::Connect(connect(200)), &mut ids, &mut out);
+        let kinds: Vec<(u32, crate::event::EventKind)> =
+            out.iter().map(|ev| (ev.process.tgid, ev.kind())).collect();
+        assert_eq!(kinds, [(200, crate::event::EventKind::Connect)]);
+        assert_eq!(e.held(), 2);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        out.clear();
+        while e.held() > 0 && std::time::Instant::now() < deadline {
+            e.take_inventory_change();
+            e.release_held(&mut ids, &mut out);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let kinds: Vec<(u32, crate::event::EventKind)> =
+            out.iter().map(|ev| (ev.process.tgid, ev.kind())).collect();
+        assert_eq!(
+            kinds,
+            [
+                (100, crate::event::EventKind::SecretRead),
+                (100, crate::event::EventKind::Connect)
+            ]
+        );
+        assert_eq!(e.counts().stats.held_released_early, 0);
     }
 }

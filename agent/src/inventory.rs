@@ -312,6 +312,8 @@ const DIR_RESCAN_EVERY: Duration = Duration::from_millis(100);
 struct ScanResult {
     /// `None`: a full scan; else the directory rescanned.
     dir: Option<PathBuf>,
+    /// When the scan started.
+    started: Instant,
     found: HashMap<InodeKey, SecretEntry>,
     dirs: HashMap<InodeKey, PathBuf>,
     /// Files seen that are not secrets.
@@ -366,14 +368,14 @@ pub struct Inventory {
     watched_dirs: HashMap<InodeKey, PathBuf>,
     not_secret: HashSet<InodeKey>,
     stats: ScanStats,
-    /// Requests the scanner thread has not answered yet.
-    full_pending: bool,
-    dirs_pending: HashSet<PathBuf>,
-    /// Directories asked for again within [`DIR_RESCAN_EVERY`]: sent by [`Self::retry_dir`]
-    /// once it passed.
-    dirs_deferred: HashSet<PathBuf>,
-    /// When each directory was last rescanned (at most every [`DIR_RESCAN_EVERY`]).
+    /// Requests the scanner thread has not answered yet, by when they were sent (a scan
+    /// starts no earlier).
+    full_pending: Option<Instant>,
+    dirs_pending: HashMap<PathBuf, Instant>,
+    /// When the last finished scan of each directory (and the last full scan) started: a
+    /// read of a file new in a directory waits for a scan that started after the read.
     dir_scanned: HashMap<PathBuf, Instant>,
+    full_scanned: Option<Instant>,
     /// Directory rescans done since start (stats).
     pub dir_rescans: u64,
 }
@@ -440,10 +442,10 @@ impl Inventory {
             watched_dirs: HashMap::new(),
             not_secret: HashSet::new(),
             stats: ScanStats::default(),
-            full_pending: false,
-            dirs_pending: HashSet::new(),
-            dirs_deferred: HashSet::new(),
+            full_pending: None,
+            dirs_pending: HashMap::new(),
             dir_scanned: HashMap::new(),
+            full_scanned: None,
             dir_rescans: 0,
         })
     }
@@ -579,12 +581,14 @@ impl Inventory {
 
     /// True while the scanner thread has requests it has not answered.
     pub fn busy(&self) -> bool {
-        self.full_pending || !self.dirs_pending.is_empty() || !self.dirs_deferred.is_empty()
+        self.full_pending.is_some() || !self.dirs_pending.is_empty()
     }
 
-    /// True while a rescan of `dir` is on its way (or deferred by the rate limit).
-    pub fn dir_pending(&self, dir: &Path) -> bool {
-        self.full_pending || self.dirs_pending.contains(dir) || self.dirs_deferred.contains(dir)
+    /// True when a scan of `dir` (or a full scan) that started at or after `since` has
+    /// been applied: a file that was there at `since` is known now, if it is a secret.
+    pub fn scanned_since(&self, dir: &Path, since: Instant) -> bool {
+        self.full_scanned.is_some_and(|t| t >= since)
+            || self.dir_scanned.get(dir).is_some_and(|t| *t >= since)
     }
 
     /// Full rescan of every glob root. Inline: done now, true when the inode sets changed.
@@ -596,15 +600,16 @@ impl Inventory {
                 self.apply(r)
             }
             Mode::Thread { tx, .. } => {
-                if !self.full_pending && tx.send(Request::Full).is_ok() {
-                    self.full_pending = true;
+                if self.full_pending.is_none() && tx.send(Request::Full).is_ok() {
+                    self.full_pending = Some(Instant::now());
                 }
                 false
             }
         }
     }
 
-    /// Rescans one watched directory after the kernel saw an unknown file open in it.
+    /// Rescans one watched directory after the kernel saw an unknown file open in it:
+    /// inline now, or queued to the scanner thread ([`Self::want_dir`] from now on).
     pub fn rescan_dir(&mut self, dir: &Path) -> DirRescan {
         self.dir_rescans += 1;
         match &mut self.mode {
@@ -612,48 +617,40 @@ impl Inventory {
                 let r = s.scan_dir(dir);
                 DirRescan::Done(self.apply(r))
             }
-            Mode::Thread { tx, .. } => {
-                if self.full_pending || self.dirs_pending.contains(dir) {
-                    return DirRescan::Queued;
-                }
-                // Rate limit: a directory somebody keeps filling with new names is rescanned
-                // at most every DIR_RESCAN_EVERY; the reads wait for that one.
-                let due = self
-                    .dir_scanned
-                    .get(dir)
-                    .is_none_or(|t| t.elapsed() >= DIR_RESCAN_EVERY);
-                if !due {
-                    // Asked again too soon: sent once the interval has passed
-                    // (`retry_dir`).
-                    self.dirs_deferred.insert(dir.to_path_buf());
-                    DirRescan::Queued
-                } else if tx.send(Request::Dir(dir.to_path_buf())).is_ok() {
-                    self.dirs_pending.insert(dir.to_path_buf());
-                    DirRescan::Queued
-                } else {
-                    DirRescan::Done(false)
-                }
+            Mode::Thread { .. } => {
+                self.want_dir(dir, Instant::now());
+                DirRescan::Queued
             }
         }
     }
 
-    /// Sends a rate-limited directory request once its interval has passed.
-    pub fn retry_dir(&mut self, dir: &Path) {
-        if !self.dirs_deferred.contains(dir)
-            || self
-                .dir_scanned
-                .get(dir)
-                .is_some_and(|t| t.elapsed() < DIR_RESCAN_EVERY)
+    /// Makes sure a scan of `dir` that starts at or after `since` is on its way (unless one
+    /// was applied already). Rate-limited: a directory somebody keeps filling with new names
+    /// is scanned at most every [`DIR_RESCAN_EVERY`]; callers ask again until
+    /// [`Self::scanned_since`] says yes.
+    pub fn want_dir(&mut self, dir: &Path, since: Instant) {
+        if self.scanned_since(dir, since)
+            || self.full_pending.is_some_and(|t| t >= since)
+            || self.dirs_pending.get(dir).is_some_and(|t| *t >= since)
         {
             return;
         }
-        self.dirs_deferred.remove(dir);
+        let now = Instant::now();
+        let recent = self
+            .dir_scanned
+            .get(dir)
+            .is_some_and(|t| now.duration_since(*t) < DIR_RESCAN_EVERY)
+            || self.dirs_pending.contains_key(dir);
+        if recent {
+            return;
+        }
         if let Mode::Thread { tx, .. } = &self.mode
-            && !self.full_pending
-            && !self.dirs_pending.contains(dir)
             && tx.send(Request::Dir(dir.to_path_buf())).is_ok()
         {
-            self.dirs_pending.insert(dir.to_path_buf());
+            if self.dirs_pending.len() >= MAX_RETIRED {
+                self.dirs_pending.clear();
+            }
+            self.dirs_pending.insert(dir.to_path_buf(), now);
         }
     }
 
@@ -698,7 +695,8 @@ impl Inventory {
         }
         match &r.dir {
             None => {
-                self.full_pending = false;
+                self.full_pending = None;
+                self.full_scanned = Some(r.started);
                 self.stats = r.stats;
                 self.not_secret.extend(r.not_secret.iter().copied());
                 let old = std::mem::replace(&mut self.by_inode, r.found);
@@ -706,11 +704,18 @@ impl Inventory {
                 self.watched_dirs = r.dirs;
             }
             Some(dir) => {
-                self.dirs_pending.remove(dir);
+                if self
+                    .dirs_pending
+                    .get(dir)
+                    .is_some_and(|sent| *sent <= r.started)
+                {
+                    self.dirs_pending.remove(dir);
+                }
                 if self.dir_scanned.len() >= MAX_RETIRED {
                     self.dir_scanned.clear();
                 }
-                self.dir_scanned.insert(dir.clone(), Instant::now());
+                let t = self.dir_scanned.entry(dir.clone()).or_insert(r.started);
+                *t = (*t).max(r.started);
                 self.stats.add(&r.stats);
                 self.not_secret.extend(r.not_secret.iter().copied());
                 let gone = replace_under(&mut self.by_inode, dir, r.found);
@@ -939,6 +944,7 @@ impl Scanner {
     fn scan_full(&mut self) -> ScanResult {
         let mut out = ScanResult {
             dir: None,
+            started: Instant::now(),
             found: HashMap::new(),
             dirs: HashMap::new(),
             not_secret: Vec::new(),
@@ -968,6 +974,7 @@ impl Scanner {
     fn scan_dir(&mut self, dir: &Path) -> ScanResult {
         let mut out = ScanResult {
             dir: Some(dir.to_path_buf()),
+            started: Instant::now(),
             found: HashMap::new(),
             dirs: HashMap::new(),
             not_secret: Vec::new(),
@@ -1644,12 +1651,23 @@ mod tests {
         assert_eq!((inv.len(), inv.dir_keys().len()), (0, 1));
         inv.scan_in_background().unwrap();
         fs::write(watched.join("new.key"), "fake-new").unwrap();
+        let asked = Instant::now();
         assert_eq!(inv.rescan_dir(&watched), DirRescan::Queued);
         assert_eq!(inv.rescan_dir(&watched), DirRescan::Queued);
-        assert!(inv.dir_pending(&watched));
+        assert!(!inv.scanned_since(&watched, asked));
         assert!(inv.wait_idle(Duration::from_secs(10)));
         assert_eq!(inv.len(), 1);
-        assert!(!inv.dir_pending(&watched));
+        assert!(inv.scanned_since(&watched, asked));
+        // A file that appears after that scan started needs another one (rate-limited).
+        let later = Instant::now();
+        fs::write(watched.join("third.key"), "fake-third").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !inv.scanned_since(&watched, later) && Instant::now() < deadline {
+            inv.want_dir(&watched, later);
+            inv.poll();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(inv.len(), 2);
         // Full rescans too.
         fs::write(watched.join("second.key"), "fake-second").unwrap();
         assert!(!inv.rescan(), "queued, not done");
@@ -1660,6 +1678,6 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(changed);
-        assert_eq!(inv.len(), 2);
+        assert_eq!(inv.len(), 3);
     }
 }

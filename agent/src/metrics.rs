@@ -88,6 +88,12 @@ pub struct AgentSnapshot {
     pub inventory_unwatched: usize,
     /// What inventory scans left out (caps, FIFOs and devices, foreign symlinks).
     pub inventory_scan: crate::inventory::ScanStats,
+    /// Watched-directory rescans (each on the scanner thread), ever.
+    pub inventory_dir_rescans: u64,
+    /// Secret reads that waited for their directory's rescan, and those that stopped
+    /// waiting before it finished (timeout, full hold queue).
+    pub reads_held: u64,
+    pub reads_held_released_early: u64,
     pub processes: usize,
     /// Live processes evicted from a full process table (fork floods), ever.
     pub processes_dropped: u64,

@@ -315,6 +315,8 @@ pub struct CgroupPaths {
     last_walk: Option<Instant>,
     /// Lookups that found nothing (stats).
     pub unresolved: u64,
+    /// Fallback walks of the hierarchy done (stats, tests).
+    pub walks: u64,
 }
 
 /// How often the fallback walk may run (only on a miss).
@@ -435,6 +437,7 @@ impl CgroupPaths {
             misses: HashMap::new(),
             last_walk: None,
             unresolved: 0,
+            walks: 0,
         }
     }
 
@@ -489,6 +492,7 @@ impl CgroupPaths {
     /// The fallback: fills the cache from a bounded walk of the hierarchy.
     fn walk(&mut self) {
         self.last_walk = Some(Instant::now());
+        self.walks += 1;
         let mut seen = 0;
         for entry in walkdir::WalkDir::new(&self.root)
             .follow_links(false)

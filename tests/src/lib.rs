@@ -371,6 +371,10 @@ impl Actor {
     pub fn flood(self, path: impl AsRef<Path>, n: u64) -> Actor {
         self.step(&["flood".into(), s(path), n.to_string()])
     }
+    /// `n` forks whose children exit at once (a fork flood).
+    pub fn forks(self, n: u64) -> Actor {
+        self.step(&["forks".into(), n.to_string()])
+    }
     /// `proto`: `tcp`, `tcp-nonblocking` or `udp` (a connected UDP socket).
     pub fn connect(self, proto: &str, addr: impl std::fmt::Display) -> Actor {
         self.step(&["connect".into(), proto.into(), addr.to_string()])
@@ -692,6 +696,8 @@ pub fn workdir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
     std::fs::create_dir_all(&base).unwrap();
+    // Canonical (no `..`): the agent names secrets by their canonical paths.
+    let base = base.canonicalize().unwrap();
     let d = tempfile::tempdir_in(base).unwrap();
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     d
