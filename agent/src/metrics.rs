@@ -353,8 +353,27 @@ fn clickhouse_metrics(e: &mut DescriptorEncoder, ch: &WriterCounts) -> std::fmt:
     counter1(
         e,
         "credwatch_clickhouse_rows_dropped",
-        "Rows lost: writer queue full or spool full.",
+        "Event rows lost: writer queue full or spool full.",
         ch.rows_dropped,
+    )?;
+    counter1(
+        e,
+        "credwatch_clickhouse_alert_rows_dropped",
+        "Alert rows lost (past the alert queue and backlog, or a failing spool write).",
+        ch.alert_rows_dropped,
+    )?;
+    counter1(
+        e,
+        "credwatch_clickhouse_batches_quarantined",
+        "Batches ClickHouse refused for good (or unreadable spool files), set aside in \
+         <state dir>/spool/quarantine.",
+        ch.batches_quarantined,
+    )?;
+    counter1(
+        e,
+        "credwatch_clickhouse_rows_quarantined",
+        "Rows of quarantined batches.",
+        ch.rows_quarantined,
     )?;
     gauge(
         e,

@@ -15,11 +15,24 @@
 //! Cluster mode (`[clickhouse] cluster`): every statement runs `ON CLUSTER`, the data lives
 //! in `*_local` Replicated tables and `events`/`alerts` are Distributed tables over them,
 //! sharded by node so one node's batches (and their dedup tokens) land on one shard.
+//!
+//! Deduplication does not rest on ClickHouse's insert-dedup window alone: that window is a
+//! count of blocks shared by every node writing the table (at 1 000 nodes, 10 000 blocks
+//! are a few seconds), so it only covers a retry that follows its failed attempt closely.
+//! Before the writer sends a spooled batch again it asks whether the batch's first and
+//! last rows (node, id, ts: unique per node) are already there (`id_idx` makes that a
+//! skip-index lookup); only a batch that is not is inserted. The window then only has to
+//! cover the race of an attempt still running on the server, which the settings of
+//! migration 2 give (time-based where the engine has it: Replicated tables).
+//!
+//! Migrations are numbered; each is applied once, in order, and recorded in
+//! `schema_version` (`CREATE … IF NOT EXISTS` never changes an existing table, so
+//! everything after version 1 is an `ALTER`).
 
 use super::Config as Cfg;
 
-/// Bumped whenever a migration is added; `migrate` refuses a database that is newer.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The newest migration; `migrate` refuses a database that is newer.
+pub const SCHEMA_VERSION: u32 = 2;
 
 const EVENT_COLUMNS: &str = "
     id String,
@@ -115,8 +128,15 @@ const ALERT_COLUMNS: &str = "
     evidence String CODEC(ZSTD(3)),
     alert_json String CODEC(ZSTD(3))";
 
-/// Batches remembered for deduplication: far more than can be in flight or spooled.
-const DEDUP_WINDOW: u32 = 10_000;
+/// Version 1's dedup window (blocks), as it was created.
+const DEDUP_WINDOW_V1: u32 = 10_000;
+/// Migration 2: blocks remembered by a single server's table (its own log, in memory: about
+/// 100 bytes each)…
+const DEDUP_BLOCKS: u32 = 100_000;
+/// …and for Replicated tables a time bound in ClickHouse Keeper (with a block bound high
+/// enough that time is what ends it): longer than any insert attempt can run.
+const DEDUP_SECONDS: u32 = 900;
+const DEDUP_BLOCKS_REPLICATED: u32 = 10_000_000;
 
 struct Table {
     name: &'static str,
@@ -140,14 +160,54 @@ const TABLES: [Table; 2] = [
     },
 ];
 
-/// Every statement, in order, each idempotent (`IF NOT EXISTS`).
+/// Every migration's statements, in order: `(version, statements)`.
+pub fn migrations(cfg: &Cfg) -> Vec<(u32, Vec<String>)> {
+    vec![(1, version_1(cfg)), (2, version_2(cfg))]
+}
+
+/// Every statement of every migration, in order.
 pub fn statements(cfg: &Cfg) -> Vec<String> {
-    let db = &cfg.database;
-    let on = cfg
-        .cluster
+    migrations(cfg).into_iter().flat_map(|(_, s)| s).collect()
+}
+
+fn on_cluster(cfg: &Cfg) -> String {
+    cfg.cluster
         .as_ref()
         .map(|c| format!(" ON CLUSTER {c}"))
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Migration 2: the skip index the writer's "already stored?" check uses, and dedup
+/// settings that no longer count on a fleet-shared block window (see the module docs).
+fn version_2(cfg: &Cfg) -> Vec<String> {
+    let db = &cfg.database;
+    let on = on_cluster(cfg);
+    let mut out = Vec::new();
+    for t in &TABLES {
+        let local = match &cfg.cluster {
+            None => t.name.to_owned(),
+            Some(_) => format!("{}_local", t.name),
+        };
+        out.push(format!(
+            "ALTER TABLE {db}.{local}{on} ADD INDEX IF NOT EXISTS id_idx id TYPE bloom_filter GRANULARITY 4"
+        ));
+        out.push(match &cfg.cluster {
+            None => format!(
+                "ALTER TABLE {db}.{local}{on} MODIFY SETTING non_replicated_deduplication_window = {DEDUP_BLOCKS}"
+            ),
+            Some(_) => format!(
+                "ALTER TABLE {db}.{local}{on} MODIFY SETTING replicated_deduplication_window = {DEDUP_BLOCKS_REPLICATED}, replicated_deduplication_window_seconds = {DEDUP_SECONDS}"
+            ),
+        });
+    }
+    out
+}
+
+/// Migration 1: the tables as first released (kept as they were: a fresh database gets
+/// them and then every later migration, like an old one).
+fn version_1(cfg: &Cfg) -> Vec<String> {
+    let db = &cfg.database;
+    let on = on_cluster(cfg);
     let mut out = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{on}")];
     let ttl = cfg.ttl_days;
     for t in &TABLES {
@@ -169,7 +229,7 @@ pub fn statements(cfg: &Cfg) -> Vec<String> {
         out.push(format!(
             "CREATE TABLE IF NOT EXISTS {db}.{local}{on}\n({}\n)\nENGINE = {engine}\n\
              PARTITION BY {}\nORDER BY {}\nTTL toDateTime(ts) + INTERVAL {ttl} DAY\n\
-             SETTINGS {dedup} = {DEDUP_WINDOW}",
+             SETTINGS {dedup} = {DEDUP_WINDOW_V1}",
             t.columns, t.partition, t.order
         ));
         if let Some(c) = &cfg.cluster {
@@ -202,20 +262,28 @@ pub fn statements(cfg: &Cfg) -> Vec<String> {
     out
 }
 
-/// The DDL as one script, for `credwatch schema`.
+/// Records migration `v` as applied (once).
+pub fn record_version(cfg: &Cfg, v: u32) -> String {
+    format!(
+        "INSERT INTO {db}.schema_version SELECT {v}, now64(3), 'credwatch {pkg}' \
+         WHERE {v} NOT IN (SELECT version FROM {db}.schema_version)",
+        db = cfg.database,
+        pkg = env!("CARGO_PKG_VERSION"),
+    )
+}
+
+/// The DDL as one script, for `credwatch schema`: every migration, each recorded.
 pub fn script(cfg: &Cfg) -> String {
     let mut s = format!("-- credwatch schema version {SCHEMA_VERSION}\n");
-    for st in statements(cfg) {
-        s.push_str(&st);
+    for (v, sts) in migrations(cfg) {
+        s.push_str(&format!("-- migration {v}\n"));
+        for st in sts {
+            s.push_str(&st);
+            s.push_str(";\n\n");
+        }
+        s.push_str(&record_version(cfg, v));
         s.push_str(";\n\n");
     }
-    s.push_str(&format!(
-        "INSERT INTO {}.schema_version SELECT {SCHEMA_VERSION}, now64(3), 'credwatch {}' \
-         WHERE {SCHEMA_VERSION} NOT IN (SELECT version FROM {}.schema_version);\n",
-        cfg.database,
-        env!("CARGO_PKG_VERSION"),
-        cfg.database
-    ));
     s
 }
 
@@ -249,5 +317,14 @@ mod tests {
             many.contains("ENGINE = Distributed(prod, credwatch, events_local, cityHash64(node))")
         );
         assert!(many.contains("replicated_deduplication_window"));
+        // Migration 2 changes existing tables with ALTERs, on the local tables in a cluster.
+        assert!(one.contains(
+            "ALTER TABLE credwatch.events MODIFY SETTING non_replicated_deduplication_window = 100000"
+        ));
+        assert!(many.contains(
+            "ALTER TABLE credwatch.alerts_local ON CLUSTER prod ADD INDEX IF NOT EXISTS id_idx"
+        ));
+        assert!(many.contains("replicated_deduplication_window_seconds = 900"));
+        assert!(one.contains("-- migration 2"));
     }
 }
