@@ -50,6 +50,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let synced =
         sensors.sync_inodes(&inventory.file_keys_ranked(), &inventory.dir_keys_ranked())?;
     report_kernel_sync(&synced, 0);
+    // Attached: keep only what the loop needs, before any other thread exists (threads
+    // copy their creator's capabilities).
+    crate::privileges::drop_after_attach()?;
     // From here on scans run off the loop; the loop applies their results.
     inventory.scan_in_background()?;
     let ring = sensors.take_ring().context("ring buffer already taken")?;

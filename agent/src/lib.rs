@@ -79,6 +79,7 @@ pub mod kubelet;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod privileges;
 pub mod probes;
 pub mod process;
 pub mod replay;

@@ -834,3 +834,95 @@ fn alerts_are_not_dropped_with_events() {
         (alerts, alerts)
     );
 }
+
+// -- Capabilities -------------------------------------------------------------------------
+
+/// `CapXxx:` of a /proc status text, as a bit set.
+fn cap_field(status: &str, key: &str) -> u64 {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {status}"));
+    u64::from_str_radix(hex.trim(), 16).unwrap()
+}
+
+/// After the probes attach, the agent holds only what its loop needs (file and /proc access,
+/// see `privileges.rs`), in every thread, with no-new-privileges; and the loop still does
+/// its work: a secret of another user created after start is read and fingerprinted by the
+/// scanner, a rotated token's new inode goes into the kernel map, another user's executable
+/// is named, the drop counters are read.
+#[test]
+#[ignore = "privileged: real probes (cargo xtask test runs it as root)"]
+fn capabilities_are_dropped_after_attach_and_the_loop_still_works() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let w = workdir();
+    let kubelet = w.path().join("kubelet");
+    let t1 = fake_sa_token("payments", "payments-api", "api-7f9c", UID_A, 1);
+    let t2 = fake_sa_token("payments", "payments-api", "api-7f9c", UID_A, 2);
+    let mut vol = PodVolume::create(&kubelet, UID_A, "kube-api-access-a", &t1);
+    let private = w.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&private, Some(1000), Some(1000)).unwrap();
+    let agent = Agent::start(&format!(
+        "[secrets]\ncatalog = true\npaths = [\"{}/*.key\"]\nrescan_interval = \"200ms\"\n[kubernetes]\nkubelet_root = \"{}\"\n[fingerprint]\nkey = \"{KEY}\"\n",
+        private.display(),
+        kubelet.display()
+    ));
+    let pid = agent.pid();
+    let want: u64 = credwatch::privileges::needed_after_attach()
+        .iter()
+        .map(|c| 1u64 << c.index())
+        .sum();
+    let tasks: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(tasks.len() > 2, "the agent's threads");
+    for t in &tasks {
+        let status = std::fs::read_to_string(t.join("status")).unwrap();
+        assert_eq!(
+            cap_field(&status, "CapEff:"),
+            want,
+            "{}: {status}",
+            t.display()
+        );
+        assert_eq!(cap_field(&status, "CapPrm:"), want, "{}", t.display());
+        assert_eq!(cap_field(&status, "CapInh:"), 0);
+        assert_eq!(cap_field(&status, "CapAmb:"), 0);
+        assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    }
+    // Another user's 0600 secret, created now: the scanner (a thread started after the
+    // drop) still reads it.
+    let key = private.join("app.key");
+    std::fs::write(&key, "fake-private-key").unwrap();
+    std::os::unix::fs::chown(&key, Some(1000), Some(1000)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // A uid-1000 process reading it: its executable is named.
+    let reader = actor().exec_as(1000, actor().open(&key)).pid();
+    vol.rotate(&t2);
+    let rotated = actor().open(vol.dir.join("token")).pid();
+    let s = agent.stop();
+    let r = s.reads(reader);
+    assert_eq!(r.len(), 1, "{}", s.stderr);
+    assert_eq!(
+        r[0].1.credential.fingerprint,
+        credwatch_tests::expected_fingerprint(KEY, b"fake-private-key")
+    );
+    assert_eq!(r[0].0.process.exe, ACTOR);
+    let r = s.reads(rotated);
+    assert_eq!(r.len(), 1, "{}", s.stderr);
+    assert_eq!(
+        r[0].1.credential.fingerprint,
+        credwatch_tests::expected_fingerprint(KEY, t2.as_bytes())
+    );
+    for bad in [
+        "reading drop counters",
+        "updating kernel inode maps",
+        "permission denied",
+    ] {
+        assert!(!s.stderr.contains(bad), "{bad}: {}", s.stderr);
+    }
+    assert!(s.stderr.contains("capabilities dropped after attach"));
+}
