@@ -69,8 +69,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let pipeline = pipeline.build()?;
 
     let metrics = Metrics::default();
-    if !cfg.metrics.listen.is_empty() {
-        let addr = cfg.metrics.listen.parse()?;
+    if let Some(addr) = cfg.metrics.listen_addr()? {
         match crate::metrics::serve(addr, metrics.clone()).await {
             Ok(bound) => info!("metrics on http://{bound}/metrics"),
             // Monitoring without metrics beats no monitoring; /healthz probes will say so.

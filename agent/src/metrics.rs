@@ -49,6 +49,31 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Where to listen: `listen`, with its address replaced by `CREDWATCH_METRICS_ADDRESS`
+    /// when set (a DaemonSet passes the pod IP from the downward API, so the listener is
+    /// not on every interface of a host-network pod). `None`: metrics off.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        let mut addr: SocketAddr = self
+            .listen
+            .parse()
+            .with_context(|| format!("metrics.listen {:?}", self.listen))?;
+        if let Ok(ip) = std::env::var("CREDWATCH_METRICS_ADDRESS")
+            && !ip.trim().is_empty()
+        {
+            let ip = ip.trim().trim_start_matches('[').trim_end_matches(']');
+            addr.set_ip(
+                ip.parse()
+                    .with_context(|| format!("CREDWATCH_METRICS_ADDRESS {ip:?}"))?,
+            );
+        }
+        Ok(Some(addr))
+    }
+}
+
 impl Validate for Config {
     fn validate(&self, c: &mut Checker) {
         c.check(
