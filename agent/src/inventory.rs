@@ -1680,4 +1680,54 @@ mod tests {
         assert!(changed);
         assert_eq!(inv.len(), 3);
     }
+
+    /// Names a user controls: newlines, bytes that are not UTF-8, 255-byte names, symlink
+    /// loops and chains, dangling links, a tree deeper than any glob. Nothing panics or
+    /// hangs, loops are not followed, and the real key is found.
+    #[test]
+    fn hostile_names_and_links_in_a_home_are_survived() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let host = tempfile::tempdir().unwrap();
+        let ssh = host.path().join("home/eve/.ssh");
+        fs::create_dir_all(&ssh).unwrap();
+        fs::write(ssh.join("id_real"), "fake-real-key").unwrap();
+        fs::write(ssh.join("id_new\nline"), "fake-newline").unwrap();
+        fs::write(
+            ssh.join(std::ffi::OsStr::from_bytes(b"id_\xff\xfe")),
+            "fake-not-utf8",
+        )
+        .unwrap();
+        fs::write(ssh.join(format!("id_{}", "x".repeat(250))), "fake-long").unwrap();
+        std::os::unix::fs::symlink("id_loop_b", ssh.join("id_loop_a")).unwrap();
+        std::os::unix::fs::symlink("id_loop_a", ssh.join("id_loop_b")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/key", ssh.join("id_dangling")).unwrap();
+        std::os::unix::fs::symlink("/proc/self/root/etc/hostname", ssh.join("id_magic")).unwrap();
+        let mut deep = ssh.clone();
+        for i in 0..200 {
+            deep.push(format!("d{i}"));
+        }
+        fs::create_dir_all(&deep).unwrap();
+        fs::write(deep.join("id_deep"), "fake-deep").unwrap();
+        let mut inv = host_inventory(host.path(), &["/home/*/.ssh/id_*", "/home/**/id_*"]);
+        inv.rescan();
+        let paths: Vec<&str> = inv.entries().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"/home/eve/.ssh/id_real"), "{paths:?}");
+        assert!(
+            paths.iter().any(|p| p.contains("id_new\nline")),
+            "{paths:?}"
+        );
+        assert!(
+            !paths
+                .iter()
+                .any(|p| p.contains("loop") || p.contains("dangling"))
+        );
+        assert!(
+            !paths.iter().any(|p| p.contains("magic")),
+            "no /proc magic link is followed: {paths:?}"
+        );
+        assert!(
+            !paths.iter().any(|p| p.ends_with("id_deep")),
+            "deeper than the glob walk"
+        );
+    }
 }
