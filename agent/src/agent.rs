@@ -81,7 +81,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         cfg.node_name().into(),
         inventory,
         WorkloadResolver::from_config(sensors.cgroup2_root.clone(), &cfg.kubernetes)?,
-        ProcessTable::new("/proc", 1 << 20),
+        // ~370 B a process: 131 072 live processes are ~47 MiB; past it live processes are
+        // evicted (and read from /proc again when they show up), never a panic.
+        ProcessTable::new("/proc", 1 << 17),
     );
     enricher.set_kernel_left_out(synced.left_out());
     let ring_fill = match RingFill::new(std::os::fd::AsFd::as_fd(ring.get_ref())) {

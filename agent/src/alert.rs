@@ -241,8 +241,9 @@ pub struct Dedup {
 const MAX_EVIDENCE: usize = 16;
 
 impl Dedup {
-    /// Remembered findings, at most (each holds one alert and up to 16 pieces of evidence).
-    pub const MAX_KEYS: usize = 20_000;
+    /// Remembered findings, at most: each holds one alert and up to 16 pieces of evidence,
+    /// up to ~10 KB, so ~40 MiB at the cap.
+    pub const MAX_KEYS: usize = 4096;
 
     pub fn new(window: std::time::Duration) -> Self {
         Self::with_capacity(window, Self::MAX_KEYS)

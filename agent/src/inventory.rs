@@ -76,6 +76,10 @@ pub struct Config {
     /// At most this many secrets from one pod's kubelet volumes.
     #[serde(default = "default_max_per_pod")]
     pub max_per_pod: usize,
+    /// At most this many secrets in all (the kernel map holds 65 536): roots are scanned
+    /// pod volumes first, home directories last.
+    #[serde(default = "default_max_secrets")]
+    pub max_secrets: usize,
 }
 
 fn yes() -> bool {
@@ -96,6 +100,9 @@ fn default_max_per_home() -> usize {
 fn default_max_per_pod() -> usize {
     256
 }
+fn default_max_secrets() -> usize {
+    65536
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -109,6 +116,7 @@ impl Default for Config {
             max_per_root: default_max_per_root(),
             max_per_home: default_max_per_home(),
             max_per_pod: default_max_per_pod(),
+            max_secrets: default_max_secrets(),
         }
     }
 }
@@ -140,6 +148,7 @@ impl Validate for Config {
             ("max_per_root", self.max_per_root),
             ("max_per_home", self.max_per_home),
             ("max_per_pod", self.max_per_pod),
+            ("max_secrets", self.max_secrets),
         ] {
             c.check(v > 0, key, "must be at least 1");
         }
@@ -152,6 +161,7 @@ pub struct Caps {
     pub per_root: usize,
     pub per_home: usize,
     pub per_pod: usize,
+    pub total: usize,
 }
 
 impl Default for Caps {
@@ -160,6 +170,7 @@ impl Default for Caps {
             per_root: default_max_per_root(),
             per_home: default_max_per_home(),
             per_pod: default_max_per_pod(),
+            total: default_max_secrets(),
         }
     }
 }
@@ -184,6 +195,7 @@ impl Inventory {
             per_root: cfg.max_per_root,
             per_home: cfg.max_per_home,
             per_pod: cfg.max_per_pod,
+            total: cfg.max_secrets,
         })
         .with_host_root(host_root))
     }
@@ -278,6 +290,8 @@ pub struct ScanStats {
     pub capped_per_root: u64,
     pub capped_per_home: u64,
     pub capped_per_pod: u64,
+    /// Secrets left out by `max_secrets`.
+    pub capped_total: u64,
     /// Directory entries a root's walk stopped at ([`WALK_MAX_ENTRIES`]).
     pub walk_truncated: u64,
 }
@@ -290,11 +304,12 @@ impl ScanStats {
         self.capped_per_root += o.capped_per_root;
         self.capped_per_home += o.capped_per_home;
         self.capped_per_pod += o.capped_per_pod;
+        self.capped_total += o.capped_total;
         self.walk_truncated += o.walk_truncated;
     }
 
     fn capped(&self) -> u64 {
-        self.capped_per_root + self.capped_per_home + self.capped_per_pod
+        self.capped_per_root + self.capped_per_home + self.capped_per_pod + self.capped_total
     }
 }
 
@@ -350,6 +365,7 @@ struct Scanner {
 struct Tally {
     per_home: HashMap<String, usize>,
     per_pod: HashMap<String, usize>,
+    total: usize,
     stats: ScanStats,
 }
 
@@ -423,10 +439,24 @@ impl Inventory {
         for p in NOT_SECRETS {
             ex.add(Glob::new(p).expect("static glob"));
         }
+        // Most trusted places first, so `max_secrets` leaves out home directories before
+        // pod volumes.
+        let kubelet = kubelet_root.trim_end_matches('/');
+        let mut roots = merge_roots(roots);
+        roots.sort_by_key(|(r, _)| {
+            let r = r.to_string_lossy();
+            if Path::new(&*r).starts_with(kubelet) {
+                0
+            } else if home_of(&r).is_some() || r == "/home" || r == "/run/user" {
+                2
+            } else {
+                1
+            }
+        });
         let scanner = Scanner {
             globs: b.build()?,
             exclude: ex.build()?,
-            roots: merge_roots(roots),
+            roots,
             explicit_dirs: watch_dirs.iter().map(PathBuf::from).collect(),
             kubelet_root: kubelet_root.trim_end_matches('/').to_owned(),
             max_read,
@@ -997,6 +1027,7 @@ impl Scanner {
     }
 
     fn count(&self, tally: &mut Tally, e: &SecretEntry) {
+        tally.total += 1;
         if let Some(uid) = &e.owner_pod_uid {
             *tally.per_pod.entry(uid.clone()).or_default() += 1;
         } else if let Some(h) = home_of(&e.path) {
@@ -1069,6 +1100,10 @@ impl Scanner {
                 {
                     out.not_secret.push(r.stat.key);
                 }
+                continue;
+            }
+            if tally.total >= self.caps.total {
+                tally.stats.capped_total += 1;
                 continue;
             }
             if in_root >= self.caps.per_root {
@@ -1617,6 +1652,24 @@ mod tests {
             "mallory's cap, alice's key, the token"
         );
         assert_eq!(inv.stats().capped_per_home, (70_000 - caps.per_home) as u64);
+        // And with the caps lifted but a total smaller than what is there: pod tokens first.
+        let mut small = host_inventory(
+            host.path(),
+            &[
+                "/home/*/.ssh/id_*",
+                &CATALOG[0].replace("{kubelet}", "/var/lib/kubelet"),
+            ],
+        )
+        .with_caps(Caps {
+            per_root: 100_000,
+            per_home: 100_000,
+            per_pod: 256,
+            total: 1000,
+        });
+        small.rescan();
+        assert_eq!(small.len(), 1000);
+        assert!(small.entries().any(|e| e.rank == Rank::PodToken));
+        assert_eq!(small.stats().capped_total, 70_002 - 1000);
         let ranked = inv.file_keys_ranked();
         let first = inv.get(&ranked[0]).unwrap();
         assert!(first.path.ends_with("/token"), "{}", first.path);

@@ -132,7 +132,7 @@ fn a_full_kernel_map_is_synced_partially_pod_tokens_first() {
     let (token_path, _) = seventy_thousand_keys_and_a_pod_token(w.path());
     let agent = Agent::start(&host_root_config(
         w.path(),
-        "max_per_home = 100000\nmax_per_root = 100000\n",
+        "max_per_home = 100000\nmax_per_root = 100000\nmax_secrets = 100000\n",
     ));
     let reader = actor().open(&token_path).pid();
     let s = agent.stop();
@@ -874,6 +874,8 @@ fn capabilities_are_dropped_after_attach_and_the_loop_still_works() {
         .iter()
         .map(|c| 1u64 << c.index())
         .sum();
+    let main = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(cap_field(&main, "CapEff:"), want, "{main}");
     let tasks: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -44,11 +44,13 @@ use crate::{alert::Alert, clickhouse::Config as Cfg, event::Event};
 
 /// Rows cross the queue in chunks of this many, not one by one.
 const CHUNK: usize = 1024;
-/// Alert chunks the alert queue holds (a chunk per drain at most)…
-const ALERT_QUEUE_CHUNKS: usize = 4096;
-/// …and alert rows the pipeline keeps when even that is full (far beyond the point where
-/// the event queue, 500 000 rows by default, has been dropping for a while).
-const ALERT_BACKLOG_ROWS: usize = 100_000;
+/// Alert rows cross the queue in chunks of at most this many…
+const ALERT_CHUNK: usize = 128;
+/// …the alert queue holds this many chunks (4 096 rows, ~30 MiB at ~7 KB a row)…
+const ALERT_QUEUE_CHUNKS: usize = 32;
+/// …and the pipeline keeps this many more alert rows when even that is full (~60 MiB; by
+/// then the event queue has been dropping for a while).
+const ALERT_BACKLOG_ROWS: usize = 8192;
 /// After shutdown spooled everything, how long the writer still tries to deliver the spool.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
@@ -206,9 +208,13 @@ impl ClickHouseSink {
             self.send_events(rows);
         }
         if !self.alerts.is_empty() {
-            let rows = std::mem::take(&mut self.alerts);
-            self.alert_backlog_rows += rows.len();
-            self.alert_backlog.push_back(rows);
+            let mut rows = std::mem::take(&mut self.alerts);
+            while !rows.is_empty() {
+                let rest = rows.split_off(rows.len().min(ALERT_CHUNK));
+                self.alert_backlog_rows += rows.len();
+                self.alert_backlog.push_back(rows);
+                rows = rest;
+            }
         }
         self.send_alerts(self.wait);
     }
