@@ -244,8 +244,9 @@ fn watched_directory_misses_rescan_off_the_loop_once() {
     drop(listener);
 }
 
-/// A noisy workload forks as fast as it can, opens an unwatched file as fast as it can and
-/// reads its own secret at `CREDWATCH_TEST_FLOOD_READS_PER_S` (default 2 000/s), while
+/// A noisy workload forks as fast as it can (`CREDWATCH_TEST_FLOOD_FORKERS` processes,
+/// default 1), opens an unwatched file as fast as it can and reads its own secret at
+/// `CREDWATCH_TEST_FLOOD_READS_PER_S` (default 2 000/s), while
 /// another workload reads its secret: every one of those reads arrives. Prints the figures
 /// (forks/s, opens/s, drops and where they are counted, agent RSS).
 #[test]
@@ -274,17 +275,23 @@ fn a_fork_and_open_flood_does_not_hide_another_workloads_reads() {
     let agent_pid = agent.pid();
     let stop = Arc::new(AtomicBool::new(false));
     let flood_for = Duration::from_secs(10);
-    let forks = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(Relaxed) {
-                actor().forks(2000).run();
-                n += 2000;
-            }
-            n
+    let forkers: usize = std::env::var("CREDWATCH_TEST_FLOOD_FORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let forks: Vec<_> = (0..forkers)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Relaxed) {
+                    actor().forks(2000).run();
+                    n += 2000;
+                }
+                n
+            })
         })
-    };
+        .collect();
     let unwatched_opens = {
         let stop = stop.clone();
         std::thread::spawn(move || {
@@ -326,7 +333,7 @@ fn a_fork_and_open_flood_does_not_hide_another_workloads_reads() {
     stop.store(true, Relaxed);
     let elapsed = t.elapsed().as_secs_f64();
     let (forked, opened, noisy) = (
-        forks.join().unwrap(),
+        forks.into_iter().map(|t| t.join().unwrap()).sum::<u64>(),
         unwatched_opens.join().unwrap(),
         noisy_reads.join().unwrap(),
     );
