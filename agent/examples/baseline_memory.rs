@@ -42,13 +42,10 @@ fn main() {
             kind: CredentialType::K8sSaToken,
             ..Default::default()
         };
+        let ip = format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255);
         let dst = Destination {
-            ip: format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255)
-                .parse()
-                .unwrap(),
-            port: 443,
-            proto: "tcp".into(),
             name: Some(format!("svc-{}.ns.svc.cluster.local", i % 1000)),
+            ..Destination::inet(ip.parse().unwrap(), 443, "tcp")
         };
         let ts = Timestamp::from_unix_nanos(1_795_000_000_000_000_000 + i as i64);
         let body = Body::CredentialUse(Box::new(CredentialUse {

@@ -37,10 +37,8 @@ fn event(i: u64) -> Event {
         owner: None,
     });
     let dst = Destination {
-        ip: IpAddr::from([10, 0, (i % 200) as u8, 7]),
-        port: 443,
-        proto: "tcp".into(),
         name: Some("api.internal".into()),
+        ..Destination::inet(IpAddr::from([10, 0, (i % 200) as u8, 7]), 443, "tcp")
     };
     let ts = Timestamp::from_unix_nanos(1_795_000_000_000_000_000 + i as i64 * 1000);
     let body = match i % 4 {
@@ -48,6 +46,7 @@ fn event(i: u64) -> Event {
         1 | 2 => Body::Connect(Connect {
             dst,
             result: "ok".into(),
+            via: "connect".into(),
         }),
         _ => Body::CredentialUse(Box::new(CredentialUse {
             secret: Some(secret),

@@ -80,7 +80,7 @@ fn main() {
         &[],
         "/nonexistent",
         4096,
-        fp,
+        fp.clone(),
     )
     .unwrap();
     inv.rescan();
@@ -101,11 +101,15 @@ fn main() {
     let mut records = Vec::with_capacity(4096);
     for i in 0..1024u32 {
         let tgid = 10_000 + i;
-        let mut exec = c::Exec {
+        let mut exec = c::ExecFixed {
             hdr: header(c::RecordKind::Exec, tgid, 0, pod_cgroup),
             cap_effective: 0,
             flags: 0,
             tty: [0; 16],
+            env_len: 0,
+            argv_len: 0,
+            env_total: 0,
+            argv_total: 0,
             _pad: 0,
             filename: [0; 256],
         };
@@ -115,12 +119,13 @@ fn main() {
             dev: key.dev,
             ino: key.ino,
             dir_ino: 0,
+            opens: 1,
             matched: c::MatchKind::File as u32,
             syscall: c::OpenSyscall::Openat as u32,
             fd: 3,
             open_flags: 0,
             flags: 0,
-            _pad: 0,
+            abi: c::Abi::Native as u32,
             name: [0; 256],
         };
         open.name[..5].copy_from_slice(b"token");
@@ -132,7 +137,11 @@ fn main() {
             _pad: 0,
             addr: [10, 96, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             ret: 0,
-            op: c::ConnectOp::Connect as u32,
+            via: c::ConnectVia::Syscall as u32,
+            flags: 0,
+            abi: c::Abi::Native as u32,
+            cookie: u64::from(i) + 1,
+            req: 0,
         };
         let exit = c::Exit {
             hdr: header(c::RecordKind::Exit, tgid, 0, pod_cgroup),
@@ -151,7 +160,7 @@ fn main() {
     let mut events = 0u64;
     for i in 0..n {
         let raw = &records[(i % records.len() as u64) as usize];
-        let rec = decode(raw).expect("valid record");
+        let rec = decode(raw, &fp).expect("valid record");
         enricher.enrich(&rec, &mut ids, &mut batch);
         for ev in batch.drain(..) {
             events += 1;

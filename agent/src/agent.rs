@@ -5,7 +5,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use credwatch_common::Probe;
+use credwatch_common::{Probe, RepeatKey, Suppressed as SuppressedReason};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -16,12 +16,12 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::Config,
     credential::Fingerprinter,
-    decode::decode,
-    enrich::{Enricher, IdGen},
-    event::Event,
+    decode::{Record, decode},
+    enrich::{BootClock, Enricher, IdGen},
+    event::{Event, duration_ns},
     inventory::Inventory,
     kubelet::{KubeletClient, PodDirectory},
-    metrics::{AgentSnapshot, Metrics},
+    metrics::{AgentSnapshot, BudgetOverrun, Metrics},
     pipeline::{NdjsonSink, Pipeline, PipelineBuilder},
     probes::{Drops, RingFill, SensorOptions, Sensors},
     process::ProcessTable,
@@ -43,7 +43,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     crate::state::private_umask();
     crate::state::ensure_dir(&opts.state_dir)?;
     let fp = Fingerprinter::new(&cfg.fingerprint.load_key(&opts.state_dir)?);
-    let mut inventory = Inventory::from_config(&cfg.secrets, &cfg.kubernetes.kubelet_root, fp)?;
+    let mut inventory =
+        Inventory::from_config(&cfg.secrets, &cfg.kubernetes.kubelet_root, fp.clone())?;
     inventory.rescan();
 
     let mut sensors = Sensors::load(&SensorOptions::from_config(&cfg.sensors))?;
@@ -52,13 +53,19 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     report_kernel_sync(&synced, 0);
     // Attached: keep only what the loop needs, before any other thread exists (threads
     // copy their creator's capabilities).
-    crate::privileges::drop_after_attach()?;
+    let ia32_later = cfg.sensors.ia32 == crate::probes::Ia32Mode::OnExec
+        && !sensors.attached.iter().any(|a| a.contains("ia32"));
+    crate::privileges::drop_after_attach(ia32_later)?;
     // From here on scans run off the loop; the loop applies their results.
     inventory.scan_in_background()?;
-    let ring = sensors.take_ring().context("ring buffer already taken")?;
-    // SAFETY: the RingBuf owns its map fd for its whole life and always returns the same fd.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
+    let rings = sensors.take_rings().context("ring buffers already taken")?;
+    // SAFETY: a RingBuf owns its map fd for its whole life and always returns the same fd.
+    let register = |r, what: &str| {
+        unsafe { AsyncFd::register_with_interest(r, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("polling the {what} ring: {}", e.into_parts().1))
+    };
+    let mut secrets = register(rings.secrets, "secrets")?;
+    let mut events = register(rings.events, "events")?;
 
     let mut pipeline = PipelineBuilder::new(&cfg)
         .state_dir(Some(&opts.state_dir))
@@ -84,26 +91,27 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         // ~370 B a process: 131 072 live processes are ~47 MiB; past it live processes are
         // evicted (and read from /proc again when they show up), never a panic.
         ProcessTable::new("/proc", 1 << 17),
-    );
+    )
+    .with_cgroup2_root(sensors.cgroup2_root.clone());
     enricher.set_kernel_left_out(synced.left_out());
-    let ring_fill = match RingFill::new(std::os::fd::AsFd::as_fd(ring.get_ref())) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            warn!("{e:#}; ring fill not reported");
-            None
-        }
-    };
+    let gauges = [
+        RingGauge::new(secrets.get_ref(), cfg.sensors.secret_ring_bytes, "secrets"),
+        RingGauge::new(events.get_ref(), cfg.sensors.ring_bytes, "events"),
+    ];
     let mut agent = Agent {
         enricher,
         pipeline,
         sensors,
+        fp,
         ids: IdGen::new(),
         batch: Vec::with_capacity(256),
+        held: Vec::with_capacity(1024),
+        repeat_interval_ns: duration_ns(cfg.sensors.repeat_interval) as u64,
         decode_errors: 0,
-        ring_peak: 0,
-        ring_size: u64::from(cfg.sensors.ring_bytes),
-        ring_fill,
+        gauges,
         drops: Drops::default(),
+        suppressed: Default::default(),
+        sweep_countdown: REPEAT_SWEEP_SECS,
         stats_file: opts.stats_file.clone(),
     };
     // After attaching: processes started from here on are seen by the probes.
@@ -132,18 +140,29 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
 
     loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("ring buffer poll")?;
-                agent.drain(guard.get_inner_mut());
+            guard = secrets.readable_mut() => {
+                let mut guard = guard.context("secrets ring poll")?;
+                agent.collect(guard.get_inner_mut(), RING_SECRETS);
                 guard.clear_ready();
+                agent.process(false);
+            }
+            guard = events.readable_mut() => {
+                let mut guard = guard.context("events ring poll")?;
+                agent.collect(guard.get_inner_mut(), RING_EVENTS);
+                guard.clear_ready();
+                agent.process(false);
             }
             _ = drain_tick.tick() => {
-                agent.drain(ring.get_mut());
+                agent.collect(secrets.get_mut(), RING_SECRETS);
+                agent.collect(events.get_mut(), RING_EVENTS);
+                agent.process(false);
                 agent.pipeline.flush();
             }
             _ = rescan_tick.tick() => {
-                // Records already in the ring refer to the inventory as it was.
-                agent.drain(ring.get_mut());
+                // Records already in the rings refer to the inventory as it was.
+                agent.collect(secrets.get_mut(), RING_SECRETS);
+                agent.collect(events.get_mut(), RING_EVENTS);
+                agent.process(true);
                 agent.enricher.rescan();
             }
             _ = stats_tick.tick() => agent.every_second(&metrics),
@@ -153,7 +172,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         }
         agent.sync_kernel_maps();
     }
-    agent.shutdown(ring.get_mut());
+    agent.collect(secrets.get_mut(), RING_SECRETS);
+    agent.collect(events.get_mut(), RING_EVENTS);
+    agent.shutdown();
     Ok(())
 }
 
@@ -206,16 +227,23 @@ struct Agent {
     enricher: Enricher,
     pipeline: Pipeline,
     sensors: Sensors,
+    /// Fingerprints what exec records expose (in decode).
+    fp: Fingerprinter,
     ids: IdGen,
     batch: Vec<Event>,
+    /// Records taken from both rings, processed in time order once old enough that an
+    /// earlier record cannot still be on its way in the other ring.
+    held: Vec<Record>,
+    repeat_interval_ns: u64,
     decode_errors: u64,
-    /// Largest backlog (bytes waiting) a drain found since the last snapshot: how close
-    /// the ring came to dropping.
-    ring_peak: u64,
-    ring_size: u64,
-    ring_fill: Option<RingFill>,
+    /// How full each ring got (indexed by RING_SECRETS / RING_EVENTS).
+    gauges: [RingGauge; 2],
     /// Drop counters as last read.
     drops: Drops,
+    /// Records the probes counted instead of sending, as last read.
+    suppressed: Suppressed,
+    /// Seconds until the next sweep of dead processes' repeat counters.
+    sweep_countdown: u32,
     stats_file: Option<PathBuf>,
 }
 
@@ -244,20 +272,14 @@ impl Agent {
         Ok(Some(rx))
     }
 
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
-        if let Some(f) = &self.ring_fill {
-            self.ring_peak = self.ring_peak.max(f.bytes());
-        }
+    /// Takes every record waiting in `ring`.
+    fn collect(&mut self, ring: &mut RingBuf<MapData>, which: usize) {
+        self.gauges[which].sample();
         while let Some(item) = ring.next() {
-            let rec = decode(&item);
+            let rec = decode(&item, &self.fp);
             drop(item);
             match rec {
-                Ok(rec) => {
-                    self.enricher.enrich(&rec, &mut self.ids, &mut self.batch);
-                    for ev in self.batch.drain(..) {
-                        self.pipeline.handle(ev, &mut self.ids);
-                    }
-                }
+                Ok(rec) => self.held.push(rec),
                 Err(e) => {
                     self.decode_errors += 1;
                     if self.decode_errors == 1 {
@@ -266,6 +288,138 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Runs the held records through the pipeline in time order: those older than a short
+    /// hold-back (a record reserved earlier in the other ring is committed by then), or all
+    /// of them.
+    fn process(&mut self, all: bool) {
+        const HOLD_NS: u64 = 2_000_000;
+        if self.held.is_empty() {
+            return;
+        }
+        self.held.sort_by_key(|r| r.header().ts_ns);
+        let cut = if all {
+            self.held.len()
+        } else {
+            let horizon = BootClock::boot_now().saturating_sub(HOLD_NS);
+            self.held.partition_point(|r| r.header().ts_ns <= horizon)
+        };
+        let ready: Vec<Record> = self.held.drain(..cut).collect();
+        for rec in ready {
+            if let Record::Exit(x) = &rec {
+                self.final_repeats(x.hdr);
+            }
+            self.run(&rec);
+        }
+        if self.enricher.take_ia32_exec() {
+            self.sensors.saw_ia32_exec();
+            // The only late attach: what it needed goes now.
+            crate::privileges::done_attaching();
+        }
+    }
+
+    fn run(&mut self, rec: &Record) {
+        self.enricher.enrich(rec, &mut self.ids, &mut self.batch);
+        for ev in self.batch.drain(..) {
+            self.pipeline.handle(ev, &mut self.ids);
+        }
+    }
+
+    /// A process exited: the opens its probes counted after their last records are
+    /// reported, and its counters go.
+    fn final_repeats(&mut self, hdr: credwatch_common::Header) {
+        let keys = self.enricher.repeat_keys_of(hdr.tgid);
+        for key in &keys {
+            if let Some(r) = self.sensors.repeat_state(key) {
+                self.run(&Record::Repeats {
+                    key: *key,
+                    opens: r.opens,
+                    hdr,
+                });
+            }
+        }
+        self.sensors.forget_repeats(&keys);
+        self.enricher.forget_repeats(&keys);
+    }
+
+    /// Processes that went quiet after reading a secret: opens counted since their last
+    /// record are reported now rather than at their exit (bounded work per second).
+    fn quiet_repeats(&mut self) {
+        let quiet = self.repeat_interval_ns.saturating_mul(2);
+        self.catch_up_repeats(quiet, IN_FLIGHT_NS, 256);
+    }
+
+    /// Reports the opens counted since the last record of up to `limit` keys quiet for
+    /// `quiet_ns`. A key whose probe sent a record less than `in_flight_ns` ago waits: that
+    /// record may still be on its way, and it carries those opens.
+    fn catch_up_repeats(&mut self, quiet_ns: u64, in_flight_ns: u64, limit: usize) {
+        let now = BootClock::boot_now();
+        for key in self.enricher.quiet_repeat_keys(now, quiet_ns, limit) {
+            let Some(r) = self.sensors.repeat_state(&key) else {
+                continue;
+            };
+            if now.saturating_sub(r.last_sent_ns) < in_flight_ns {
+                continue;
+            }
+            if self
+                .enricher
+                .reported_opens(&key)
+                .is_some_and(|rep| r.opens > rep)
+            {
+                let hdr = credwatch_common::Header {
+                    tgid: key.tgid,
+                    ts_ns: now,
+                    ..Default::default()
+                };
+                self.run(&Record::Repeats {
+                    key,
+                    opens: r.opens,
+                    hdr,
+                });
+            }
+        }
+    }
+
+    /// Repeat counters of processes whose exit the agent never saw (a dropped record): their
+    /// last opens are reported and the kernel's entries freed, so the table cannot fill up
+    /// with the dead.
+    fn sweep_repeats(&mut self) {
+        let mut dead: Vec<RepeatKey> = self
+            .sensors
+            .repeat_keys()
+            .into_iter()
+            .filter(|k| !crate::process::is_alive(k.tgid))
+            .collect();
+        dead.sort_by_key(|k| k.tgid);
+        dead.dedup_by_key(|k| k.tgid);
+        let now = BootClock::boot_now();
+        for k in &dead {
+            self.final_repeats(credwatch_common::Header {
+                tgid: k.tgid,
+                ts_ns: now,
+                ..Default::default()
+            });
+        }
+        // Entries the agent had no record of (their first record was lost) go too.
+        let rest: Vec<RepeatKey> = self
+            .sensors
+            .repeat_keys()
+            .into_iter()
+            .filter(|k| dead.iter().any(|d| d.tgid == k.tgid))
+            .collect();
+        self.sensors.forget_repeats(&rest);
+    }
+
+    /// The cgroups whose secret opens went over budget, worst first (bounded: a stats
+    /// field, not a metric label).
+    fn over_budget(&self) -> Vec<BudgetOverrun> {
+        let mut v = self.sensors.budget_suppressed();
+        v.sort_by_key(|b| std::cmp::Reverse(b.1));
+        v.truncate(8);
+        v.into_iter()
+            .map(|(cgroup_id, opens)| BudgetOverrun { cgroup_id, opens })
+            .collect()
     }
 
     /// Applies finished inventory scans: the kernel's inode maps follow, then the reads that
@@ -294,6 +448,12 @@ impl Agent {
     fn every_second(&mut self, metrics: &Metrics) {
         self.pipeline.checkpoint();
         self.enricher.tick();
+        self.quiet_repeats();
+        self.enricher
+            .expire_pending(BootClock::boot_now(), &mut self.batch);
+        for ev in std::mem::take(&mut self.batch) {
+            self.pipeline.handle(ev, &mut self.ids);
+        }
         self.sensors.flush_probe_logs();
         match self.sensors.drops() {
             Ok(d) => {
@@ -312,25 +472,44 @@ impl Agent {
             }
             Err(e) => warn!("reading drop counters: {e}"),
         }
+        match self.sensors.suppressed() {
+            Ok(s) => self.suppressed = s,
+            Err(e) => warn!("reading suppression counters: {e}"),
+        }
+        self.sweep_countdown = self.sweep_countdown.saturating_sub(1);
+        if self.sweep_countdown == 0 {
+            self.sweep_countdown = REPEAT_SWEEP_SECS;
+            self.sweep_repeats();
+        }
         let snap = self.snapshot();
         if let Some(path) = &self.stats_file {
             write_stats(path, &snap);
         }
         metrics.publish(snap);
-        self.ring_peak = 0;
+        for g in &mut self.gauges {
+            g.peak = 0;
+        }
     }
 
     /// Flushes what the probes already produced, then every output.
-    fn shutdown(mut self, ring: &mut RingBuf<MapData>) {
-        self.drain(ring);
+    fn shutdown(mut self) {
+        self.process(true);
+        // Every open counted so far is reported before the agent goes (the rings were just
+        // drained: nothing is in flight).
+        self.catch_up_repeats(0, 0, usize::MAX);
+        // Reads still waiting for a directory rescan, and their processes' records.
         self.enricher
             .release_all_held(&mut self.ids, &mut self.batch);
-        for ev in self.batch.drain(..) {
+        self.enricher.expire_pending(u64::MAX, &mut self.batch);
+        for ev in std::mem::take(&mut self.batch) {
             self.pipeline.handle(ev, &mut self.ids);
         }
         self.pipeline.finish();
         if let Ok(d) = self.sensors.drops() {
             self.drops = d;
+        }
+        if let Ok(s) = self.sensors.suppressed() {
+            self.suppressed = s;
         }
         if let Some(path) = &self.stats_file {
             write_stats(path, &self.snapshot());
@@ -350,6 +529,11 @@ impl Agent {
             ring_decode_errors: self.decode_errors,
             unmatched_dir_opens: c.stats.unmatched_dir_opens,
             secret_non_reads: c.stats.secret_non_reads,
+            suppressed: SuppressedReason::ALL
+                .iter()
+                .map(|r| (r.name(), self.suppressed[*r as usize]))
+                .collect(),
+            cgroups_over_budget: self.over_budget(),
             dns_unparsed: c.stats.dns_unparsed,
             inventory_secrets: c.inventory_secrets,
             watched_dirs: c.watched_dirs,
@@ -363,8 +547,49 @@ impl Agent {
             cgroups_unresolved: c.cgroups_unresolved,
             pods: c.pods,
             sinks: self.pipeline.outputs().sinks,
-            ring_size_bytes: self.ring_size,
-            ring_peak_bytes: self.ring_peak,
+            ring_size_bytes: self.gauges[RING_EVENTS].size,
+            ring_peak_bytes: self.gauges[RING_EVENTS].peak,
+            secret_ring_size_bytes: self.gauges[RING_SECRETS].size,
+            secret_ring_peak_bytes: self.gauges[RING_SECRETS].peak,
+        }
+    }
+}
+
+const RING_SECRETS: usize = 0;
+const RING_EVENTS: usize = 1;
+const REPEAT_SWEEP_SECS: u32 = 30;
+/// How long after the probe sent a record it may still be in a ring, undrained.
+const IN_FLIGHT_NS: u64 = 100_000_000;
+
+type Suppressed = [u64; credwatch_common::SUPPRESSED_COUNT as usize];
+
+/// How full one ring got between snapshots: how close it came to dropping.
+struct RingGauge {
+    fill: Option<RingFill>,
+    size: u64,
+    /// Largest backlog (bytes waiting) a drain found since the last snapshot.
+    peak: u64,
+}
+
+impl RingGauge {
+    fn new(ring: &RingBuf<MapData>, size: u32, what: &str) -> Self {
+        let fill = match RingFill::new(std::os::fd::AsFd::as_fd(ring)) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                warn!("{e:#}; {what} ring fill not reported");
+                None
+            }
+        };
+        RingGauge {
+            fill,
+            size: u64::from(size),
+            peak: 0,
+        }
+    }
+
+    fn sample(&mut self) {
+        if let Some(f) = &self.fill {
+            self.peak = self.peak.max(f.bytes());
         }
     }
 }

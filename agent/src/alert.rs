@@ -393,15 +393,11 @@ mod tests {
         let mut read = Event::new("a-1".into(), Timestamp::from_unix_nanos(5), "n", body);
         read.process.comm = "api".into();
         read.process.tty = Some("pts/1".into());
-        let dst = Destination {
-            ip: "10.0.0.1".parse().unwrap(),
-            port: 443,
-            proto: "tcp".into(),
-            name: None,
-        };
+        let dst = Destination::inet("10.0.0.1".parse().unwrap(), 443, "tcp");
         let body = Body::Connect(Connect {
             dst,
             result: "ok".into(),
+            via: "connect".into(),
         });
         let mut connect = Event::new("a-2".into(), Timestamp::from_unix_nanos(9), "n", body);
         connect.process.exe = "/usr/bin/curl".into();

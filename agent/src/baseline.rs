@@ -81,8 +81,8 @@ pub fn for_each_dest_key(d: &Destination, mut f: impl FnMut(&str)) {
     let mut num = itoa::Buffer::new();
     let mut k = String::with_capacity(64);
     // IPv4 by hand: `Display` through `fmt::write` was most of this function's cost.
-    match d.ip {
-        IpAddr::V4(a) => {
+    match (d.ip, &d.path) {
+        (Some(IpAddr::V4(a)), _) => {
             for (i, o) in a.octets().into_iter().enumerate() {
                 if i > 0 {
                     k.push('.');
@@ -90,9 +90,16 @@ pub fn for_each_dest_key(d: &Destination, mut f: impl FnMut(&str)) {
                 k.push_str(num.format(o));
             }
         }
-        IpAddr::V6(a) => {
+        (Some(IpAddr::V6(a)), _) => {
             use std::fmt::Write;
             let _ = write!(k, "{a}");
+        }
+        // A Unix-domain socket is its path (no port).
+        (None, path) => {
+            k.push_str("unix:");
+            k.push_str(path.as_deref().unwrap_or(""));
+            f(&k);
+            return;
         }
     }
     let mut port_proto = |k: &mut String| {
@@ -519,10 +526,8 @@ mod tests {
         used(
             e,
             Destination {
-                ip: "10.0.0.1".parse().unwrap(),
-                port,
-                proto: "tcp".into(),
                 name: Some("db.internal".into()),
+                ..Destination::inet("10.0.0.1".parse().unwrap(), port, "tcp")
             },
         )
     }
@@ -538,12 +543,8 @@ mod tests {
             "::ffff:1.2.3.4",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
-            let d = Destination {
-                ip,
-                port: 65535,
-                proto: "udp".into(),
-                name: Some("db.internal.".into()),
-            };
+            let mut d = Destination::inet(ip, 65535, "udp");
+            d.name = Some("db.internal.".into());
             assert_eq!(
                 dest_keys(&d),
                 [

@@ -43,7 +43,7 @@ struct Read {
     secret: Arc<SecretRef>,
     credential: Arc<CredentialRef>,
     /// Destinations already reported for this read: one use per (read, destination).
-    reported: Vec<(std::net::IpAddr, u16)>,
+    reported: Vec<(Option<std::net::IpAddr>, u16)>,
 }
 
 pub struct Correlator {
@@ -173,15 +173,11 @@ mod tests {
     }
 
     fn connect(tgid: u32, ts_ms: i64, port: u16) -> Event {
-        let dst = Destination {
-            ip: "10.0.0.1".parse().unwrap(),
-            port,
-            proto: "tcp".into(),
-            name: None,
-        };
+        let dst = Destination::inet("10.0.0.1".parse().unwrap(), port, "tcp");
         let body = Body::Connect(Connect {
             dst,
             result: "ok".into(),
+            via: "connect".into(),
         });
         ev(body, tgid, ts_ms)
     }

@@ -60,6 +60,12 @@ credential_types! {
     GitCredentials => "git_credentials",
     NpmToken => "npm_token",
     PypiToken => "pypi_token",
+    GithubToken => "github_token",
+    GitlabToken => "gitlab_token",
+    SlackToken => "slack_token",
+    UrlPassword => "url_password",
+    Password => "password",
+    ApiKey => "api_key",
     Unreadable => "unreadable",
 }
 
@@ -230,7 +236,7 @@ pub fn analyze(path: &str, bytes: &[u8]) -> Analysis {
     let trimmed = text.map(str::trim).unwrap_or("");
 
     if let Some(claims) = jwt_claims(trimmed) {
-        let kind = jwt_labels(&claims, &mut labels);
+        let kind = jwt_kind(&claims, &mut labels);
         return Analysis { kind, labels };
     }
     if let Some(t) = text {
@@ -372,7 +378,9 @@ fn claim_str(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-fn jwt_labels(
+/// The kind of a JWT from its claims (a Kubernetes service-account token, or any JWT), with
+/// its non-secret claims as labels.
+pub fn jwt_kind(
     claims: &serde_json::Map<String, serde_json::Value>,
     labels: &mut Labels,
 ) -> CredentialType {

@@ -9,15 +9,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use credwatch_common::{self as c, InodeKey};
+use credwatch_common::{self as c, InodeKey, RepeatKey};
 use tracing::debug;
 
 use crate::{
-    decode::Record,
+    decode::{ExecRecord, Record},
     dns::{NameCache, parse_answer},
     event::{
-        Body, Connect, CredentialRef, Destination, Event, ExecInfo, Label, PrivChange, ProcessInfo,
-        SecretRead, SecretRef, Timestamp, WorkloadId, WorkloadKind, cstr, sanitize,
+        Body, Connect, CredentialRef, Destination, Event, ExecInfo, Label, MetadataFetch,
+        PrivChange, ProcessAccess, ProcessInfo, SecretRead, SecretRef, TargetProcess, Timestamp,
+        WorkloadId, WorkloadKind, cstr, sanitize,
     },
     inventory::{DirRescan, Inventory},
     kubelet::PodDirectory,
@@ -163,6 +164,12 @@ pub struct Enricher {
     held_tgids: foldhash::HashMap<u32, usize>,
     /// Secrets and watched directories the kernel maps could not take at the last sync.
     kernel_left_out: usize,
+    repeats: RepeatTracker,
+    /// io_uring connects waiting for their completion (the result): by (tgid, request).
+    pending_iou: foldhash::HashMap<(u32, u64), (Event, u64)>,
+    /// A 32-bit image started since the last look (the ia32 probe may be needed).
+    ia32_exec: bool,
+    cgroup2_root: std::path::PathBuf,
 }
 
 struct Held {
@@ -176,6 +183,28 @@ struct Held {
 const HOLD_MAX: Duration = Duration::from_secs(2);
 /// …and at most this many records wait at once (beyond it the oldest go on unmatched).
 const HOLD_MAX_RECORDS: usize = 4096;
+
+/// What the last record of a (process, secret) said, so the opens the probe counts after
+/// it can be reported as a read of the same secret.
+struct RepeatState {
+    /// Opens already reported (records and catch-ups) for this key.
+    reported: u64,
+    hdr: c::Header,
+    secret: Arc<SecretRef>,
+    credential: Arc<CredentialRef>,
+    /// Boot ns of the last report.
+    last_ns: u64,
+}
+
+#[derive(Default)]
+struct RepeatTracker {
+    keys: foldhash::HashMap<RepeatKey, RepeatState>,
+}
+
+/// Bound on tracked (process, secret) keys: the probe's table has as many entries.
+const MAX_REPEAT_KEYS: usize = 65536;
+/// How long an io_uring connect waits for its completion before it is reported without.
+const IOU_PENDING_NS: u64 = 2_000_000_000;
 
 impl Enricher {
     pub fn new(
@@ -199,6 +228,80 @@ impl Enricher {
             held: VecDeque::new(),
             held_tgids: foldhash::HashMap::default(),
             kernel_left_out: 0,
+            repeats: RepeatTracker::default(),
+            pending_iou: Default::default(),
+            ia32_exec: false,
+            cgroup2_root: workloads_root(),
+        }
+    }
+
+    /// Where cgroup ids of processes that predate the agent are looked up.
+    pub fn with_cgroup2_root(mut self, root: std::path::PathBuf) -> Self {
+        self.cgroup2_root = root;
+        self
+    }
+
+    /// True once after a 32-bit image started.
+    pub fn take_ia32_exec(&mut self) -> bool {
+        std::mem::take(&mut self.ia32_exec)
+    }
+
+    /// The (process, secret) keys of `tgid` the probe may still hold counts for.
+    pub fn repeat_keys_of(&self, tgid: u32) -> Vec<RepeatKey> {
+        self.repeats
+            .keys
+            .keys()
+            .filter(|k| k.tgid == tgid)
+            .copied()
+            .collect()
+    }
+
+    /// Up to `limit` keys last reported more than `quiet_ns` before `now_ns`: their
+    /// processes went quiet, and opens counted since would otherwise wait for the exit.
+    /// Each key is handed out once per quiet period, so a long quiet tail does not hide
+    /// the keys behind it.
+    pub fn quiet_repeat_keys(
+        &mut self,
+        now_ns: u64,
+        quiet_ns: u64,
+        limit: usize,
+    ) -> Vec<RepeatKey> {
+        let mut out = Vec::new();
+        for (k, st) in self.repeats.keys.iter_mut() {
+            if out.len() == limit {
+                break;
+            }
+            if now_ns.saturating_sub(st.last_ns) > quiet_ns {
+                st.last_ns = now_ns;
+                out.push(*k);
+            }
+        }
+        out
+    }
+
+    /// The opens already reported for `key`.
+    pub fn reported_opens(&self, key: &RepeatKey) -> Option<u64> {
+        self.repeats.keys.get(key).map(|s| s.reported)
+    }
+
+    pub fn forget_repeats(&mut self, keys: &[RepeatKey]) {
+        for k in keys {
+            self.repeats.keys.remove(k);
+        }
+    }
+
+    /// io_uring connects whose completion did not come in time: reported without result.
+    pub fn expire_pending(&mut self, now_ns: u64, out: &mut Vec<Event>) {
+        let expired: Vec<(u32, u64)> = self
+            .pending_iou
+            .iter()
+            .filter(|(_, (_, since))| now_ns.saturating_sub(*since) > IOU_PENDING_NS)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in expired {
+            if let Some((ev, _)) = self.pending_iou.remove(&k) {
+                out.push(ev);
+            }
         }
     }
 
@@ -341,6 +444,10 @@ impl Enricher {
     }
 }
 
+fn workloads_root() -> std::path::PathBuf {
+    std::path::PathBuf::from("/sys/fs/cgroup")
+}
+
 /// Inventory credentials with their owning pod named from the pod list. Naming it means a
 /// deep copy of the credential, and pod tokens are read all the time, so the result is kept
 /// per secret until the inventory entry or the pod list changes.
@@ -410,11 +517,16 @@ fn kind_access(flags: i32) -> &'static str {
     }
 }
 
-pub fn connect_result(ret: i32, op: c::ConnectOp) -> Label {
-    if op == c::ConnectOp::Sendmsg {
+/// A connect result (`0` or `-errno`) as a word; `i32::MIN` is the probe's "no result".
+pub fn connect_result(ret: i32, via: c::ConnectVia) -> Label {
+    if via == c::ConnectVia::Sendmsg {
         return "sent".into();
     }
+    if ret == i32::MIN {
+        return "unknown".into();
+    }
     match -ret {
+        0 if via == c::ConnectVia::FastOpen => "sent".into(),
         0 => "ok".into(),
         libc::EINPROGRESS => "in_progress".into(),
         libc::ECONNREFUSED => "refused".into(),
@@ -425,6 +537,7 @@ pub fn connect_result(ret: i32, op: c::ConnectOp) -> Label {
         libc::EAGAIN => "again".into(),
         libc::EISCONN => "already_connected".into(),
         libc::EALREADY => "already_in_progress".into(),
+        libc::ECANCELED => "canceled".into(),
         e => format!("errno_{e}").into(),
     }
 }
@@ -436,6 +549,30 @@ fn ip_of(family: u16, addr: &[u8; 16]) -> Option<IpAddr> {
         ))),
         libc::AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(*addr))),
         _ => None,
+    }
+}
+
+fn proto_of(sock_type: u16) -> &'static str {
+    match sock_type as i32 {
+        libc::SOCK_STREAM => "tcp",
+        libc::SOCK_DGRAM => "udp",
+        _ => "unknown",
+    }
+}
+
+/// The kernel's wait status as a shell shows it: the exit code, or 128 + the signal that
+/// killed the process.
+fn exit_code(status: i32) -> i32 {
+    match status & 0x7f {
+        0 => (status >> 8) & 0xff,
+        sig => 128 + sig,
+    }
+}
+
+fn abi_label(abi: u32) -> Option<Label> {
+    match c::Abi::from_u32(abi) {
+        Some(c::Abi::Native) | None => None,
+        Some(a) => Some(a.name().into()),
     }
 }
 
@@ -476,12 +613,28 @@ impl Enricher {
         match rec {
             Record::Exec(r) => self.exec(r, &cx, ids, out),
             Record::Exit(r) => {
-                let ev = self.event(ids, &cx, Body::Exit { code: r.exit_code });
+                let code = exit_code(r.exit_code);
+                let ev = self.event(ids, &cx, Body::Exit { code });
                 self.procs.mark_exited(h.tgid, h.ts_ns);
                 out.push(ev);
             }
             Record::SecretOpen(r) => self.secret_open(r, &cx, ids, out, true),
             Record::Connect(r) => self.connect(r, &cx, ids, out),
+            Record::UnixConnect(r) => {
+                let len = (r.path_len as usize).min(r.path.len());
+                let path = sanitize(cstr(&r.path[..len]));
+                let proto = match r.sock_type as i32 {
+                    libc::SOCK_STREAM => "unix",
+                    libc::SOCK_DGRAM => "unix_dgram",
+                    _ => "unix_seqpacket",
+                };
+                let body = Body::Connect(Connect {
+                    dst: Destination::unix(path, proto),
+                    result: "ok".into(),
+                    via: c::ConnectVia::Syscall.name().into(),
+                });
+                out.push(self.event(ids, &cx, body));
+            }
             Record::PrivChange(r) => {
                 let entry = self.procs.lookup(h.tgid, h.ppid, &cx.comm);
                 let before = (entry.uid, entry.euid, entry.cap_effective);
@@ -493,13 +646,25 @@ impl Enricher {
                 out.push(self.event(ids, &cx, Body::PrivChange(Box::new(change))));
             }
             Record::Dns(r) => self.dns(r, &cx, ids, out),
+            Record::ProcessAccess(r) => self.process_access(r, &cx, ids, out),
+            Record::IoUringComplete(r) => {
+                if let Some((mut ev, _)) = self.pending_iou.remove(&(h.tgid, r.req)) {
+                    if let Body::Connect(c) = &mut ev.body {
+                        c.result = connect_result(r.res, c::ConnectVia::Syscall);
+                    }
+                    out.push(ev);
+                }
+            }
+            Record::MetadataRequest(r) => self.metadata_request(r, &cx, ids, out),
+            Record::Repeats { key, opens, .. } => self.catch_up(key, *opens, &cx, ids, out),
         }
     }
 
-    fn exec(&mut self, r: &c::Exec, cx: &Ctx, ids: &mut IdGen, out: &mut Vec<Event>) {
+    fn exec(&mut self, r: &ExecRecord, cx: &Ctx, ids: &mut IdGen, out: &mut Vec<Event>) {
         let h = &cx.h;
-        let filename = sanitize(cstr(&r.filename));
-        let exe = self.procs.canonical_exe(h.tgid, &filename);
+        let f = &r.fixed;
+        let filename = sanitize(cstr(&f.filename));
+        let exe = ProcessTable::exec_name(&filename);
         let entry = self.procs.lookup(h.tgid, h.ppid, &cx.comm);
         let before = (entry.uid, entry.euid, entry.cap_effective);
         entry.ppid = h.ppid;
@@ -507,22 +672,31 @@ impl Enricher {
         entry.exe = exe;
         entry.uid = h.uid;
         entry.euid = h.euid;
-        entry.cap_effective = r.cap_effective;
-        let tty = sanitize(cstr(&r.tty));
+        entry.cap_effective = f.cap_effective;
+        let tty = sanitize(cstr(&f.tty));
         entry.tty = (!tty.is_empty()).then(|| crate::process::kernel_tty_name(&tty));
+        let ia32 = f.flags & c::FLAG_IA32 != 0;
+        self.ia32_exec |= ia32;
         let ev = self.event(
             ids,
             cx,
             Body::Exec(Box::new(ExecInfo {
                 filename,
-                cap_effective: r.cap_effective,
-                truncated: r.flags & c::FLAG_TRUNCATED != 0,
+                cap_effective: f.cap_effective,
+                truncated: f.flags & c::FLAG_TRUNCATED != 0,
+                argv: r.argv.clone(),
+                env_credentials: r.env_credentials.clone(),
+                argv_credentials: r.argv_credentials.clone(),
+                env_truncated: f.flags
+                    & (c::FLAG_ENV_TRUNCATED | c::FLAG_ARGV_TRUNCATED | c::FLAG_ENV_UNREADABLE)
+                    != 0,
+                abi: ia32.then(|| c::Abi::Ia32.name().into()),
             })),
         );
         // A set-id binary (or file capabilities) changes credentials at exec.
         let (old_uid, old_euid, old_caps) = before;
         let known = old_uid != u32::MAX;
-        let gained_caps = r.cap_effective & !old_caps != 0;
+        let gained_caps = f.cap_effective & !old_caps != 0;
         let changed = known && (old_euid != h.euid || old_uid != h.uid || gained_caps);
         let priv_ev = changed.then(|| Event {
             id: ids.next_id(),
@@ -531,7 +705,7 @@ impl Enricher {
                 before,
                 h.uid,
                 h.euid,
-                r.cap_effective,
+                f.cap_effective,
             ))),
             ..ev.clone()
         });
@@ -540,28 +714,50 @@ impl Enricher {
     }
 
     fn connect(&mut self, r: &c::Connect, cx: &Ctx, ids: &mut IdGen, out: &mut Vec<Event>) {
-        let (Some(ip), Some(op)) = (ip_of(r.family, &r.addr), c::ConnectOp::from_u32(r.op)) else {
+        let (Some(ip), Some(via)) = (ip_of(r.family, &r.addr), c::ConnectVia::from_u32(r.via))
+        else {
             self.stats.unknown_values += 1;
             return;
         };
-        let proto = match r.sock_type as i32 {
-            libc::SOCK_STREAM => "tcp",
-            libc::SOCK_DGRAM => "udp",
-            _ => "unknown",
-        };
-        let dst = Destination {
-            ip,
-            port: r.port,
-            proto: proto.into(),
-            name: self.names.name(&ip, cx.ts.unix_nanos()).map(str::to_owned),
-        };
-        let result = connect_result(r.ret, op);
-        out.push(self.event(ids, cx, Body::Connect(Connect { dst, result })));
+        let mut dst = Destination::inet(ip, r.port, proto_of(r.sock_type));
+        dst.name = self.names.name(&ip, cx.ts.unix_nanos()).map(str::to_owned);
+        dst.metadata = r.flags & c::FLAG_METADATA != 0;
+        let result = connect_result(r.ret, via);
+        let ev = self.event(
+            ids,
+            cx,
+            Body::Connect(Connect {
+                dst,
+                result,
+                via: via.name().into(),
+            }),
+        );
+        if via == c::ConnectVia::IoUring && r.req != 0 {
+            // The result comes with the request's completion.
+            let mut ev = ev;
+            if let Body::Connect(c) = &mut ev.body {
+                c.result = "pending".into();
+            }
+            if self.pending_iou.len() < 4096 {
+                self.pending_iou
+                    .insert((cx.h.tgid, r.req), (ev, cx.h.ts_ns));
+            } else {
+                out.push(ev);
+            }
+            return;
+        }
+        out.push(ev);
     }
 
     fn dns(&mut self, r: &c::Dns, cx: &Ctx, ids: &mut IdGen, out: &mut Vec<Event>) {
         let len = (r.len as usize).min(r.payload.len());
-        let Some(mut answer) = parse_answer(&r.payload[..len]) else {
+        // TCP answers carry their 2-byte length first.
+        let payload = if r.proto == 6 {
+            r.payload.get(2..len).unwrap_or(&[])
+        } else {
+            &r.payload[..len]
+        };
+        let Some(mut answer) = parse_answer(payload) else {
             self.stats.dns_unparsed += 1;
             return;
         };
@@ -582,10 +778,74 @@ impl Enricher {
         out.push(ev);
     }
 
+    fn process_access(
+        &mut self,
+        r: &c::ProcessAccess,
+        cx: &Ctx,
+        ids: &mut IdGen,
+        out: &mut Vec<Event>,
+    ) {
+        let Some(kind) = c::AccessKind::from_u32(r.kind) else {
+            self.stats.unknown_values += 1;
+            return;
+        };
+        let pid = r.target_pid;
+        let t = self.procs.lookup(pid, 0, "");
+        let (comm, exe, uid) = (t.comm.clone(), t.exe.clone(), t.uid);
+        let mut cgroup_id = t.cgroup_id;
+        if cgroup_id == 0 {
+            cgroup_id = crate::process::cgroup_id_of(&self.cgroup2_root, pid).unwrap_or(0);
+            self.procs.lookup(pid, 0, "").cgroup_id = cgroup_id;
+        }
+        let workload = self.workloads.resolve(cgroup_id, uid, &exe, &self.pods);
+        let body = Body::ProcessAccess(Box::new(ProcessAccess {
+            access: kind.name().into(),
+            target: TargetProcess {
+                pid,
+                comm,
+                exe,
+                workload,
+            },
+        }));
+        out.push(self.event(ids, cx, body));
+    }
+
+    fn metadata_request(
+        &mut self,
+        r: &c::MetadataRequest,
+        cx: &Ctx,
+        ids: &mut IdGen,
+        out: &mut Vec<Event>,
+    ) {
+        let Some(ip) = ip_of(r.family, &r.addr) else {
+            self.stats.unknown_values += 1;
+            return;
+        };
+        let len = (r.len as usize).min(r.line.len());
+        let mut dst = Destination::inet(ip, r.port, "tcp");
+        dst.metadata = true;
+        let (method, path) = crate::metadata::request_line(&r.line[..len])
+            .unwrap_or_else(|| (String::new(), String::new()));
+        let (mut provider, credentials, role) = crate::metadata::classify(&path);
+        if provider == "unknown" && ip == IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)) {
+            provider = "alibaba".into();
+        }
+        let body = Body::MetadataFetch(Box::new(MetadataFetch {
+            dst,
+            method,
+            path,
+            provider,
+            credentials,
+            role,
+        }));
+        out.push(self.event(ids, cx, body));
+    }
+
     /// An event of the process that produced the record.
     fn event(&mut self, ids: &mut IdGen, cx: &Ctx, body: Body) -> Event {
         let h = &cx.h;
         let e = self.procs.lookup(h.tgid, h.ppid, &cx.comm);
+        e.cgroup_id = h.cgroup_id;
         // The record's view is fresher than the table's for ids and comm; the table knows
         // the executable and terminal.
         let process = ProcessInfo {
@@ -696,6 +956,20 @@ impl Enricher {
         } else {
             None
         };
+        // `opens` counts this process's opens of this secret so far (0: uncounted); what the
+        // previous reports did not cover, minus this read itself, are its repeats.
+        let rkey = RepeatKey {
+            tgid: cx.h.tgid,
+            _pad: 0,
+            dev: r.dev,
+            ino: r.ino,
+        };
+        let reported = self.repeats.keys.get(&rkey).map_or(0, |s| s.reported);
+        let repeats = if r.opens == 0 {
+            0
+        } else {
+            r.opens.saturating_sub(reported).saturating_sub(1)
+        };
         let secret = Arc::new(SecretRef {
             path: Some(path),
             opened_as: sanitize(cstr(&r.name)),
@@ -707,9 +981,80 @@ impl Enricher {
             open_flags: r.open_flags,
             matched: matched.name().into(),
             fd: r.fd,
+            repeats,
+            abi: abi_label(r.abi),
         });
+        if r.opens > 0 {
+            self.track_repeats(rkey, r.opens, cx.h, &secret, &credential);
+        }
         let mut ev = self.event(ids, cx, Body::SecretRead(SecretRead { secret, credential }));
         ev.process.session = self.procs.session_of(cx.h.tgid);
+        out.push(ev);
+    }
+
+    fn track_repeats(
+        &mut self,
+        key: RepeatKey,
+        opens: u64,
+        hdr: c::Header,
+        secret: &Arc<SecretRef>,
+        credential: &Arc<CredentialRef>,
+    ) {
+        if self.repeats.keys.len() >= MAX_REPEAT_KEYS && !self.repeats.keys.contains_key(&key) {
+            return;
+        }
+        let st = self.repeats.keys.entry(key).or_insert_with(|| RepeatState {
+            reported: 0,
+            hdr,
+            secret: Arc::clone(secret),
+            credential: Arc::clone(credential),
+            last_ns: hdr.ts_ns,
+        });
+        st.reported = st.reported.max(opens);
+        st.hdr = hdr;
+        st.secret = Arc::clone(secret);
+        st.credential = Arc::clone(credential);
+        st.last_ns = hdr.ts_ns;
+    }
+
+    /// Opens the probe counted after the last record of a key: one more `secret_read` of
+    /// the same secret, its repeats making the total exact.
+    fn catch_up(
+        &mut self,
+        key: &RepeatKey,
+        opens: u64,
+        cx: &Ctx,
+        ids: &mut IdGen,
+        out: &mut Vec<Event>,
+    ) {
+        let Some(st) = self.repeats.keys.get_mut(key) else {
+            return;
+        };
+        if opens <= st.reported {
+            return;
+        }
+        let repeats = opens - st.reported - 1;
+        st.reported = opens;
+        st.last_ns = cx.h.ts_ns;
+        let mut secret = SecretRef::clone(&st.secret);
+        secret.repeats = repeats;
+        secret.fd = -1;
+        let credential = Arc::clone(&st.credential);
+        let h = c::Header {
+            ts_ns: cx.h.ts_ns,
+            ..st.hdr
+        };
+        let cx = Ctx {
+            h,
+            ts: cx.ts,
+            comm: sanitize(cstr(&h.comm)),
+        };
+        let body = Body::SecretRead(SecretRead {
+            secret: Arc::new(secret),
+            credential,
+        });
+        let mut ev = self.event(ids, &cx, body);
+        ev.process.session = self.procs.session_of(h.tgid);
         out.push(ev);
     }
 }
@@ -773,16 +1118,16 @@ mod tests {
 
     #[test]
     fn results_and_devices() {
-        assert_eq!(connect_result(0, c::ConnectOp::Connect), "ok");
+        assert_eq!(connect_result(0, c::ConnectVia::Syscall), "ok");
         assert_eq!(
-            connect_result(-libc::ECONNREFUSED, c::ConnectOp::Connect),
+            connect_result(-libc::ECONNREFUSED, c::ConnectVia::Syscall),
             "refused"
         );
         assert_eq!(
-            connect_result(-libc::EINPROGRESS, c::ConnectOp::Connect),
+            connect_result(-libc::EINPROGRESS, c::ConnectVia::Syscall),
             "in_progress"
         );
-        assert_eq!(connect_result(0, c::ConnectOp::Sendmsg), "sent");
+        assert_eq!(connect_result(0, c::ConnectVia::Sendmsg), "sent");
         assert_eq!(user_dev(InodeKey::kernel_dev(8, 1)), libc::makedev(8, 1));
         assert_eq!(
             user_dev(InodeKey::kernel_dev(0, 300)),
@@ -846,8 +1191,9 @@ mod tests {
             fd: 3,
             open_flags: 0,
             flags: 0,
-            _pad: 0,
-            name: [0; 256],
+            opens: 0,
+            abi: 0,
+            name: [0; c::PATH_LEN],
         };
         let connect = |tgid| c::Connect {
             hdr: header(c::RecordKind::Connect, tgid),
@@ -857,7 +1203,11 @@ mod tests {
             _pad: 0,
             addr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             ret: 0,
-            op: c::ConnectOp::Connect as u32,
+            via: c::ConnectVia::Syscall as u32,
+            flags: 0,
+            abi: 0,
+            cookie: 0,
+            req: 0,
         };
         let (mut ids, mut out) = (IdGen::new(), Vec::new());
         e.enrich(&Record::SecretOpen(open), &mut ids, &mut out);

@@ -27,10 +27,12 @@ pub enum EventKind {
     CredentialUse,
     PrivChange,
     Dns,
+    ProcessAccess,
+    MetadataFetch,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::Exec,
         EventKind::Exit,
         EventKind::SecretRead,
@@ -38,6 +40,8 @@ impl EventKind {
         EventKind::CredentialUse,
         EventKind::PrivChange,
         EventKind::Dns,
+        EventKind::ProcessAccess,
+        EventKind::MetadataFetch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +53,8 @@ impl EventKind {
             EventKind::CredentialUse => "credential_use",
             EventKind::PrivChange => "priv_change",
             EventKind::Dns => "dns",
+            EventKind::ProcessAccess => "process_access",
+            EventKind::MetadataFetch => "metadata_fetch",
         }
     }
 }
@@ -274,6 +280,18 @@ pub struct SecretRef {
     pub matched: Label,
     #[serde(default)]
     pub fd: i32,
+    /// Further opens of this secret by this process since its previous `secret_read`, folded
+    /// into this one (the probes send at most one record per process and secret per repeat
+    /// interval and count the rest exactly).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeats: u64,
+    /// `ia32` when a 32-bit syscall opened it; absent for native calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abi: Option<Label>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,12 +356,81 @@ pub struct Owner {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Destination {
-    pub ip: IpAddr,
+    /// Absent for a Unix-domain socket (see `path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpAddr>,
     pub port: u16,
-    /// `tcp` or `udp` (`unknown` when the socket type could not be read).
+    /// `tcp`, `udp` or `unix` (`unknown` when the socket type could not be read).
     pub proto: Label,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The socket file of a Unix-domain destination (`/run/docker.sock`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A cloud metadata service address (169.254.169.254, fd00:ec2::254, …).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub metadata: bool,
+}
+
+impl Destination {
+    /// Address and port of an internet destination.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        self.ip.map(|ip| std::net::SocketAddr::new(ip, self.port))
+    }
+
+    /// An internet destination.
+    pub fn inet(ip: IpAddr, port: u16, proto: impl Into<Label>) -> Self {
+        Destination {
+            ip: Some(ip),
+            port,
+            proto: proto.into(),
+            name: None,
+            path: None,
+            metadata: false,
+        }
+    }
+
+    /// A Unix-domain socket file.
+    pub fn unix(path: String, proto: impl Into<Label>) -> Self {
+        Destination {
+            ip: None,
+            port: 0,
+            proto: proto.into(),
+            name: None,
+            path: Some(path),
+            metadata: false,
+        }
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.ip, &self.path) {
+            (Some(IpAddr::V6(a)), _) => write!(f, "[{a}]:{}/{}", self.port, self.proto),
+            (Some(a), _) => write!(f, "{a}:{}/{}", self.port, self.proto),
+            (None, Some(p)) => write!(f, "unix:{p}"),
+            (None, None) => f.write_str("unknown"),
+        }
+    }
+}
+
+/// A credential a process was handed at exec, in its environment or on its command line.
+/// Only its fingerprint and non-secret labels are kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposedCredential {
+    /// `env` or `argv`.
+    pub source: Label,
+    /// The variable (`AWS_SECRET_ACCESS_KEY`) or option (`--password`) that carried it.
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: CredentialType,
+    pub fingerprint: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -353,6 +440,22 @@ pub struct ExecInfo {
     pub cap_effective: u64,
     #[serde(default)]
     pub truncated: bool,
+    /// The command line, credentials on it replaced by `<fingerprint>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argv: Vec<String>,
+    /// Credentials in the environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_credentials: Vec<ExposedCredential>,
+    /// Credentials on the command line (shown in `argv` by their fingerprint).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argv_credentials: Vec<ExposedCredential>,
+    /// The environment or command line was longer than the probe carries (credentials past
+    /// the cut are not seen).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub env_truncated: bool,
+    /// `ia32` for a 32-bit image on x86-64; absent for native code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abi: Option<Label>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -411,8 +514,45 @@ pub struct SecretRead {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Connect {
     pub dst: Destination,
-    /// `ok`, `in_progress`, `refused`, `sent` (unconnected UDP) or the errno name.
+    /// `ok`, `in_progress`, `refused`, `sent` (unconnected UDP), `unknown` or the errno name.
     pub result: Label,
+    /// How it was made: `connect`, `sendmsg`, `fastopen`, `io_uring`, `other`.
+    pub via: Label,
+}
+
+/// One process reading another's environment or memory, or attaching to it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessAccess {
+    /// `environ`, `mem`, `process_vm_readv`, `ptrace_attach`, `ptrace_seize`.
+    pub access: Label,
+    pub target: TargetProcess,
+}
+
+/// The process read from, as the agent knew it at the time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetProcess {
+    pub pid: u32,
+    #[serde(default)]
+    pub comm: String,
+    #[serde(default)]
+    pub exe: String,
+    pub workload: Arc<Workload>,
+}
+
+/// A request to a cloud metadata service: its first line, bounded, and what it asks for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetadataFetch {
+    pub dst: Destination,
+    /// `GET`, `PUT`…; empty when the bytes were not an HTTP request line.
+    pub method: String,
+    pub path: String,
+    /// `aws`, `gcp`, `azure`, `alibaba`, `openstack` when the path says; else `unknown`.
+    pub provider: Label,
+    /// The path fetches credentials (role credentials, a token, the IMDSv2 session token).
+    pub credentials: bool,
+    /// The role or service account named in the path, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// A holder of a credential connecting somewhere: the unit the SOC cares about.
@@ -432,12 +572,17 @@ pub struct CredentialUse {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Body {
     Exec(Box<ExecInfo>),
-    Exit { code: i32 },
+    /// `code`: the exit code, or 128 + the signal that killed it (as a shell reports it).
+    Exit {
+        code: i32,
+    },
     SecretRead(SecretRead),
     Connect(Connect),
     CredentialUse(Box<CredentialUse>),
     PrivChange(Box<PrivChange>),
     Dns(Box<DnsAnswer>),
+    ProcessAccess(Box<ProcessAccess>),
+    MetadataFetch(Box<MetadataFetch>),
 }
 
 impl Body {
@@ -450,6 +595,8 @@ impl Body {
             Body::CredentialUse(_) => EventKind::CredentialUse,
             Body::PrivChange(_) => EventKind::PrivChange,
             Body::Dns(_) => EventKind::Dns,
+            Body::ProcessAccess(_) => EventKind::ProcessAccess,
+            Body::MetadataFetch(_) => EventKind::MetadataFetch,
         }
     }
 }
@@ -507,11 +654,12 @@ impl Event {
         self.secret().and_then(|s| s.path.as_deref())
     }
 
-    /// Where a connect or use went.
+    /// Where a connect, use or metadata request went.
     pub fn dst(&self) -> Option<&Destination> {
         match &self.body {
             Body::Connect(c) => Some(&c.dst),
             Body::CredentialUse(u) => Some(&u.dst),
+            Body::MetadataFetch(m) => Some(&m.dst),
             _ => None,
         }
     }
@@ -560,6 +708,8 @@ mod wire {
         #[serde(skip_serializing_if = "Option::is_none")]
         result: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
+        via: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         exec: Option<&'a ExecInfo>,
         #[serde(skip_serializing_if = "Option::is_none")]
         exit_code: Option<i32>,
@@ -567,6 +717,10 @@ mod wire {
         priv_change: Option<&'a PrivChange>,
         #[serde(skip_serializing_if = "Option::is_none")]
         dns: Option<&'a DnsAnswer>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        access: Option<&'a ProcessAccess>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        metadata: Option<&'a MetadataFetch>,
         #[serde(skip_serializing_if = "Option::is_none")]
         read_event: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -586,10 +740,13 @@ mod wire {
                 credential: None,
                 dst: None,
                 result: None,
+                via: None,
                 exec: None,
                 exit_code: None,
                 priv_change: None,
                 dns: None,
+                access: None,
+                metadata: None,
                 read_event: None,
                 read_ts: None,
             };
@@ -603,6 +760,7 @@ mod wire {
                 Body::Connect(c) => {
                     o.dst = Some(&c.dst);
                     o.result = Some(&c.result);
+                    o.via = Some(&c.via);
                 }
                 Body::CredentialUse(u) => {
                     o.secret = u.secret.as_deref();
@@ -614,6 +772,8 @@ mod wire {
                 }
                 Body::PrivChange(p) => o.priv_change = Some(p),
                 Body::Dns(d) => o.dns = Some(d),
+                Body::ProcessAccess(a) => o.access = Some(a),
+                Body::MetadataFetch(m) => o.metadata = Some(m),
             }
             o
         }
@@ -636,6 +796,8 @@ mod wire {
         #[serde(default)]
         result: Option<Label>,
         #[serde(default)]
+        via: Option<Label>,
+        #[serde(default)]
         exec: Option<Box<ExecInfo>>,
         #[serde(default)]
         exit_code: Option<i32>,
@@ -643,6 +805,10 @@ mod wire {
         priv_change: Option<Box<PrivChange>>,
         #[serde(default)]
         dns: Option<Box<DnsAnswer>>,
+        #[serde(default)]
+        access: Option<Box<ProcessAccess>>,
+        #[serde(default)]
+        metadata: Option<Box<MetadataFetch>>,
         #[serde(default)]
         read_event: Option<String>,
         #[serde(default)]
@@ -668,6 +834,8 @@ mod wire {
                 EventKind::Connect => Body::Connect(Connect {
                     dst: need(self.dst, k, "dst")?,
                     result: need(self.result, k, "result")?,
+                    // Recorded before connects said how: connect(2) was the only path seen.
+                    via: self.via.unwrap_or(Cow::Borrowed("connect")),
                 }),
                 EventKind::CredentialUse => Body::CredentialUse(Box::new(CredentialUse {
                     secret: self.secret,
@@ -681,6 +849,10 @@ mod wire {
                     Body::PrivChange(need(self.priv_change, k, "priv_change")?)
                 }
                 EventKind::Dns => Body::Dns(need(self.dns, k, "dns")?),
+                EventKind::ProcessAccess => Body::ProcessAccess(need(self.access, k, "access")?),
+                EventKind::MetadataFetch => {
+                    Body::MetadataFetch(need(self.metadata, k, "metadata")?)
+                }
             };
             Ok(Event {
                 id: self.id,

@@ -522,6 +522,7 @@ impl Inventory {
         std::thread::Builder::new()
             .name("inventory".into())
             .spawn(move || {
+                crate::privileges::enter_thread(crate::privileges::ThreadRole::Scanner);
                 while let Ok(first) = req_rx.recv() {
                     // Coalesce what queued up meanwhile: one full scan covers every
                     // directory, each directory once.

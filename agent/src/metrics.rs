@@ -102,6 +102,11 @@ pub struct SinkCounts {
 pub struct AgentSnapshot {
     pub pipeline: PipelineStats,
     pub drops: BTreeMap<&'static str, u64>,
+    /// Records the probes counted instead of sending (repeats past their budget, DNS
+    /// answers nobody asked for…), by reason.
+    pub suppressed: BTreeMap<&'static str, u64>,
+    /// Cgroups whose secret opens went over their per-second budget, worst first.
+    pub cgroups_over_budget: Vec<BudgetOverrun>,
     pub ring_decode_errors: u64,
     pub unmatched_dir_opens: u64,
     pub secret_non_reads: u64,
@@ -129,6 +134,16 @@ pub struct AgentSnapshot {
     pub ring_size_bytes: u64,
     /// Largest backlog one drain found in the last second.
     pub ring_peak_bytes: u64,
+    /// The ring secret opens and process-memory reads have to themselves.
+    pub secret_ring_size_bytes: u64,
+    pub secret_ring_peak_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetOverrun {
+    pub cgroup_id: u64,
+    /// Opens counted but not sent since the agent started.
+    pub opens: u64,
 }
 
 #[derive(Debug, Default)]
@@ -227,6 +242,13 @@ impl Collector for Metrics {
             "probe",
             s.drops.iter().map(|(k, v)| (k.to_string(), *v)),
         )?;
+        counter(
+            e,
+            "credwatch_probe_suppressed",
+            "Records the probes counted instead of sending, by reason.",
+            "reason",
+            s.suppressed.iter().map(|(k, v)| (k.to_string(), *v)),
+        )?;
         counter1(
             e,
             "credwatch_alerts_allowlisted",
@@ -257,6 +279,18 @@ impl Collector for Metrics {
             "Largest backlog a drain found in the ring during the last second (drops start \
              when it reaches the ring size).",
             s.ring_peak_bytes as i64,
+        )?;
+        gauge(
+            e,
+            "credwatch_secret_ring_size_bytes",
+            "Size of the ring secret opens have to themselves.",
+            s.secret_ring_size_bytes as i64,
+        )?;
+        gauge(
+            e,
+            "credwatch_secret_ring_peak_bytes",
+            "Largest backlog a drain found in the secrets ring during the last second.",
+            s.secret_ring_peak_bytes as i64,
         )?;
         gauge(
             e,

@@ -379,7 +379,7 @@ impl DestPattern {
             return false;
         }
         match (&self.net, &self.name) {
-            (Some(n), _) => n.contains(&canonical(d.ip)),
+            (Some(n), _) => d.ip.is_some_and(|ip| n.contains(&canonical(ip))),
             (None, Some(g)) => d
                 .name
                 .as_deref()
@@ -713,10 +713,8 @@ mod tests {
 
     fn dst(ip: &str, port: u16, name: Option<&str>) -> Destination {
         Destination {
-            ip: ip.parse().unwrap(),
-            port,
-            proto: "tcp".into(),
             name: name.map(Into::into),
+            ..Destination::inet(ip.parse().unwrap(), port, "tcp")
         }
     }
 

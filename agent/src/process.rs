@@ -20,6 +20,8 @@ pub struct ProcEntry {
     pub exe: String,
     pub tty: Option<String>,
     pub cap_effective: u64,
+    /// cgroup v2 id, from the process's latest record (0 until one is seen).
+    pub cgroup_id: u64,
     /// Boot-time ns of the exit, once seen; the entry is evicted a grace period later.
     pub exited_ns: Option<u64>,
     /// What `session_of` found, and under which parent: the ancestry walk (and the /proc
@@ -160,6 +162,7 @@ impl ProcessTable {
             exe: parent.exe,
             tty: parent.tty,
             cap_effective: parent.cap_effective,
+            cgroup_id: parent.cgroup_id,
             exited_ns: None,
             session: None,
         })
@@ -191,6 +194,7 @@ impl ProcessTable {
             exe,
             tty: tty_name(tty_nr),
             cap_effective,
+            cgroup_id: 0,
             exited_ns: None,
             session: None,
         })
@@ -288,19 +292,17 @@ impl ProcessTable {
 }
 
 impl ProcessTable {
-    /// The executable a process just exec'd, by its canonical path. The kernel reports the
-    /// name the caller passed to execve (`/opt/tools/../../tmp/x`, a symlink, `./x`); the
-    /// kernel's own `/proc/<pid>/exe` link names the file itself, symlinks and `..`
-    /// resolved, so that is used. It is read right after the exec record, normally before
-    /// the process could exec again; when it is gone (the process already exited) the name
-    /// is normalized lexically (`.`, `..`, `//`), which cannot resolve symlinks but never
-    /// lets a name that leaves a directory look as if it were inside it.
-    pub fn canonical_exe(&self, tgid: u32, filename: &str) -> String {
-        let link = self.proc_root.join(tgid.to_string()).join("exe");
-        match fs::read_link(link) {
-            Ok(p) => lexically_normal(&sanitize(p.as_os_str().as_encoded_bytes())),
-            Err(_) => lexically_normal(filename),
-        }
+    /// The executable a process just exec'd, as named by the record: the name the caller
+    /// passed to execve, normalized lexically (`.`, `..`, `//`), so `/opt/tools/../../tmp/x`
+    /// is `/tmp/x` and a name that leaves a directory never looks as if it were inside it.
+    /// Not `/proc/<pid>/exe`: by the time the record is read the process may have exec'd
+    /// again (`env VAR=… prog`, `sh -c 'exec prog'` do so at once) and that link would name
+    /// the next image. Symlinks are not resolved (the kernel followed them; a link inside a
+    /// directory a selector names is that directory owner's choice), and a relative name
+    /// stays relative, so it never matches a `host:` selector's absolute path. Processes
+    /// read from /proc (`read_proc`) are named by the kernel's canonical link.
+    pub fn exec_name(filename: &str) -> String {
+        lexically_normal(filename)
     }
 }
 
@@ -333,6 +335,30 @@ pub fn lexically_normal(p: &str) -> String {
     } else {
         joined
     }
+}
+
+/// The cgroup v2 id of a process: its `/proc/<pid>/cgroup` path (`0::/…`) under the
+/// cgroup2 mount, whose directory inode is the id.
+pub fn cgroup_id_of(cgroup2_root: &std::path::Path, pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let rel = path.trim_start_matches('/');
+    if rel.split('/').any(|c| c == "..") {
+        return None;
+    }
+    fs::metadata(cgroup2_root.join(rel)).ok().map(|m| m.ino())
+}
+
+/// The process still exists (a zombie counts: its exit has not been reaped).
+pub fn is_alive(tgid: u32) -> bool {
+    // 0 and negative pids name process groups, not a process.
+    let Ok(pid @ 1..) = libc::pid_t::try_from(tgid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// The effective capability set from a `/proc/<pid>/status` text (`CapEff:` in hex).
@@ -532,15 +558,9 @@ mod tests {
         assert_eq!(lexically_normal("./x"), "x");
         assert_eq!(lexically_normal("../a/../b"), "../b");
         assert_eq!(lexically_normal("/usr/bin/python3"), "/usr/bin/python3");
-        // The kernel's link wins over the name the caller passed.
-        let root = tempfile::tempdir().unwrap();
-        let d = root.path().join("42");
-        fs::create_dir_all(&d).unwrap();
-        std::os::unix::fs::symlink("/usr/bin/real", d.join("exe")).unwrap();
-        let t = ProcessTable::new(root.path(), 16);
-        assert_eq!(t.canonical_exe(42, "/opt/tools/link"), "/usr/bin/real");
-        // Gone from /proc: lexical.
-        assert_eq!(t.canonical_exe(43, "/opt/tools/../../tmp/x"), "/tmp/x");
+        // The record's name, not the process's /proc link (which may name a later image).
+        assert_eq!(ProcessTable::exec_name("/usr/bin/env"), "/usr/bin/env");
+        assert_eq!(ProcessTable::exec_name("/opt/tools/../../tmp/x"), "/tmp/x");
     }
 
     #[test]

@@ -323,6 +323,7 @@ pub fn read_events(path: &Path) -> Vec<Event> {
 pub struct Actor {
     bin: PathBuf,
     steps: Vec<Vec<String>>,
+    env: Vec<(String, String)>,
 }
 
 fn s(p: impl AsRef<Path>) -> String {
@@ -335,7 +336,14 @@ impl Actor {
         Actor {
             bin: bin.into(),
             steps: Vec::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// Starts with `name=value` in its environment (as a pod's `secretKeyRef` would).
+    pub fn env(mut self, name: &str, value: &str) -> Actor {
+        self.env.push((name.into(), value.into()));
+        self
     }
 
     fn step(mut self, args: &[String]) -> Actor {
@@ -383,6 +391,68 @@ impl Actor {
     pub fn dns(self, server: impl std::fmt::Display, name: &str) -> Actor {
         self.step(&["dns".into(), server.to_string(), name.into()])
     }
+    /// IORING_OP_OPENAT of `path`; `how`: `inline`, `async` (an io-wq worker opens it),
+    /// `sqpoll` (the kernel's SQ thread submits), `fixed` (into a fixed-file slot).
+    pub fn uring_open(self, path: impl AsRef<Path>, how: &str) -> Actor {
+        self.step(&["uring-open".into(), s(path), how.into()])
+    }
+    /// IORING_OP_CONNECT (TCP); prints `uring connect ok` or the error.
+    pub fn uring_connect(self, addr: impl std::fmt::Display) -> Actor {
+        self.step(&["uring-connect".into(), addr.to_string()])
+    }
+    /// sendto(MSG_FASTOPEN) on a fresh TCP socket: a connect without connect(2).
+    pub fn fastopen(self, addr: impl std::fmt::Display) -> Actor {
+        self.step(&["fastopen".into(), addr.to_string()])
+    }
+    /// `n` connects from one sockaddr buffer that another thread flips between `a` and `b`
+    /// (same address, other port); prints the ports really reached, comma-separated.
+    pub fn connect_race(
+        self,
+        a: impl std::fmt::Display,
+        b: impl std::fmt::Display,
+        n: usize,
+    ) -> Actor {
+        self.step(&[
+            "connect-race".into(),
+            a.to_string(),
+            b.to_string(),
+            n.to_string(),
+        ])
+    }
+    pub fn unix_connect(self, path: impl AsRef<Path>) -> Actor {
+        self.step(&["unix-connect".into(), s(path)])
+    }
+    /// Moves into the network namespace bound at `path` (`/run/netns/NAME`).
+    pub fn join_netns(self, path: impl AsRef<Path>) -> Actor {
+        self.step(&["join-netns".into(), s(path)])
+    }
+    /// Answers `n` HTTP requests on `addr` with `200 {}`; prints `listening` once bound.
+    pub fn serve_http(self, addr: impl std::fmt::Display, n: usize) -> Actor {
+        self.step(&["serve-http".into(), addr.to_string(), n.to_string()])
+    }
+    /// Becomes `prog args…` (same pid).
+    pub fn exec(self, prog: impl AsRef<Path>, args: &[&str]) -> Actor {
+        let mut a = vec!["exec".into(), s(prog)];
+        a.extend(args.iter().map(|x| x.to_string()));
+        self.step(&a)
+    }
+    /// Opens `/proc/<pid>/<file>` (`environ`, `mem`); `pid` may be `self`.
+    pub fn read_proc(self, pid: impl std::fmt::Display, file: &str) -> Actor {
+        self.step(&["read-proc".into(), pid.to_string(), file.into()])
+    }
+    /// process_vm_readv of 8 bytes of `pid`'s first readable mapping.
+    pub fn vm_readv(self, pid: u32) -> Actor {
+        self.step(&["vm-readv".into(), pid.to_string()])
+    }
+    /// PTRACE_SEIZE then detach.
+    pub fn ptrace_seize(self, pid: u32) -> Actor {
+        self.step(&["ptrace-attach".into(), pid.to_string()])
+    }
+    /// The main thread exits at once; another thread exits the process with `code` after
+    /// `ms`.
+    pub fn leader_exits(self, ms: u64, code: i32) -> Actor {
+        self.step(&["leader-exits".into(), ms.to_string(), code.to_string()])
+    }
     pub fn setuid(self, uid: u32) -> Actor {
         self.step(&["setuid".into(), uid.to_string()])
     }
@@ -423,14 +493,23 @@ impl Actor {
             .join(" ")
     }
 
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(self.args())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// Starts it without waiting (a process that has to be there while others act).
+    pub fn spawn(&self) -> std::process::Child {
+        self.command().spawn().expect("spawn actor")
+    }
+
     /// Runs it to completion; (pid, stdout). A failing actor fails the test.
     pub fn run(&self) -> (u32, String) {
-        let child = Command::new(&self.bin)
-            .args(self.args())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn actor");
+        let child = self.command().spawn().expect("spawn actor");
         let pid = child.id();
         let out = child.wait_with_output().unwrap();
         assert!(
@@ -444,6 +523,18 @@ impl Actor {
 
     pub fn pid(&self) -> u32 {
         self.run().0
+    }
+
+    /// Runs it to completion whatever its exit status: (pid, stdout, status).
+    pub fn run_unchecked(&self) -> (u32, String, std::process::ExitStatus) {
+        let child = self.command().spawn().expect("spawn actor");
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        (
+            pid,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            out.status,
+        )
     }
 }
 

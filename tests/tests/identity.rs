@@ -30,7 +30,7 @@ fn uses_key(s: &[credwatch::event::Event]) -> Vec<(u32, String, std::net::Socket
             credwatch::event::Body::CredentialUse(u) => Some((
                 e.process.tgid,
                 u.credential.fingerprint.clone(),
-                std::net::SocketAddr::new(u.dst.ip, u.dst.port),
+                u.dst.socket_addr().expect("an internet destination"),
                 u.read_event.clone(),
             )),
             _ => None,
@@ -99,7 +99,7 @@ fn pod_reading_its_token_then_connecting_is_a_credential_use() {
     let uses = s.uses(Some(pid));
     assert_eq!(uses.len(), 1, "{uses:#?}");
     let (ue, u) = uses[0];
-    assert_eq!(u.dst.ip.to_string(), "127.0.0.1");
+    assert_eq!(u.dst.ip, Some("127.0.0.1".parse().unwrap()));
     assert_eq!(u.dst.port, port);
     assert_eq!(u.dst.proto, "tcp");
     assert_eq!(u.result, "ok");

@@ -409,7 +409,11 @@ fn metrics_parse_and_drop_counters_move() {
     let token = w.path().join("token");
     std::fs::write(&token, "fake-metrics-token").unwrap();
     let cfg = format!(
-        "[secrets]\ncatalog = false\npaths = [\"{}\"]\n[sensors]\nring_bytes = 262144\nwake_bytes = 131072\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        // Every open its own record (no repeat interval, no per-cgroup budget) into a small
+        // ring, so the flood must overflow it.
+        "[secrets]\ncatalog = false\npaths = [\"{}\"]\n[sensors]\nsecret_ring_bytes = 262144\n\
+         wake_bytes = 131072\nrepeat_interval = \"0s\"\ncgroup_budget = 100000000\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
         token.display()
     );
     let agent = Agent::start(&cfg);
@@ -431,7 +435,7 @@ fn metrics_parse_and_drop_counters_move() {
             .call()
             .ok()
             .and_then(|r| r.into_string().ok())
-            .and_then(|t| metric(&t, "credwatch_ring_peak_bytes"))
+            .and_then(|t| metric(&t, "credwatch_secret_ring_peak_bytes"))
         {
             peak = peak.max(v);
         }
@@ -441,8 +445,11 @@ fn metrics_parse_and_drop_counters_move() {
     assert_eq!(out.trim(), "flooded 200000");
     std::thread::sleep(Duration::from_millis(1200));
     let text = ureq::get(&url).call().unwrap().into_string().unwrap();
-    peak = peak.max(metric(&text, "credwatch_ring_peak_bytes").unwrap_or(0.0));
-    assert_eq!(metric(&text, "credwatch_ring_size_bytes"), Some(262144.0));
+    peak = peak.max(metric(&text, "credwatch_secret_ring_peak_bytes").unwrap_or(0.0));
+    assert_eq!(
+        metric(&text, "credwatch_secret_ring_size_bytes"),
+        Some(262144.0)
+    );
     assert!(
         peak > 0.0 && peak <= 262144.0,
         "ring peak backlog {peak} during a flood that overflows a 256 KiB ring"

@@ -13,6 +13,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 const ROUNDS: usize = 5;
+/// Watched secrets the first-read workload opens once each.
+const FIRST_READS: usize = 2000;
 const AUDIT_KEY: &str = "credwatch_bench";
 /// The syscall rule equivalent to credwatch's connect probe (added with -a, removed with -d).
 const AUDIT_CONNECT_RULE: [&str; 7] = [
@@ -106,6 +108,15 @@ pub fn bench(root: &Path) -> Result<()> {
     fs::write(&secret, "fake-bench-token-not-a-secret")?;
     let unrelated = work.join("unrelated.txt");
     fs::write(&unrelated, "public")?;
+    // Distinct watched secrets, each opened once per run: first reads, never repeats.
+    let firsts = work.join("first");
+    fs::create_dir_all(&firsts)?;
+    for i in 0..FIRST_READS {
+        fs::write(
+            firsts.join(format!("secret-{i:04}")),
+            format!("fake-bench-{i}"),
+        )?;
+    }
     let udp_peer = std::net::UdpSocket::bind("127.0.0.1:0")?;
     let udp_addr = udp_peer.local_addr()?.to_string();
 
@@ -143,10 +154,38 @@ pub fn bench(root: &Path) -> Result<()> {
             ],
         },
         Workload {
-            name: "open_watched",
-            what: "openat+close, watched secret",
+            name: "getppid",
+            what: "an untraced syscall: the tax syscall tracepoints put on every process",
+            ops: 500_000,
+            args: vec!["getppid".into(), "500000".into()],
+        },
+        Workload {
+            name: "open_watched_first",
+            what: "openat+close, a watched secret this process has not read before",
+            ops: FIRST_READS as u64,
+            args: vec!["open-each".into(), firsts.display().to_string()],
+        },
+        Workload {
+            name: "open_watched_again",
+            what: "openat+close, the same watched secret again (a repeat)",
             ops: 50_000,
             args: vec!["open".into(), s.clone(), "50000".into()],
+        },
+        Workload {
+            name: "uring_open",
+            what: "IORING_OP_OPENAT+close, unwatched file",
+            ops: 100_000,
+            args: vec![
+                "uring-open".into(),
+                unrelated.display().to_string(),
+                "100000".into(),
+            ],
+        },
+        Workload {
+            name: "exec_env_4k",
+            what: "fork+exec /bin/true with a 4 KiB environment",
+            ops: 1_000,
+            args: vec!["exec-env".into(), "4096".into(), "1000".into()],
         },
         Workload {
             name: "udp_connect",
@@ -159,6 +198,12 @@ pub fn bench(root: &Path) -> Result<()> {
             what: "TCP connect+accept+close",
             ops: 20_000,
             args: vec!["tcp-connect".into(), "20000".into()],
+        },
+        Workload {
+            name: "tcp_stream",
+            what: "loopback TCP, 64-byte writes, one packet each",
+            ops: 200_000,
+            args: vec!["tcp-stream".into(), "200000".into()],
         },
     ];
 
@@ -244,6 +289,14 @@ pub fn bench(root: &Path) -> Result<()> {
         md.push('\n');
         json_rows.push(row);
     }
+    md.push_str("\ntcp_stream as packets per second:");
+    for m in &monitors {
+        if let Some(ns) = med(*m, "tcp_stream") {
+            md.push_str(&format!(" {} {:.0}k,", m.name(), 1e6 / ns));
+        }
+    }
+    md.pop();
+    md.push('\n');
     md.push_str("\nEvents lost over all rounds: ");
     md.push_str(
         &monitors[1..]
@@ -388,7 +441,10 @@ fn start(m: Monitor, agent: &Path, work: &Path, secret: &str) -> Result<Running>
     Ok(match m {
         Monitor::Baseline => Running::None,
         Monitor::Credwatch => {
-            let config = format!("[secrets]\npaths = [\"{secret}\"]\n");
+            let config = format!(
+                "[secrets]\npaths = [\"{secret}\", \"{}/first/*\"]\n",
+                work.display()
+            );
             let dir = work.join("credwatch");
             fs::create_dir_all(&dir)?;
             let launch = crate::launch::Launch {

@@ -405,6 +405,20 @@ fn test(root: &Path, extra: &[OsString]) -> Result<()> {
     .context("installing the deployment validation tools")?;
     let ci = env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     let root_user = is_root();
+    if root_user {
+        // What the privileged sensor tests drive: a 32-bit binary (gcc -m32), network
+        // namespaces (ip).
+        deps::ensure_debian(&[
+            deps::Package {
+                name: "gcc-multilib",
+                provides: "/usr/lib32/crt1.o",
+            },
+            deps::Package {
+                name: "iproute2",
+                provides: "/usr/sbin/ip",
+            },
+        ])?;
+    }
     if ci && !root_user {
         bail!("CI=true but not running as root: the privileged probe tests cannot run");
     }

@@ -16,8 +16,9 @@ use crate::{
     alert::Alert,
     event::{
         Body, Connect, CredentialRef, CredentialType, CredentialUse, Destination, DnsAnswer, Event,
-        EventKind, ExecInfo, Label, Owner, OwnerSource, PrivChange, ProcessInfo, SecretRead,
-        SecretRef, Timestamp, Workload, WorkloadId, WorkloadKind,
+        EventKind, ExecInfo, ExposedCredential, Label, MetadataFetch, Owner, OwnerSource,
+        PrivChange, ProcessAccess, ProcessInfo, SecretRead, SecretRef, TargetProcess, Timestamp,
+        Workload, WorkloadId, WorkloadKind,
     },
 };
 
@@ -93,6 +94,36 @@ pub struct EventRow {
     pub read_event: String,
     #[serde(with = "clickhouse::serde::chrono::datetime64::nanos::option")]
     pub read_ts: Option<DateTime<Utc>>,
+    pub via: String,
+    pub repeats: u64,
+    pub abi: String,
+    pub opened_as_status: String,
+    pub dst_metadata: bool,
+    pub exec_argv: Vec<String>,
+    pub exec_env_truncated: bool,
+    /// JSON: the environment's and the command line's exposed credentials.
+    pub exposed_credentials: String,
+    pub access_kind: String,
+    pub target_pid: u32,
+    pub target_comm: String,
+    pub target_exe: String,
+    pub target_workload_id: String,
+    /// The target's whole workload as JSON (the id above is for queries).
+    pub target_workload: String,
+    pub metadata_method: String,
+    pub metadata_path: String,
+    pub metadata_provider: String,
+    pub metadata_credentials: bool,
+    pub metadata_role: String,
+}
+
+/// What exec exposed, in one JSON column (a row has room for one list).
+#[derive(Serialize, Deserialize, Default)]
+struct Exposed {
+    #[serde(default)]
+    env: Vec<ExposedCredential>,
+    #[serde(default)]
+    argv: Vec<ExposedCredential>,
 }
 
 fn s(v: &Option<String>) -> String {
@@ -186,14 +217,18 @@ impl From<&Event> for EventRow {
             Some(c) => (c.fingerprint, c.kind.as_str().to_owned(), c.labels),
             None => (String::new(), String::new(), BTreeMap::new()),
         };
+        // A Unix-domain destination is family 1 (AF_UNIX) with its path in `dst_name`.
         let (dst_family, dst_ip, dst_port, dst_proto, dst_name) = match e.dst() {
-            Some(d) => (
-                if d.ip.is_ipv4() { 4 } else { 6 },
-                v6(d.ip),
-                d.port,
-                d.proto.to_string(),
-                s(&d.name),
-            ),
+            Some(d) => match d.ip {
+                Some(ip) => (
+                    if ip.is_ipv4() { 4 } else { 6 },
+                    v6(ip),
+                    d.port,
+                    d.proto.to_string(),
+                    s(&d.name),
+                ),
+                None => (1, Ipv6Addr::UNSPECIFIED, 0, d.proto.to_string(), s(&d.path)),
+            },
             None => (0, Ipv6Addr::UNSPECIFIED, 0, String::new(), String::new()),
         };
         let mut row = EventRow {
@@ -270,16 +305,72 @@ impl From<&Event> for EventRow {
             dns_server: None,
             read_event: String::new(),
             read_ts: None,
+            via: String::new(),
+            repeats: 0,
+            abi: String::new(),
+            opened_as_status: String::new(),
+            dst_metadata: e.dst().is_some_and(|d| d.metadata),
+            exec_argv: Vec::new(),
+            exec_env_truncated: false,
+            exposed_credentials: String::new(),
+            access_kind: String::new(),
+            target_pid: 0,
+            target_comm: String::new(),
+            target_exe: String::new(),
+            target_workload_id: String::new(),
+            target_workload: String::new(),
+            metadata_method: String::new(),
+            metadata_path: String::new(),
+            metadata_provider: String::new(),
+            metadata_credentials: false,
+            metadata_role: String::new(),
         };
+        if let Some(sr) = e.secret() {
+            row.repeats = sr.repeats;
+            row.abi = sr.abi.as_deref().unwrap_or_default().to_owned();
+            row.opened_as_status = sr
+                .opened_as_status
+                .as_deref()
+                .unwrap_or_default()
+                .to_owned();
+        }
         match &e.body {
             Body::Exec(x) => {
                 row.exec_filename = x.filename.clone();
                 row.exec_cap_effective = x.cap_effective;
                 row.exec_truncated = x.truncated;
+                row.exec_argv = x.argv.clone();
+                row.exec_env_truncated = x.env_truncated;
+                row.abi = x.abi.as_deref().unwrap_or_default().to_owned();
+                if !x.env_credentials.is_empty() || !x.argv_credentials.is_empty() {
+                    row.exposed_credentials = serde_json::to_string(&Exposed {
+                        env: x.env_credentials.clone(),
+                        argv: x.argv_credentials.clone(),
+                    })
+                    .unwrap_or_default();
+                }
             }
             Body::Exit { code } => row.exit_code = Some(*code),
             Body::SecretRead(_) => {}
-            Body::Connect(c) => row.result = c.result.to_string(),
+            Body::Connect(c) => {
+                row.result = c.result.to_string();
+                row.via = c.via.to_string();
+            }
+            Body::ProcessAccess(a) => {
+                row.access_kind = a.access.to_string();
+                row.target_pid = a.target.pid;
+                row.target_comm = a.target.comm.clone();
+                row.target_exe = a.target.exe.clone();
+                row.target_workload_id = a.target.workload.id.to_string();
+                row.target_workload = serde_json::to_string(&a.target.workload).unwrap_or_default();
+            }
+            Body::MetadataFetch(m) => {
+                row.metadata_method = m.method.clone();
+                row.metadata_path = m.path.clone();
+                row.metadata_provider = m.provider.to_string();
+                row.metadata_credentials = m.credentials;
+                row.metadata_role = s(&m.role);
+            }
             Body::CredentialUse(u) => {
                 row.result = u.result.to_string();
                 row.read_event = u.read_event.clone();
@@ -318,7 +409,7 @@ impl EventRow {
             Arc::new(SecretRef {
                 path: opt(self.secret_path),
                 opened_as: self.opened_as,
-                opened_as_status: None,
+                opened_as_status: opt(self.opened_as_status.clone()).map(Label::from),
                 dev: self.dev,
                 inode: self.inode,
                 syscall: self.syscall.into(),
@@ -326,6 +417,8 @@ impl EventRow {
                 open_flags: self.open_flags,
                 matched: self.matched.into(),
                 fd: self.fd,
+                repeats: self.repeats,
+                abi: opt(self.abi.clone()).map(Label::from),
             })
         });
         let credential = (!self.fingerprint.is_empty()).then(|| {
@@ -343,19 +436,34 @@ impl EventRow {
                 }),
             })
         });
-        let dst = (self.dst_family != 0).then(|| Destination {
-            ip: back(self.dst_ip, self.dst_family),
-            port: self.dst_port,
-            proto: self.dst_proto.into(),
-            name: opt(self.dst_name),
-        });
+        let dst = match self.dst_family {
+            0 => None,
+            1 => Some(Destination {
+                metadata: self.dst_metadata,
+                ..Destination::unix(self.dst_name, self.dst_proto)
+            }),
+            f => Some(Destination {
+                name: opt(self.dst_name),
+                metadata: self.dst_metadata,
+                ..Destination::inet(back(self.dst_ip, f), self.dst_port, self.dst_proto)
+            }),
+        };
         let result: Label = self.result.into();
         let body = match kind {
-            EventKind::Exec => Body::Exec(Box::new(ExecInfo {
-                filename: self.exec_filename,
-                cap_effective: self.exec_cap_effective,
-                truncated: self.exec_truncated,
-            })),
+            EventKind::Exec => {
+                let exposed: Exposed =
+                    serde_json::from_str(&self.exposed_credentials).unwrap_or_default();
+                Body::Exec(Box::new(ExecInfo {
+                    filename: self.exec_filename,
+                    cap_effective: self.exec_cap_effective,
+                    truncated: self.exec_truncated,
+                    argv: self.exec_argv,
+                    env_credentials: exposed.env,
+                    argv_credentials: exposed.argv,
+                    env_truncated: self.exec_env_truncated,
+                    abi: opt(self.abi).map(Label::from),
+                }))
+            }
             EventKind::Exit => Body::Exit {
                 code: self.exit_code?,
             },
@@ -363,7 +471,28 @@ impl EventRow {
                 secret: secret?,
                 credential: credential?,
             }),
-            EventKind::Connect => Body::Connect(Connect { dst: dst?, result }),
+            EventKind::Connect => Body::Connect(Connect {
+                dst: dst?,
+                result,
+                via: opt(self.via).map_or(Label::Borrowed("connect"), Label::from),
+            }),
+            EventKind::ProcessAccess => Body::ProcessAccess(Box::new(ProcessAccess {
+                access: self.access_kind.into(),
+                target: TargetProcess {
+                    pid: self.target_pid,
+                    comm: self.target_comm,
+                    exe: self.target_exe,
+                    workload: serde_json::from_str(&self.target_workload).ok()?,
+                },
+            })),
+            EventKind::MetadataFetch => Body::MetadataFetch(Box::new(MetadataFetch {
+                dst: dst?,
+                method: self.metadata_method,
+                path: self.metadata_path,
+                provider: self.metadata_provider.into(),
+                credentials: self.metadata_credentials,
+                role: opt(self.metadata_role),
+            })),
             EventKind::CredentialUse => Body::CredentialUse(Box::new(CredentialUse {
                 secret,
                 credential: credential?,
@@ -513,14 +642,13 @@ mod tests {
         }
         for ip in ["10.1.2.3", "::ffff:10.1.2.3", "2001:db8::1"] {
             let dst = Destination {
-                ip: ip.parse().unwrap(),
-                port: 443,
-                proto: "tcp".into(),
                 name: Some("api.example".into()),
+                ..Destination::inet(ip.parse().unwrap(), 443, "tcp")
             };
             let body = Body::Connect(Connect {
                 dst,
                 result: "ok".into(),
+                via: "connect".into(),
             });
             let c = Event::new("c1".into(), Timestamp::from_unix_nanos(5), "n", body);
             assert_eq!(EventRow::from(&c).into_event().unwrap(), c, "{ip}");

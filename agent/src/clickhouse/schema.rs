@@ -23,7 +23,7 @@
 //! last rows (node, id, ts: unique per node) are already there (`id_idx` makes that a
 //! skip-index lookup); only a batch that is not is inserted. The window then only has to
 //! cover the race of an attempt still running on the server, which the settings of
-//! migration 2 give (time-based where the engine has it: Replicated tables).
+//! migration 3 give (time-based where the engine has it: Replicated tables).
 //!
 //! Migrations are numbered; each is applied once, in order, and recorded in
 //! `schema_version` (`CREATE … IF NOT EXISTS` never changes an existing table, so
@@ -32,7 +32,35 @@
 use super::Config as Cfg;
 
 /// The newest migration; `migrate` refuses a database that is newer.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
+
+/// Columns added after version 1, in the order they were added: created with the table on
+/// a fresh database, added by `ALTER TABLE … ADD COLUMN IF NOT EXISTS` (migration 2) to an
+/// existing one.
+const ADDED_EVENT_COLUMNS: &[&str] = &[
+    // v2: how a connect was made, folded repeat reads, 32-bit callers, Unix-domain and
+    // cloud-metadata destinations, what exec handed a process, process-memory access and
+    // metadata requests.
+    "via String",
+    "repeats UInt64",
+    "abi String",
+    "opened_as_status String",
+    "dst_metadata Bool",
+    "exec_argv Array(String)",
+    "exec_env_truncated Bool",
+    "exposed_credentials String",
+    "access_kind String",
+    "target_pid UInt32",
+    "target_comm String",
+    "target_exe String",
+    "target_workload_id String",
+    "target_workload String",
+    "metadata_method String",
+    "metadata_path String",
+    "metadata_provider String",
+    "metadata_credentials Bool",
+    "metadata_role String",
+];
 
 const EVENT_COLUMNS: &str = "
     id String,
@@ -101,8 +129,10 @@ const EVENT_COLUMNS: &str = "
     dns_ttl UInt32,
     dns_server Nullable(IPv6),
     read_event String,
-    read_ts Nullable(DateTime64(9, 'UTC')),
-    INDEX workload_idx workload_id TYPE bloom_filter GRANULARITY 4";
+    read_ts Nullable(DateTime64(9, 'UTC'))";
+
+/// After the columns of `events`.
+const EVENT_INDEXES: &str = "INDEX workload_idx workload_id TYPE bloom_filter GRANULARITY 4";
 
 const ALERT_COLUMNS: &str = "
     id String,
@@ -130,7 +160,7 @@ const ALERT_COLUMNS: &str = "
 
 /// Version 1's dedup window (blocks), as it was created.
 const DEDUP_WINDOW_V1: u32 = 10_000;
-/// Migration 2: blocks remembered by a single server's table (its own log, in memory: about
+/// Migration 3: blocks remembered by a single server's table (its own log, in memory: about
 /// 100 bytes each)…
 const DEDUP_BLOCKS: u32 = 100_000;
 /// …and for Replicated tables a time bound in ClickHouse Keeper (with a block bound high
@@ -141,6 +171,8 @@ const DEDUP_BLOCKS_REPLICATED: u32 = 10_000_000;
 struct Table {
     name: &'static str,
     columns: &'static str,
+    added: &'static [&'static str],
+    indexes: &'static str,
     partition: &'static str,
     order: &'static str,
 }
@@ -149,12 +181,16 @@ const TABLES: [Table; 2] = [
     Table {
         name: "events",
         columns: EVENT_COLUMNS,
+        added: ADDED_EVENT_COLUMNS,
+        indexes: EVENT_INDEXES,
         partition: "toDate(ts)",
         order: "(kind, fingerprint, node, ts)",
     },
     Table {
         name: "alerts",
         columns: ALERT_COLUMNS,
+        added: &[],
+        indexes: "",
         partition: "toYYYYMM(ts)",
         order: "(alert, node, ts)",
     },
@@ -162,7 +198,11 @@ const TABLES: [Table; 2] = [
 
 /// Every migration's statements, in order: `(version, statements)`.
 pub fn migrations(cfg: &Cfg) -> Vec<(u32, Vec<String>)> {
-    vec![(1, version_1(cfg)), (2, version_2(cfg))]
+    vec![
+        (1, version_1(cfg)),
+        (2, version_2(cfg)),
+        (3, version_3(cfg)),
+    ]
 }
 
 /// Every statement of every migration, in order.
@@ -177,9 +217,34 @@ fn on_cluster(cfg: &Cfg) -> String {
         .unwrap_or_default()
 }
 
-/// Migration 2: the skip index the writer's "already stored?" check uses, and dedup
-/// settings that no longer count on a fleet-shared block window (see the module docs).
+/// Migration 2: a table made by version 1 gets the columns added since (a no-op on a
+/// fresh one, which was created with them).
 fn version_2(cfg: &Cfg) -> Vec<String> {
+    let db = &cfg.database;
+    let on = on_cluster(cfg);
+    let mut out = Vec::new();
+    for t in &TABLES {
+        let mut tables = vec![match &cfg.cluster {
+            None => t.name.to_owned(),
+            Some(_) => format!("{}_local", t.name),
+        }];
+        if cfg.cluster.is_some() {
+            tables.push(t.name.to_owned());
+        }
+        for c in t.added {
+            for name in &tables {
+                out.push(format!(
+                    "ALTER TABLE {db}.{name}{on} ADD COLUMN IF NOT EXISTS {c}"
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Migration 3: the skip index the writer's "already stored?" check uses, and dedup
+/// settings that no longer count on a fleet-shared block window (see the module docs).
+fn version_3(cfg: &Cfg) -> Vec<String> {
     let db = &cfg.database;
     let on = on_cluster(cfg);
     let mut out = Vec::new();
@@ -203,8 +268,8 @@ fn version_2(cfg: &Cfg) -> Vec<String> {
     out
 }
 
-/// Migration 1: the tables as first released (kept as they were: a fresh database gets
-/// them and then every later migration, like an old one).
+/// Migration 1: the tables (with every column a fresh database needs; an old one gets the
+/// columns added since from migration 2), then every later migration, like an old one.
 fn version_1(cfg: &Cfg) -> Vec<String> {
     let db = &cfg.database;
     let on = on_cluster(cfg);
@@ -226,11 +291,20 @@ fn version_1(cfg: &Cfg) -> Vec<String> {
                 "replicated_deduplication_window",
             ),
         };
+        let mut columns = t.columns.to_owned();
+        for c in t.added {
+            columns.push_str(",\n    ");
+            columns.push_str(c);
+        }
+        if !t.indexes.is_empty() {
+            columns.push_str(",\n    ");
+            columns.push_str(t.indexes);
+        }
         out.push(format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{local}{on}\n({}\n)\nENGINE = {engine}\n\
+            "CREATE TABLE IF NOT EXISTS {db}.{local}{on}\n({columns}\n)\nENGINE = {engine}\n\
              PARTITION BY {}\nORDER BY {}\nTTL toDateTime(ts) + INTERVAL {ttl} DAY\n\
              SETTINGS {dedup} = {DEDUP_WINDOW_V1}",
-            t.columns, t.partition, t.order
+            t.partition, t.order
         ));
         if let Some(c) = &cfg.cluster {
             out.push(format!(
@@ -317,7 +391,7 @@ mod tests {
             many.contains("ENGINE = Distributed(prod, credwatch, events_local, cityHash64(node))")
         );
         assert!(many.contains("replicated_deduplication_window"));
-        // Migration 2 changes existing tables with ALTERs, on the local tables in a cluster.
+        // Migration 3 changes existing tables with ALTERs, on the local tables in a cluster.
         assert!(one.contains(
             "ALTER TABLE credwatch.events MODIFY SETTING non_replicated_deduplication_window = 100000"
         ));
@@ -325,6 +399,6 @@ mod tests {
             "ALTER TABLE credwatch.alerts_local ON CLUSTER prod ADD INDEX IF NOT EXISTS id_idx"
         ));
         assert!(many.contains("replicated_deduplication_window_seconds = 900"));
-        assert!(one.contains("-- migration 2"));
+        assert!(one.contains("-- migration 3"));
     }
 }

@@ -188,12 +188,7 @@ mod tests {
         e.process.exe = "/app/api".into();
         used(
             e,
-            Destination {
-                ip: "10.0.0.7".parse().unwrap(),
-                port,
-                proto: "tcp".into(),
-                name: None,
-            },
+            Destination::inet("10.0.0.7".parse().unwrap(), port, "tcp"),
         )
     }
 

@@ -13,18 +13,23 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, TracePoint},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, SockHash},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, RawTracePoint, SkMsg,
+        SockOps, TracePoint,
+    },
 };
 use credwatch_common::{
-    INO_FILTER_WORDS, InodeKey, KernelConfig, PROBE_COUNT, Probe, SETTING_WATCHED_DIRS,
+    Budget, FOPS_ENVIRON, FOPS_MEM, INO_FILTER_WORDS, InodeKey, KernelConfig, PROBE_COUNT, Probe,
+    RepeatKey, Repeats, SETTING_CGROUP_BUDGET, SETTING_DNS_RATE, SETTING_LEARN_SLOT,
+    SETTING_LEARN_TID, SETTING_REPEAT_MS, SETTING_WATCHED_DIRS, SUPPRESSED_COUNT, Suppressed,
     ino_filter_slot,
 };
 use tracing::{debug, info, warn};
 
 use crate::{
     config::{Checker, Validate, check_nonzero},
-    syscalls,
+    syscalls::{self, Syscall},
 };
 
 /// The probe object, built from `ebpf/` by build.rs.
@@ -43,6 +48,49 @@ pub struct Config {
     /// The agent drains the ring at least this often (the probes do not wake it per event).
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_interval: std::time::Duration,
+    /// Ring for secret opens and process-memory access, apart from everything else so an
+    /// exec or connect storm cannot push them out.
+    #[serde(default = "default_secret_ring_bytes")]
+    pub secret_ring_bytes: u32,
+    /// One process re-reading one secret sends at most one record per this interval; the
+    /// opens in between are counted exactly and reported as `repeats`.
+    #[serde(default = "default_repeat", with = "humantime_serde")]
+    pub repeat_interval: std::time::Duration,
+    /// Secret-open records per cgroup per second; beyond it opens are counted per cgroup
+    /// (and still add up in `repeats`), so one workload's flood cannot crowd out another's.
+    #[serde(default = "default_cgroup_budget")]
+    pub cgroup_budget: u32,
+    /// DNS answer records per second, node-wide.
+    #[serde(default = "default_dns_rate")]
+    pub dns_rate: u32,
+    /// 32-bit (ia32) syscalls on x86-64 bypass the per-syscall tracepoints. `always`
+    /// watches them from the start (every syscall of every process pays for one more probe),
+    /// `on_exec` from the first 32-bit exec the agent sees, `off` never (32-bit execs are
+    /// still flagged).
+    #[serde(default)]
+    pub ia32: Ia32Mode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ia32Mode {
+    Always,
+    #[default]
+    OnExec,
+    Off,
+}
+
+fn default_secret_ring_bytes() -> u32 {
+    2 << 20
+}
+fn default_repeat() -> std::time::Duration {
+    std::time::Duration::from_secs(1)
+}
+fn default_cgroup_budget() -> u32 {
+    1000
+}
+fn default_dns_rate() -> u32 {
+    2000
 }
 
 fn default_ring_bytes() -> u32 {
@@ -61,6 +109,11 @@ impl Default for Config {
             ring_bytes: default_ring_bytes(),
             wake_bytes: default_wake_bytes(),
             drain_interval: default_drain(),
+            secret_ring_bytes: default_secret_ring_bytes(),
+            repeat_interval: default_repeat(),
+            cgroup_budget: default_cgroup_budget(),
+            dns_rate: default_dns_rate(),
+            ia32: Ia32Mode::default(),
         }
     }
 }
@@ -74,6 +127,25 @@ impl Validate for Config {
         );
         c.check(self.wake_bytes > 0, "wake_bytes", "must be at least 1");
         check_nonzero(c, "drain_interval", self.drain_interval);
+        c.check(
+            self.secret_ring_bytes >= 4096 && self.secret_ring_bytes.is_power_of_two(),
+            "secret_ring_bytes",
+            format_args!(
+                "must be a power of two ≥ 4096 (got {})",
+                self.secret_ring_bytes
+            ),
+        );
+        c.check(
+            self.repeat_interval.as_millis() <= u32::MAX as u128,
+            "repeat_interval",
+            "must be shorter than 49 days",
+        );
+        c.check(
+            self.cgroup_budget > 0,
+            "cgroup_budget",
+            "must be at least 1",
+        );
+        c.check(self.dns_rate > 0, "dns_rate", "must be at least 1");
     }
 }
 
@@ -83,9 +155,14 @@ pub type Drops = [u64; PROBE_COUNT as usize];
 #[derive(Clone, Debug)]
 pub struct SensorOptions {
     pub ring_bytes: u32,
+    pub secret_ring_bytes: u32,
     /// Wake the agent when this much is waiting (otherwise it drains on its timer).
     pub wake_bytes: u32,
     pub sendmsg_dedup_ns: u64,
+    pub repeat_ms: u32,
+    pub cgroup_budget: u32,
+    pub dns_rate: u32,
+    pub ia32: Ia32Mode,
     pub btf_path: PathBuf,
     /// Where to mount cgroup2 if the host has none.
     pub cgroup2_fallback: PathBuf,
@@ -95,8 +172,15 @@ impl SensorOptions {
     pub fn from_config(cfg: &Config) -> Self {
         SensorOptions {
             ring_bytes: cfg.ring_bytes,
+            secret_ring_bytes: cfg.secret_ring_bytes,
             // A threshold the ring can never reach would leave only the drain timer.
-            wake_bytes: cfg.wake_bytes.min(cfg.ring_bytes / 2),
+            wake_bytes: cfg
+                .wake_bytes
+                .min(cfg.ring_bytes.min(cfg.secret_ring_bytes) / 2),
+            repeat_ms: cfg.repeat_interval.as_millis().min(u32::MAX as u128) as u32,
+            cgroup_budget: cfg.cgroup_budget,
+            dns_rate: cfg.dns_rate,
+            ia32: cfg.ia32,
             ..SensorOptions::default()
         }
     }
@@ -104,30 +188,51 @@ impl SensorOptions {
 
 impl Default for SensorOptions {
     fn default() -> Self {
+        let c = Config::default();
         SensorOptions {
-            ring_bytes: 8 << 20,
-            wake_bytes: 256 << 10,
+            ring_bytes: c.ring_bytes,
+            secret_ring_bytes: c.secret_ring_bytes,
+            wake_bytes: c.wake_bytes,
             sendmsg_dedup_ns: 1_000_000_000,
+            repeat_ms: c.repeat_interval.as_millis() as u32,
+            cgroup_budget: c.cgroup_budget,
+            dns_rate: c.dns_rate,
+            ia32: c.ia32,
             btf_path: PathBuf::from(btf::VMLINUX_BTF),
             cgroup2_fallback: PathBuf::from("/run/credwatch/cgroup2"),
         }
     }
 }
 
+/// The two rings the probes fill.
+pub struct Rings {
+    /// Secret opens and process-memory access.
+    pub secrets: RingBuf<MapData>,
+    /// Everything else.
+    pub events: RingBuf<MapData>,
+}
+
 /// Loaded and attached probes. Dropping it detaches everything (links are owned fds).
 pub struct Sensors {
     /// Owns the loaded programs and their links: dropping it detaches every probe.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    ring: Option<RingBuf<MapData>>,
+    /// The sk_msg program is attached to this map: it lives as long as the probes.
+    _metadata_socks: SockHash<MapData, u64>,
+    rings: Option<Rings>,
     secret_inodes: BpfHashMap<MapData, InodeKey, u32>,
     watched_dirs: BpfHashMap<MapData, InodeKey, u32>,
+    repeats: BpfHashMap<MapData, RepeatKey, Repeats>,
+    budgets: BpfHashMap<MapData, u64, Budget>,
     drops: PerCpuArray<MapData, u64>,
+    suppressed: PerCpuArray<MapData, u64>,
     settings: Array<MapData, u32>,
     file_filter: InoFilter,
     dir_filter: InoFilter,
     in_map: HashSet<InodeKey>,
     dirs_in_map: HashSet<InodeKey>,
+    ia32: Ia32Mode,
+    ia32_attached: bool,
     pub cgroup2_root: PathBuf,
     pub attached: Vec<String>,
 }
@@ -151,10 +256,19 @@ impl Sensors {
         kcfg.agent_tgid = std::process::id();
         kcfg.wake_bytes = opts.wake_bytes;
         kcfg.sendmsg_dedup_ns = opts.sendmsg_dedup_ns;
+        let submit = io_uring_tracepoint(&["io_uring_submit_req", "io_uring_submit_sqe"]);
+        let complete = io_uring_tracepoint(&["io_uring_complete"]);
+        if let (Some((_, f)), Some((_, g))) = (&submit, &complete) {
+            kcfg.tp_iou_submit_req = btf::tracepoint_field(f, "req").unwrap_or(u32::MAX);
+            kcfg.tp_iou_submit_opcode = btf::tracepoint_field(f, "opcode").unwrap_or(u32::MAX);
+            kcfg.tp_iou_complete_req = btf::tracepoint_field(g, "req").unwrap_or(u32::MAX);
+            kcfg.tp_iou_complete_res = btf::tracepoint_field(g, "res").unwrap_or(u32::MAX);
+        }
 
         let mut loader = EbpfLoader::new();
         loader.override_global("CW_CONFIG", &kcfg, true);
         loader.map_max_entries("EVENTS", opts.ring_bytes);
+        loader.map_max_entries("SECRET_EVENTS", opts.secret_ring_bytes);
         let mut ebpf = loader
             .load(PROBES_OBJ)
             .context("loading the probe object")?;
@@ -166,6 +280,14 @@ impl Sensors {
                 None
             }
         };
+        let mut settings = Array::try_from(ebpf.take_map("SETTINGS").context("map SETTINGS")?)?;
+        for (i, v) in [
+            (SETTING_REPEAT_MS, opts.repeat_ms),
+            (SETTING_CGROUP_BUDGET, opts.cgroup_budget),
+            (SETTING_DNS_RATE, opts.dns_rate),
+        ] {
+            settings.set(i, v, 0).context("writing probe settings")?;
+        }
 
         let mut attached = Vec::new();
         attach_tracepoint(
@@ -182,41 +304,53 @@ impl Sensors {
             &["sched_process_exit"],
             &mut attached,
         )?;
-        let exits: Vec<String> = syscalls::OPEN_FAMILY
-            .iter()
-            .map(|s| format!("sys_exit_{}", s.name()))
-            .collect();
-        let exits: Vec<&str> = exits.iter().map(String::as_str).collect();
+        let exits = syscall_exits(syscalls::OPEN_FAMILY);
         attach_tracepoint(
             &mut ebpf,
             "sys_exit_open_family",
             "syscalls",
-            &exits,
+            &exits.iter().map(String::as_str).collect::<Vec<_>>(),
             &mut attached,
         )?;
-        attach_tracepoint(
-            &mut ebpf,
-            "sys_exit_connect",
-            "syscalls",
-            &["sys_exit_connect"],
-            &mut attached,
-        )?;
-        let privs: Vec<String> = syscalls::CREDENTIAL_CHANGES
-            .iter()
-            .map(|s| format!("sys_exit_{}", s.name()))
-            .collect();
-        let privs: Vec<&str> = privs.iter().map(String::as_str).collect();
+        for (prog, sys) in [
+            ("sys_exit_connect", Syscall::Connect),
+            ("sys_exit_ptrace", Syscall::Ptrace),
+            ("sys_exit_process_vm_readv", Syscall::ProcessVmReadv),
+        ] {
+            let tp = format!("sys_exit_{}", sys.name());
+            attach_tracepoint(&mut ebpf, prog, "syscalls", &[&tp], &mut attached)?;
+        }
+        let privs = syscall_exits(syscalls::CREDENTIAL_CHANGES);
         attach_tracepoint(
             &mut ebpf,
             "sys_exit_priv",
             "syscalls",
-            &privs,
+            &privs.iter().map(String::as_str).collect::<Vec<_>>(),
             &mut attached,
         )?;
+        match (&submit, &complete) {
+            (Some((s, _)), Some((c, _))) => {
+                attach_tracepoint(
+                    &mut ebpf,
+                    "io_uring_submit",
+                    "io_uring",
+                    &[s],
+                    &mut attached,
+                )?;
+                attach_tracepoint(
+                    &mut ebpf,
+                    "io_uring_complete",
+                    "io_uring",
+                    &[c],
+                    &mut attached,
+                )?;
+            }
+            _ => warn!("this kernel has no io_uring tracepoints: io_uring opens are not seen"),
+        }
 
         let cgroup = File::open(&cgroup2_root)
             .with_context(|| format!("opening cgroup2 root {}", cgroup2_root.display()))?;
-        for name in ["sendmsg4", "sendmsg6"] {
+        for name in ["connect4", "connect6", "sendmsg4", "sendmsg6"] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().with_context(|| format!("loading {name}"))?;
             prog.attach(&cgroup, cgroup_mode())
@@ -230,39 +364,131 @@ impl Sensors {
                 .with_context(|| format!("attaching dns_ingress to {}", cgroup2_root.display()))?;
             attached.push("cgroup_skb/ingress".into());
         }
+        {
+            let prog: &mut SockOps = program(&mut ebpf, "metadata_sockops")?;
+            prog.load().context("loading metadata_sockops")?;
+            prog.attach(&cgroup, cgroup_mode())
+                .with_context(|| format!("attaching sock_ops to {}", cgroup2_root.display()))?;
+            attached.push("sockops".into());
+        }
+        let metadata_socks: SockHash<MapData, u64> = SockHash::try_from(
+            ebpf.take_map("METADATA_SOCKS")
+                .context("map METADATA_SOCKS")?,
+        )?;
+        {
+            let prog: &mut SkMsg = program(&mut ebpf, "metadata_request")?;
+            prog.load().context("loading metadata_request")?;
+            prog.attach(metadata_socks.fd())
+                .context("attaching sk_msg to METADATA_SOCKS")?;
+            attached.push("sk_msg".into());
+        }
 
-        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?;
+        let rings = Rings {
+            secrets: RingBuf::try_from(
+                ebpf.take_map("SECRET_EVENTS")
+                    .context("map SECRET_EVENTS")?,
+            )?,
+            events: RingBuf::try_from(ebpf.take_map("EVENTS").context("map EVENTS")?)?,
+        };
         let secret_inodes = BpfHashMap::try_from(
             ebpf.take_map("SECRET_INODES")
                 .context("map SECRET_INODES")?,
         )?;
         let watched_dirs =
             BpfHashMap::try_from(ebpf.take_map("WATCHED_DIRS").context("map WATCHED_DIRS")?)?;
+        let repeats = BpfHashMap::try_from(ebpf.take_map("REPEATS").context("map REPEATS")?)?;
+        let budgets = BpfHashMap::try_from(ebpf.take_map("BUDGETS").context("map BUDGETS")?)?;
         let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").context("map DROPS")?)?;
-        let settings = Array::try_from(ebpf.take_map("SETTINGS").context("map SETTINGS")?)?;
+        let suppressed =
+            PerCpuArray::try_from(ebpf.take_map("SUPPRESSED").context("map SUPPRESSED")?)?;
         let file_filter = InoFilter::new(&mut ebpf, "FILE_INO_FILTER")?;
         let dir_filter = InoFilter::new(&mut ebpf, "DIR_INO_FILTER")?;
-        info!(programs = attached.len(), cgroup2 = %cgroup2_root.display(), "probes attached");
-        Ok(Sensors {
-            _ebpf: ebpf,
+        let mut sensors = Sensors {
+            ebpf,
             logger,
-            ring: Some(ring),
+            _metadata_socks: metadata_socks,
+            rings: Some(rings),
             secret_inodes,
             watched_dirs,
+            repeats,
+            budgets,
             drops,
+            suppressed,
             settings,
             file_filter,
             dir_filter,
             in_map: HashSet::new(),
             dirs_in_map: HashSet::new(),
+            ia32: opts.ia32,
+            ia32_attached: false,
             cgroup2_root,
             attached,
-        })
+        };
+        if opts.ia32 == Ia32Mode::Always {
+            sensors.watch_ia32()?;
+        }
+        sensors.learn_proc_fops()?;
+        info!(programs = sensors.attached.len(), cgroup2 = %sensors.cgroup2_root.display(), "probes attached");
+        Ok(sensors)
     }
 
-    /// The ring buffer, handed to the reader once.
-    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
-        self.ring.take()
+    /// Teaches the open probe what /proc/<pid>/environ and /proc/<pid>/mem look like: the
+    /// agent opens its own, from this thread, and the probe keeps their `file_operations`.
+    fn learn_proc_fops(&mut self) -> Result<()> {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as u32;
+        let mut learned = 0;
+        for (slot, path) in [
+            (FOPS_ENVIRON, "/proc/self/environ"),
+            (FOPS_MEM, "/proc/self/mem"),
+        ] {
+            self.settings.set(SETTING_LEARN_SLOT, slot, 0)?;
+            self.settings.set(SETTING_LEARN_TID, tid, 0)?;
+            match File::open(path) {
+                Ok(f) => drop(f),
+                Err(e) => warn!("opening {path} to learn its kind: {e}"),
+            }
+            self.settings.set(SETTING_LEARN_TID, 0, 0)?;
+            let fops: Array<&MapData, u64> =
+                Array::try_from(self.ebpf.map("FOPS").context("map FOPS")?)?;
+            if fops.get(&slot, 0).unwrap_or(0) != 0 {
+                learned += 1;
+            }
+        }
+        if learned < 2 {
+            warn!("reads of other processes' environment or memory through /proc are not seen");
+        }
+        Ok(())
+    }
+
+    /// Attaches the probe for 32-bit syscalls (once).
+    pub fn watch_ia32(&mut self) -> Result<()> {
+        if self.ia32_attached || self.ia32 == Ia32Mode::Off {
+            return Ok(());
+        }
+        let prog: &mut RawTracePoint = program(&mut self.ebpf, "sys_exit_compat")?;
+        prog.load().context("loading sys_exit_compat")?;
+        prog.attach("sys_exit")
+            .context("attaching the ia32 syscall probe (raw tracepoint sys_exit)")?;
+        self.ia32_attached = true;
+        self.attached.push("raw_tp/sys_exit (ia32)".into());
+        info!("watching 32-bit syscalls: every syscall now runs one more probe");
+        Ok(())
+    }
+
+    /// A 32-bit image started: in `on_exec` mode, from now on its syscalls are watched.
+    pub fn saw_ia32_exec(&mut self) {
+        if self.ia32 == Ia32Mode::OnExec
+            && !self.ia32_attached
+            && let Err(e) = self.watch_ia32()
+        {
+            warn!("{e:#}; 32-bit processes' opens stay unseen");
+        }
+    }
+
+    /// The rings, handed to the reader once.
+    pub fn take_rings(&mut self) -> Option<Rings> {
+        self.rings.take()
     }
 
     /// Makes the kernel's file and directory maps hold the inventory, most important first:
@@ -334,12 +560,71 @@ impl Sensors {
         Ok(out)
     }
 
+    /// Records the probes chose not to send, per reason (indexed by [`Suppressed`]).
+    pub fn suppressed(&self) -> Result<[u64; SUPPRESSED_COUNT as usize]> {
+        let mut out = [0u64; SUPPRESSED_COUNT as usize];
+        for r in Suppressed::ALL {
+            let per_cpu = self.suppressed.get(&(*r as u32), 0)?;
+            out[*r as usize] = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Secret opens each cgroup had counted but not sent (over its budget), since load.
+    pub fn budget_suppressed(&self) -> Vec<(u64, u64)> {
+        self.budgets
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, b)| b.suppressed > 0)
+            .map(|(cg, b)| (cg, b.suppressed))
+            .collect()
+    }
+
+    /// The probe's counter for (process, secret): opens so far and when it last sent a
+    /// record; `None` when it has none.
+    pub fn repeat_state(&self, key: &RepeatKey) -> Option<Repeats> {
+        self.repeats.get(key, 0).ok()
+    }
+
+    /// Every (process, secret) the probe counts opens for.
+    pub fn repeat_keys(&self) -> Vec<RepeatKey> {
+        self.repeats.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Forgets a process's repeat counters (it exited).
+    pub fn forget_repeats(&mut self, keys: &[RepeatKey]) {
+        for k in keys {
+            let _ = self.repeats.remove(k);
+        }
+    }
+
     /// Forwards probe diagnostics (aya-log) to the agent's log.
     pub fn flush_probe_logs(&mut self) {
         if let Some(l) = self.logger.as_mut() {
             l.flush();
         }
     }
+}
+
+/// The io_uring tracepoint of this kernel among `names` (renamed over versions), with its
+/// tracefs format.
+fn io_uring_tracepoint(names: &[&str]) -> Option<(String, String)> {
+    names.iter().find_map(|n| {
+        let f = Path::new(host::TRACEFS)
+            .join("events/io_uring")
+            .join(n)
+            .join("format");
+        std::fs::read_to_string(f)
+            .ok()
+            .map(|t| ((*n).to_owned(), t))
+    })
+}
+
+fn syscall_exits(calls: &[Syscall]) -> Vec<String> {
+    calls
+        .iter()
+        .map(|s| format!("sys_exit_{}", s.name()))
+        .collect()
 }
 
 /// How many bytes are waiting in the ring: producer minus consumer position, read from a

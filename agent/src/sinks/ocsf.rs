@@ -79,7 +79,10 @@ pub fn detection_finding(a: &Alert) -> Value {
                 ev["file"] = json!({"path": p, "name": p.rsplit('/').next().unwrap_or(p), "type_id": 1});
             }
             if let Some(d) = &e.dst {
-                ev["dst_endpoint"] = json!({"ip": d.ip.to_string(), "port": d.port, "hostname": d.name});
+                ev["dst_endpoint"] = match &d.ip {
+                    Some(ip) => json!({"ip": ip.to_string(), "port": d.port, "hostname": d.name}),
+                    None => json!({"name": d.path}),
+                };
                 ev["connection_info"] = json!({"protocol_name": d.proto});
             }
             ev

@@ -64,11 +64,107 @@ fn main() {
             }
             report(t, n);
         }
+        ["getppid", n] => {
+            let n = count(n);
+            let t = Instant::now();
+            for _ in 0..n {
+                // SAFETY: no arguments, no side effects.
+                unsafe { libc::getppid() };
+            }
+            report(t, n);
+        }
+        ["open-each", dir] => {
+            // Every file in `dir` once: each open is this process's first of that file.
+            let paths: Vec<CString> = std::fs::read_dir(dir)
+                .unwrap_or_else(|e| fail(format!("{dir}: {e}")))
+                .filter_map(|e| e.ok())
+                .map(|e| CString::new(e.path().into_os_string().into_encoded_bytes()).unwrap())
+                .collect();
+            let t = Instant::now();
+            for p in &paths {
+                let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDONLY) };
+                if fd < 0 {
+                    fail(format!("open: {}", std::io::Error::last_os_error()));
+                }
+                unsafe { libc::close(fd) };
+            }
+            report(t, paths.len() as u64);
+        }
+        ["uring-open", path, n] => {
+            let n = count(n);
+            uring_open(path, n);
+        }
+        ["exec-env", bytes, n] => {
+            // fork+exec of /bin/true with one environment variable of `bytes` bytes: what
+            // capturing the environment at exec costs.
+            let n = count(n);
+            let pad = "a".repeat(count(bytes) as usize);
+            let t = Instant::now();
+            for _ in 0..n {
+                let st = std::process::Command::new("/bin/true")
+                    .env_clear()
+                    .env("BENCH_PAD", &pad)
+                    .status()
+                    .unwrap_or_else(|e| fail(format!("exec: {e}")));
+                if !st.success() {
+                    fail("true failed".into());
+                }
+            }
+            report(t, n);
+        }
+        ["tcp-stream", n] => {
+            // Small writes on one loopback connection (TCP_NODELAY: one packet each), read
+            // by another thread: per-packet costs (the cgroup skb hook sees every packet).
+            let n = count(n);
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let reader = std::thread::spawn(move || {
+                let (mut c, _) = l.accept().unwrap();
+                let mut buf = [0u8; 65536];
+                while std::io::Read::read(&mut c, &mut buf).is_ok_and(|r| r > 0) {}
+            });
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_nodelay(true).unwrap();
+            let msg = [7u8; 64];
+            let t = Instant::now();
+            for _ in 0..n {
+                s.write_all(&msg)
+                    .unwrap_or_else(|e| fail(format!("write: {e}")));
+            }
+            report(t, n);
+            drop(s);
+            let _ = reader.join();
+        }
         ["gen-events", n, out] => gen_events(count(n), out),
         _ => fail(format!(
-            "usage: open PATH N | udp-connect ADDR N | tcp-connect N | gen-events N FILE (got {a:?})"
+            "usage: open PATH N | open-each DIR | getppid N | uring-open PATH N | \
+             exec-env BYTES N | udp-connect ADDR N | tcp-connect N | tcp-stream N | \
+             gen-events N FILE (got {a:?})"
         )),
     }
+}
+
+/// IORING_OP_OPENAT + close of `path`, `n` times, one request in flight.
+fn uring_open(path: &str, n: u64) {
+    use io_uring::{IoUring, opcode, types};
+    let mut ring = IoUring::new(8).unwrap_or_else(|e| fail(format!("io_uring_setup: {e}")));
+    let p = CString::new(path).unwrap();
+    let t = Instant::now();
+    for _ in 0..n {
+        let sqe = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), p.as_ptr())
+            .flags(libc::O_RDONLY)
+            .build();
+        // SAFETY: `p` outlives the request, which completes before the next loop.
+        unsafe { ring.submission().push(&sqe) }.unwrap_or_else(|_| fail("sq full".into()));
+        ring.submit_and_wait(1)
+            .unwrap_or_else(|e| fail(format!("io_uring_enter: {e}")));
+        let res = ring.completion().next().map(|c| c.result()).unwrap_or(-1);
+        if res < 0 {
+            fail(format!("IORING_OP_OPENAT: {res}"));
+        }
+        unsafe { libc::close(res) };
+    }
+    report(t, n);
 }
 
 fn linger0(s: &std::net::TcpStream) {
