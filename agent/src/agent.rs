@@ -48,7 +48,16 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     inventory.rescan();
 
     let mut sensors = Sensors::load(&SensorOptions::from_config(&cfg.sensors))?;
-    sensors.sync_inodes(&inventory.file_keys(), &inventory.dir_keys())?;
+    let synced =
+        sensors.sync_inodes(&inventory.file_keys_ranked(), &inventory.dir_keys_ranked())?;
+    report_kernel_sync(&synced, 0);
+    // Attached: keep only what the loop needs, before any other thread exists (threads
+    // copy their creator's capabilities).
+    let ia32_later = cfg.sensors.ia32 == crate::probes::Ia32Mode::OnExec
+        && !sensors.attached.iter().any(|a| a.contains("ia32"));
+    crate::privileges::drop_after_attach(ia32_later)?;
+    // From here on scans run off the loop; the loop applies their results.
+    inventory.scan_in_background()?;
     let rings = sensors.take_rings().context("ring buffers already taken")?;
     // SAFETY: a RingBuf owns its map fd for its whole life and always returns the same fd.
     let register = |r, what: &str| {
@@ -68,8 +77,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     let pipeline = pipeline.build()?;
 
     let metrics = Metrics::default();
-    if !cfg.metrics.listen.is_empty() {
-        let addr = cfg.metrics.listen.parse()?;
+    if let Some(addr) = cfg.metrics.listen_addr()? {
         match crate::metrics::serve(addr, metrics.clone()).await {
             Ok(bound) => info!("metrics on http://{bound}/metrics"),
             // Monitoring without metrics beats no monitoring; /healthz probes will say so.
@@ -77,13 +85,16 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
         }
     }
 
-    let enricher = Enricher::new(
+    let mut enricher = Enricher::new(
         cfg.node_name().into(),
         inventory,
-        WorkloadResolver::new(sensors.cgroup2_root.clone(), &cfg.kubernetes.trust_domain),
-        ProcessTable::new("/proc", 1 << 20),
+        WorkloadResolver::from_config(sensors.cgroup2_root.clone(), &cfg.kubernetes)?,
+        // ~370 B a process: 131 072 live processes are ~47 MiB; past it live processes are
+        // evicted (and read from /proc again when they show up), never a panic.
+        ProcessTable::new("/proc", 1 << 17),
     )
     .with_cgroup2_root(sensors.cgroup2_root.clone());
+    enricher.set_kernel_left_out(synced.left_out());
     let gauges = [
         RingGauge::new(secrets.get_ref(), cfg.sensors.secret_ring_bytes, "secrets"),
         RingGauge::new(events.get_ref(), cfg.sensors.ring_bytes, "events"),
@@ -260,12 +271,7 @@ impl Agent {
         let Some(url) = cfg.url() else {
             return Ok(None);
         };
-        let client = KubeletClient::new(
-            &url,
-            cfg.token_path.clone(),
-            cfg.ca_file.as_deref(),
-            cfg.insecure_skip_tls_verify,
-        )?;
+        let client = KubeletClient::from_config(&url, cfg)?;
         match tokio::time::timeout(Duration::from_secs(5), client.fetch()).await {
             Ok(Ok(dir)) => self.enricher.set_pods(dir),
             Ok(Err(e)) => {
@@ -322,6 +328,8 @@ impl Agent {
         }
         if self.enricher.take_ia32_exec() {
             self.sensors.saw_ia32_exec();
+            // The only late attach: what it needed goes now.
+            crate::privileges::done_attaching();
         }
     }
 
@@ -428,14 +436,25 @@ impl Agent {
             .collect()
     }
 
-    /// After a rescan changed the inventory: the kernel's inode maps follow.
+    /// Applies finished inventory scans: the kernel's inode maps follow, then the reads that
+    /// waited for a directory rescan go through the pipeline.
     fn sync_kernel_maps(&mut self) {
-        if !self.enricher.take_inventory_change() {
-            return;
+        if self.enricher.take_inventory_change() {
+            let inv = self.enricher.inventory();
+            match self
+                .sensors
+                .sync_inodes(&inv.file_keys_ranked(), &inv.dir_keys_ranked())
+            {
+                Ok(r) => {
+                    let before = self.enricher.set_kernel_left_out(r.left_out());
+                    report_kernel_sync(&r, before);
+                }
+                Err(e) => error!("updating kernel inode maps: {e:#}"),
+            }
         }
-        let inv = self.enricher.inventory();
-        if let Err(e) = self.sensors.sync_inodes(&inv.file_keys(), &inv.dir_keys()) {
-            error!("updating kernel inode maps: {e:#}");
+        self.enricher.release_held(&mut self.ids, &mut self.batch);
+        for ev in self.batch.drain(..) {
+            self.pipeline.handle(ev, &mut self.ids);
         }
     }
 
@@ -482,7 +501,7 @@ impl Agent {
         }
         metrics.publish(snap);
         for g in &mut self.gauges {
-            g.peak = 0;
+            g.next_second();
         }
     }
 
@@ -492,6 +511,9 @@ impl Agent {
         // Every open counted so far is reported before the agent goes (the rings were just
         // drained: nothing is in flight).
         self.catch_up_repeats(0, 0, usize::MAX);
+        // Reads still waiting for a directory rescan, and their processes' records.
+        self.enricher
+            .release_all_held(&mut self.ids, &mut self.batch);
         self.enricher.expire_pending(u64::MAX, &mut self.batch);
         for ev in std::mem::take(&mut self.batch) {
             self.pipeline.handle(ev, &mut self.ids);
@@ -529,13 +551,20 @@ impl Agent {
             dns_unparsed: c.stats.dns_unparsed,
             inventory_secrets: c.inventory_secrets,
             watched_dirs: c.watched_dirs,
+            inventory_unwatched: c.inventory_unwatched,
+            inventory_scan: c.inventory,
+            inventory_dir_rescans: c.dir_rescans,
+            reads_held: c.stats.reads_held,
+            reads_held_released_early: c.stats.held_released_early,
             processes: c.processes,
+            processes_dropped: c.processes_dropped,
+            cgroups_unresolved: c.cgroups_unresolved,
             pods: c.pods,
             sinks: self.pipeline.outputs().sinks,
             ring_size_bytes: self.gauges[RING_EVENTS].size,
-            ring_peak_bytes: self.gauges[RING_EVENTS].peak,
+            ring_peak_bytes: self.gauges[RING_EVENTS].peak(),
             secret_ring_size_bytes: self.gauges[RING_SECRETS].size,
-            secret_ring_peak_bytes: self.gauges[RING_SECRETS].peak,
+            secret_ring_peak_bytes: self.gauges[RING_SECRETS].peak(),
         }
     }
 }
@@ -548,12 +577,18 @@ const IN_FLIGHT_NS: u64 = 100_000_000;
 
 type Suppressed = [u64; credwatch_common::SUPPRESSED_COUNT as usize];
 
-/// How full one ring got between snapshots: how close it came to dropping.
+/// Seconds a ring's peak backlog is remembered: a burst shorter than a second still shows
+/// in a scrape taken at a usual interval (15–60 s) after it.
+const PEAK_WINDOW_SECS: usize = 60;
+
+/// How full one ring got lately: how close it came to dropping.
 struct RingGauge {
     fill: Option<RingFill>,
     size: u64,
-    /// Largest backlog (bytes waiting) a drain found since the last snapshot.
-    peak: u64,
+    /// Largest backlog (bytes waiting) a drain found in each of the last seconds, the
+    /// current one at `second`.
+    peaks: [u64; PEAK_WINDOW_SECS],
+    second: usize,
 }
 
 impl RingGauge {
@@ -568,14 +603,49 @@ impl RingGauge {
         RingGauge {
             fill,
             size: u64::from(size),
-            peak: 0,
+            peaks: [0; PEAK_WINDOW_SECS],
+            second: 0,
         }
     }
 
     fn sample(&mut self) {
         if let Some(f) = &self.fill {
-            self.peak = self.peak.max(f.bytes());
+            let p = &mut self.peaks[self.second];
+            *p = (*p).max(f.bytes());
         }
+    }
+
+    fn next_second(&mut self) {
+        self.second = (self.second + 1) % PEAK_WINDOW_SECS;
+        self.peaks[self.second] = 0;
+    }
+
+    /// Largest backlog in the last [`PEAK_WINDOW_SECS`].
+    fn peak(&self) -> u64 {
+        self.peaks.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// Warns when the kernel maps could not take the whole inventory (and when that changes).
+fn report_kernel_sync(r: &crate::probes::SyncReport, before: usize) {
+    let left_out = r.left_out();
+    if let Some(e) = &r.insert_error {
+        error!("updating kernel inode maps: {e}");
+    }
+    if left_out > 0 && left_out != before {
+        warn!(
+            secrets = r.files_wanted,
+            in_kernel = r.files_in_map,
+            capacity = r.file_capacity,
+            dirs = r.dirs_wanted,
+            dirs_in_kernel = r.dirs_in_map,
+            dir_capacity = r.dir_capacity,
+            left_out,
+            "kernel inode maps full: the least trusted secrets (home directories first) are \
+             not watched"
+        );
+    } else if left_out == 0 && before > 0 {
+        info!("kernel inode maps hold the whole inventory again");
     }
 }
 

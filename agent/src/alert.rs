@@ -242,21 +242,51 @@ impl AlertStatus {
 /// `count` and `last_seen` grow. The first occurrence is emitted at once; repeats are
 /// emitted again when the count doubles (1, 2, 4, 8…) so a growing incident stays visible
 /// without one line per occurrence.
+///
+/// Bounded: at most [`Dedup::MAX_KEYS`] findings are remembered. Past it, findings outside
+/// the window go first, then the least recently seen; one that grew since it was last
+/// emitted is emitted with its final count as it goes (so no count is lost), and a repeat
+/// of it later starts a new alert.
 pub struct Dedup {
     window_ns: i64,
     seen: HashMap<String, Alert>,
+    max_keys: usize,
+    /// Findings forgotten to stay within the bound.
+    pub evicted: u64,
 }
 
+/// Evidence kept per remembered finding.
+const MAX_EVIDENCE: usize = 16;
+
 impl Dedup {
+    /// Remembered findings, at most: each holds one alert and up to 16 pieces of evidence,
+    /// up to ~10 KB, so ~40 MiB at the cap.
+    pub const MAX_KEYS: usize = 4096;
+
     pub fn new(window: std::time::Duration) -> Self {
+        Self::with_capacity(window, Self::MAX_KEYS)
+    }
+
+    pub fn with_capacity(window: std::time::Duration, max_keys: usize) -> Self {
         Dedup {
             window_ns: duration_ns(window),
             seen: HashMap::new(),
+            max_keys: max_keys.max(1),
+            evicted: 0,
         }
     }
 
-    /// Returns the alert to emit now, if any.
-    pub fn admit(&mut self, mut a: Alert) -> Option<Alert> {
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// The alerts to emit now: this one's line if any, and the final counts of findings
+    /// forgotten to make room.
+    pub fn admit(&mut self, mut a: Alert) -> Vec<Alert> {
         let now = a.ts.unix_nanos();
         if let Some(prev) = self.seen.get_mut(&a.dedup_key)
             && now.saturating_sub(prev.last_seen.unix_nanos()) <= self.window_ns
@@ -266,26 +296,69 @@ impl Dedup {
             prev.ts = a.ts;
             // Keep the first evidence and add what is new (bounded).
             for e in a.evidence {
-                if prev.evidence.len() < 16
+                if prev.evidence.len() < MAX_EVIDENCE
                     && !prev.evidence.iter().any(|p| p.event_id == e.event_id)
                 {
                     prev.evidence.push(e);
                 }
             }
             prev.status = AlertStatus::Update;
-            return prev.count.is_power_of_two().then(|| prev.clone());
+            return if prev.count.is_power_of_two() {
+                vec![prev.clone()]
+            } else {
+                Vec::new()
+            };
         }
         a.count = 1;
         a.status = AlertStatus::New;
         a.first_seen = a.ts;
         a.last_seen = a.ts;
-        if self.seen.len() >= 100_000 {
-            let w = self.window_ns;
-            self.seen
-                .retain(|_, p| now.saturating_sub(p.last_seen.unix_nanos()) <= w);
+        a.evidence.truncate(MAX_EVIDENCE);
+        let mut out = Vec::new();
+        if !self.seen.contains_key(&a.dedup_key) && self.seen.len() >= self.max_keys {
+            self.make_room(now, &mut out);
         }
         self.seen.insert(a.dedup_key.clone(), a.clone());
-        Some(a)
+        out.push(a);
+        out
+    }
+
+    /// Forgets findings outside the window, then the least recently seen tenth.
+    fn make_room(&mut self, now: i64, out: &mut Vec<Alert>) {
+        let w = self.window_ns;
+        let flush = |a: Alert, out: &mut Vec<Alert>| {
+            if a.count > 1 && !a.count.is_power_of_two() {
+                out.push(a);
+            }
+        };
+        let expired: Vec<String> = self
+            .seen
+            .iter()
+            .filter(|(_, p)| now.saturating_sub(p.last_seen.unix_nanos()) > w)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in expired {
+            if let Some(a) = self.seen.remove(&k) {
+                flush(a, out);
+            }
+        }
+        if self.seen.len() < self.max_keys {
+            return;
+        }
+        let mut by_age: Vec<(i64, &String)> = self
+            .seen
+            .iter()
+            .map(|(k, a)| (a.last_seen.unix_nanos(), k))
+            .collect();
+        let n = (self.max_keys / 10).max(1).min(by_age.len());
+        by_age.select_nth_unstable(n - 1);
+        let victims: Vec<String> = by_age[..n].iter().map(|(_, k)| (*k).clone()).collect();
+        for k in victims {
+            if let Some(a) = self.seen.remove(&k) {
+                self.evicted += 1;
+                flush(a, out);
+            }
+        }
     }
 
     /// Final counts of alerts that grew since they were last emitted (at shutdown, so the
@@ -357,15 +430,38 @@ mod tests {
     #[test]
     fn repeats_grow_count_instead_of_new_alerts() {
         let mut d = Dedup::new(std::time::Duration::from_secs(60));
-        let first = d.admit(alert("k", 0)).unwrap();
+        let first = d.admit(alert("k", 0)).pop().unwrap();
         assert_eq!((first.count, first.status), (1, AlertStatus::New));
-        let second = d.admit(alert("k", 1)).unwrap();
+        let second = d.admit(alert("k", 1)).pop().unwrap();
         assert_eq!((second.count, second.status), (2, AlertStatus::Update));
-        assert!(d.admit(alert("k", 2)).is_none(), "count 3 is folded");
+        assert!(d.admit(alert("k", 2)).is_empty(), "count 3 is folded");
         assert_eq!(d.pending_updates()[0].count, 3);
-        assert!(d.admit(alert("other", 2)).is_some());
+        assert_eq!(d.admit(alert("other", 2)).len(), 1);
         // Outside the window the same key is a new alert again.
-        let again = d.admit(alert("k", 1000)).unwrap();
+        let again = d.admit(alert("k", 1000)).pop().unwrap();
         assert_eq!((again.count, again.status), (1, AlertStatus::New));
+    }
+
+    /// Distinct findings all within the window used to grow the map without bound (its cap
+    /// only dropped entries outside the window). Now it stays at its cap, and a forgotten
+    /// finding's unreported count is emitted as it goes.
+    #[test]
+    fn distinct_findings_within_the_window_stay_bounded() {
+        let mut d = Dedup::new(std::time::Duration::from_secs(3600));
+        // One finding that grew to 3 (reported at 1 and 2), the oldest of all.
+        for t in 0..3 {
+            d.admit(alert("grew", t));
+        }
+        let mut finals = Vec::new();
+        for i in 0..300_000i64 {
+            let mut out = d.admit(alert(&format!("k{i}"), 10 + i / 1000));
+            assert_eq!(out.last().unwrap().dedup_key, format!("k{i}"));
+            out.pop();
+            finals.extend(out);
+        }
+        assert!(d.len() <= Dedup::MAX_KEYS, "{}", d.len());
+        assert!(d.evicted > 0);
+        assert_eq!(finals.len(), 1, "{finals:?}");
+        assert_eq!((finals[0].dedup_key.as_str(), finals[0].count), ("grew", 3));
     }
 }

@@ -2,8 +2,11 @@
 //! DNS names applied in that order. Live-only stage; replay starts after it.
 
 use std::{
+    collections::VecDeque,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use credwatch_common::{self as c, InodeKey, RepeatKey};
@@ -17,7 +20,7 @@ use crate::{
         PrivChange, ProcessAccess, ProcessInfo, SecretRead, SecretRef, TargetProcess, Timestamp,
         WorkloadId, WorkloadKind, cstr, sanitize,
     },
-    inventory::Inventory,
+    inventory::{DirRescan, Inventory},
     kubelet::PodDirectory,
     process::ProcessTable,
     syscalls::Syscall,
@@ -109,6 +112,10 @@ pub struct EnrichStats {
     pub dns_unparsed: u64,
     /// Records whose kernel-written enum fields hold a value this build does not know.
     pub unknown_values: u64,
+    /// Secret reads that waited for a rescan of their watched directory.
+    pub reads_held: u64,
+    /// Held records released before their rescan finished (timeout or hold queue full).
+    pub held_released_early: u64,
 }
 
 /// What the enricher knows about the node right now, for stats and metrics.
@@ -119,6 +126,18 @@ pub struct EnrichCounts {
     pub watched_dirs: usize,
     pub processes: usize,
     pub pods: usize,
+    /// What inventory scans left out (caps, FIFOs, foreign symlinks).
+    pub inventory: crate::inventory::ScanStats,
+    /// cgroup ids that resolved to no cgroup.
+    pub cgroups_unresolved: u64,
+    /// Processes the table had no room for (fork floods), ever.
+    pub processes_dropped: u64,
+    /// Secrets and watched directories the kernel maps could not take (reads not seen).
+    pub inventory_unwatched: usize,
+    /// Records waiting for a directory rescan now.
+    pub held: usize,
+    /// Watched-directory rescans asked for (each on the scanner thread), ever.
+    pub dir_rescans: u64,
 }
 
 /// Probe records in, events out: owns the process table, the workload resolver, the pod
@@ -137,6 +156,14 @@ pub struct Enricher {
     pod_miss: Option<Arc<tokio::sync::Notify>>,
     stats: EnrichStats,
     owners: OwnerNames,
+    /// Records waiting for the scanner: a read of an unknown file in a watched directory
+    /// waits for that directory's rescan, and the later records of its process wait behind
+    /// it (so a read still comes before the connect that uses it). In arrival order.
+    held: VecDeque<Held>,
+    /// Processes with records in `held`, and how many.
+    held_tgids: foldhash::HashMap<u32, usize>,
+    /// Secrets and watched directories the kernel maps could not take at the last sync.
+    kernel_left_out: usize,
     repeats: RepeatTracker,
     /// io_uring connects waiting for their completion (the result): by (tgid, request).
     pending_iou: foldhash::HashMap<(u32, u64), (Event, u64)>,
@@ -144,6 +171,18 @@ pub struct Enricher {
     ia32_exec: bool,
     cgroup2_root: std::path::PathBuf,
 }
+
+struct Held {
+    rec: Record,
+    /// The directory rescan a secret read waits for (`None`: a record held for order).
+    dir: Option<PathBuf>,
+    since: Instant,
+}
+
+/// A held record waits at most this long for its directory's rescan…
+const HOLD_MAX: Duration = Duration::from_secs(2);
+/// …and at most this many records wait at once (beyond it the oldest go on unmatched).
+const HOLD_MAX_RECORDS: usize = 4096;
 
 /// What the last record of a (process, secret) said, so the opens the probe counts after
 /// it can be reported as a read of the same secret.
@@ -186,6 +225,9 @@ impl Enricher {
             pod_miss: None,
             stats: EnrichStats::default(),
             owners: OwnerNames::default(),
+            held: VecDeque::new(),
+            held_tgids: foldhash::HashMap::default(),
+            kernel_left_out: 0,
             repeats: RepeatTracker::default(),
             pending_iou: Default::default(),
             ia32_exec: false,
@@ -281,16 +323,96 @@ impl Enricher {
         self.procs.bootstrap()
     }
 
-    /// Full inventory rescan; the kernel maps need a sync when it changed something.
+    /// Full inventory rescan (queued to the scanner thread once it runs one); the kernel
+    /// maps need a sync when it changed something.
     pub fn rescan(&mut self) {
         if self.inventory.rescan() {
             self.inventory_dirty = true;
         }
     }
 
-    /// True once after the inventory changed (the caller syncs the kernel maps).
+    /// Applies finished scans; true once after the inventory changed (the caller syncs the
+    /// kernel maps, then calls [`Self::release_held`]).
     pub fn take_inventory_change(&mut self) -> bool {
+        if self.inventory.poll() {
+            self.inventory_dirty = true;
+        }
         std::mem::take(&mut self.inventory_dirty)
+    }
+
+    /// Records of watched-directory misses whose rescan finished (or waited too long), and
+    /// the records of their processes that queued behind them, enriched in their order.
+    pub fn release_held(&mut self, ids: &mut IdGen, out: &mut Vec<Event>) {
+        self.release(ids, out, false);
+    }
+
+    /// Everything held, now (shutdown).
+    pub fn release_all_held(&mut self, ids: &mut IdGen, out: &mut Vec<Event>) {
+        self.release(ids, out, true);
+    }
+
+    fn release(&mut self, ids: &mut IdGen, out: &mut Vec<Event>, all: bool) {
+        while let Some(front) = self.held.front() {
+            // A read waits for a rescan of its directory that started after it was seen
+            // (one already running may have missed the new file).
+            let waiting = match &front.dir {
+                Some(d) if !self.inventory.scanned_since(d, front.since) => {
+                    let (d, since) = (d.clone(), front.since);
+                    self.inventory.want_dir(&d, since);
+                    true
+                }
+                _ => false,
+            };
+            let overdue = front.since.elapsed() >= HOLD_MAX;
+            if waiting && !all && !overdue {
+                break;
+            }
+            if waiting {
+                self.stats.held_released_early += 1;
+            }
+            let Some(h) = self.held.pop_front() else {
+                break;
+            };
+            let tgid = h.rec.header().tgid;
+            if let Some(n) = self.held_tgids.get_mut(&tgid) {
+                *n -= 1;
+                if *n == 0 {
+                    self.held_tgids.remove(&tgid);
+                }
+            }
+            match &h.rec {
+                // Its rescan is done: matched now or never (no second rescan).
+                Record::SecretOpen(r) if h.dir.is_some() => {
+                    let cx = self.ctx(&h.rec);
+                    self.secret_open(r, &cx, ids, out, false);
+                }
+                rec => self.enrich_now(rec, ids, out),
+            }
+        }
+    }
+
+    /// Holds `rec` (a record of a process that has a held read, or the read itself).
+    fn hold(&mut self, rec: Record, dir: Option<PathBuf>, since: Instant) {
+        if self.held.len() >= HOLD_MAX_RECORDS {
+            // Bounded: the oldest waits no longer (its read goes on unmatched if its rescan
+            // has not finished).
+            if let Some(front) = self.held.front_mut() {
+                front.since = Instant::now() - HOLD_MAX;
+            }
+        }
+        *self.held_tgids.entry(rec.header().tgid).or_default() += 1;
+        self.held.push_back(Held { rec, dir, since });
+    }
+
+    /// Records held now (stats, tests).
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// After a sync of the kernel maps: how much of the inventory they could not take.
+    /// Returns the previous count (callers warn when it changes).
+    pub fn set_kernel_left_out(&mut self, n: usize) -> usize {
+        std::mem::replace(&mut self.kernel_left_out, n)
     }
 
     /// Once a second: re-reads the wall clock offset (NTP steps) and forgets processes that
@@ -312,6 +434,12 @@ impl Enricher {
             watched_dirs: self.inventory.dir_keys().len(),
             processes: self.procs.len(),
             pods: self.pods.len(),
+            inventory: self.inventory.stats(),
+            cgroups_unresolved: self.workloads.cgroups.unresolved,
+            processes_dropped: self.procs.dropped(),
+            inventory_unwatched: self.kernel_left_out,
+            held: self.held.len(),
+            dir_rescans: self.inventory.dir_rescans,
         }
     }
 }
@@ -461,13 +589,27 @@ struct Ctx {
 }
 
 impl Enricher {
-    pub fn enrich(&mut self, rec: &Record, ids: &mut IdGen, out: &mut Vec<Event>) {
+    fn ctx(&self, rec: &Record) -> Ctx {
         let h = *rec.header();
-        let cx = Ctx {
+        Ctx {
             h,
             ts: self.clock.to_wall(h.ts_ns),
             comm: sanitize(cstr(&h.comm)),
-        };
+        }
+    }
+
+    pub fn enrich(&mut self, rec: &Record, ids: &mut IdGen, out: &mut Vec<Event>) {
+        // Behind a read that waits for its directory's rescan, a process's records wait too.
+        if !self.held_tgids.is_empty() && self.held_tgids.contains_key(&rec.header().tgid) {
+            self.hold(rec.clone(), None, Instant::now());
+            return;
+        }
+        self.enrich_now(rec, ids, out);
+    }
+
+    fn enrich_now(&mut self, rec: &Record, ids: &mut IdGen, out: &mut Vec<Event>) {
+        let cx = self.ctx(rec);
+        let h = cx.h;
         match rec {
             Record::Exec(r) => self.exec(r, &cx, ids, out),
             Record::Exit(r) => {
@@ -476,7 +618,7 @@ impl Enricher {
                 self.procs.mark_exited(h.tgid, h.ts_ns);
                 out.push(ev);
             }
-            Record::SecretOpen(r) => self.secret_open(r, &cx, ids, out),
+            Record::SecretOpen(r) => self.secret_open(r, &cx, ids, out, true),
             Record::Connect(r) => self.connect(r, &cx, ids, out),
             Record::UnixConnect(r) => {
                 let len = (r.path_len as usize).min(r.path.len());
@@ -522,11 +664,12 @@ impl Enricher {
         let h = &cx.h;
         let f = &r.fixed;
         let filename = sanitize(cstr(&f.filename));
+        let exe = ProcessTable::exec_name(&filename);
         let entry = self.procs.lookup(h.tgid, h.ppid, &cx.comm);
         let before = (entry.uid, entry.euid, entry.cap_effective);
         entry.ppid = h.ppid;
         entry.comm = cx.comm.clone();
-        entry.exe = filename.clone();
+        entry.exe = exe;
         entry.uid = h.uid;
         entry.euid = h.euid;
         entry.cap_effective = f.cap_effective;
@@ -763,7 +906,16 @@ impl Enricher {
         }
     }
 
-    fn secret_open(&mut self, r: &c::SecretOpen, cx: &Ctx, ids: &mut IdGen, out: &mut Vec<Event>) {
+    /// `may_rescan`: an unknown file in a watched directory asks for that directory's
+    /// rescan (and the read waits for it); false once that rescan is done.
+    fn secret_open(
+        &mut self,
+        r: &c::SecretOpen,
+        cx: &Ctx,
+        ids: &mut IdGen,
+        out: &mut Vec<Event>,
+        may_rescan: bool,
+    ) {
         let key = InodeKey {
             dev: r.dev,
             ino: r.ino,
@@ -775,9 +927,13 @@ impl Enricher {
             self.stats.unknown_values += 1;
             return;
         };
-        if self.inventory.get(&key).is_none() && matched != c::MatchKind::File {
-            // New file in a watched directory (rotation, new pod): rescan that directory now
-            // instead of waiting for the periodic rescan.
+        if may_rescan
+            && self.inventory.get(&key).is_none()
+            && matched != c::MatchKind::File
+            && !self.inventory.is_known_not_secret(&key)
+        {
+            // New file in a watched directory (rotation, new pod): that directory is rescanned
+            // now instead of at the periodic rescan, off the loop; the read waits for it.
             let dir = self
                 .inventory
                 .watched_dir(&InodeKey {
@@ -785,10 +941,16 @@ impl Enricher {
                     ino: r.dir_ino,
                 })
                 .map(|p| p.to_path_buf());
-            if let Some(dir) = dir
-                && self.inventory.rescan_dir(&dir)
-            {
-                self.inventory_dirty = true;
+            if let Some(dir) = dir {
+                let since = Instant::now();
+                match self.inventory.rescan_dir(&dir) {
+                    DirRescan::Done(changed) => self.inventory_dirty |= changed,
+                    DirRescan::Queued => {
+                        self.stats.reads_held += 1;
+                        self.hold(Record::SecretOpen(*r), Some(dir), since);
+                        return;
+                    }
+                }
             }
         }
         // Only the parts the event carries (the entry also holds scan bookkeeping).
@@ -1006,5 +1168,106 @@ mod tests {
             user_dev(InodeKey::kernel_dev(0, 300)),
             libc::makedev(0, 300)
         );
+    }
+
+    fn header(kind: c::RecordKind, tgid: u32) -> c::Header {
+        c::Header {
+            kind: kind as u32,
+            pid: tgid,
+            tgid,
+            ppid: 1,
+            uid: 0,
+            euid: 0,
+            gid: 0,
+            egid: 0,
+            ts_ns: 1,
+            cgroup_id: 1,
+            comm: [b'x'; 16],
+        }
+    }
+
+    /// A read of a file new in a watched directory waits for that directory's rescan on the
+    /// scanner thread (the loop does not scan), and the reading process's later records wait
+    /// behind it, so its connect still follows its read; other processes are not held up.
+    #[test]
+    fn a_watched_dir_miss_holds_its_process_until_the_rescan_lands() {
+        let tmp = tempfile::tempdir().unwrap();
+        let watched = tmp.path().join("w");
+        std::fs::create_dir_all(&watched).unwrap();
+        let glob = format!("{}/*.key", watched.display());
+        let mut inv = Inventory::new(
+            &[glob],
+            false,
+            &[watched.display().to_string()],
+            "/nonexistent",
+            4096,
+            crate::credential::Fingerprinter::new(b"k"),
+        )
+        .unwrap();
+        inv.rescan();
+        inv.scan_in_background().unwrap();
+        let dir_key = crate::inventory::inode_key(&std::fs::metadata(&watched).unwrap());
+        let mut e = Enricher::new(
+            "n".into(),
+            inv,
+            WorkloadResolver::new(tmp.path().join("no-cgroups"), "cluster.local"),
+            ProcessTable::new(tmp.path().join("no-proc"), 64),
+        );
+        let secret = watched.join("new.key");
+        std::fs::write(&secret, "fake-new-key").unwrap();
+        let key = crate::inventory::inode_key(&std::fs::metadata(&secret).unwrap());
+        let open = c::SecretOpen {
+            hdr: header(c::RecordKind::SecretOpen, 100),
+            dev: key.dev,
+            ino: key.ino,
+            dir_ino: dir_key.ino,
+            matched: c::MatchKind::ParentDir as u32,
+            syscall: c::OpenSyscall::Openat as u32,
+            fd: 3,
+            open_flags: 0,
+            flags: 0,
+            opens: 0,
+            abi: 0,
+            name: [0; c::PATH_LEN],
+        };
+        let connect = |tgid| c::Connect {
+            hdr: header(c::RecordKind::Connect, tgid),
+            family: libc::AF_INET as u16,
+            sock_type: libc::SOCK_STREAM as u16,
+            port: 443,
+            _pad: 0,
+            addr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ret: 0,
+            via: c::ConnectVia::Syscall as u32,
+            flags: 0,
+            abi: 0,
+            cookie: 0,
+            req: 0,
+        };
+        let (mut ids, mut out) = (IdGen::new(), Vec::new());
+        e.enrich(&Record::SecretOpen(open), &mut ids, &mut out);
+        e.enrich(&Record::Connect(connect(100)), &mut ids, &mut out);
+        e.enrich(&Record::Connect(connect(200)), &mut ids, &mut out);
+        let kinds: Vec<(u32, crate::event::EventKind)> =
+            out.iter().map(|ev| (ev.process.tgid, ev.kind())).collect();
+        assert_eq!(kinds, [(200, crate::event::EventKind::Connect)]);
+        assert_eq!(e.held(), 2);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        out.clear();
+        while e.held() > 0 && std::time::Instant::now() < deadline {
+            e.take_inventory_change();
+            e.release_held(&mut ids, &mut out);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let kinds: Vec<(u32, crate::event::EventKind)> =
+            out.iter().map(|ev| (ev.process.tgid, ev.kind())).collect();
+        assert_eq!(
+            kinds,
+            [
+                (100, crate::event::EventKind::SecretRead),
+                (100, crate::event::EventKind::Connect)
+            ]
+        );
+        assert_eq!(e.counts().stats.held_released_early, 0);
     }
 }

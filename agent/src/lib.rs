@@ -44,6 +44,9 @@ mod allocator_tests {
 pub fn current_thread_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // Blocking-pool threads are started later, from wherever: each narrows its own
+        // capabilities (see `privileges`).
+        .on_thread_start(|| privileges::enter_thread(privileges::ThreadRole::Blocking))
         .build()
 }
 
@@ -56,9 +59,12 @@ where
     let label = name.to_owned();
     std::thread::Builder::new()
         .name(label.clone())
-        .spawn(move || match current_thread_runtime() {
-            Ok(rt) => rt.block_on(task),
-            Err(e) => tracing::error!("{label}: cannot start its runtime: {e}"),
+        .spawn(move || {
+            privileges::enter_thread(privileges::ThreadRole::Network);
+            match current_thread_runtime() {
+                Ok(rt) => rt.block_on(task),
+                Err(e) => tracing::error!("{label}: cannot start its runtime: {e}"),
+            }
         })
 }
 
@@ -81,6 +87,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod privileges;
 pub mod probes;
 pub mod process;
 pub mod replay;

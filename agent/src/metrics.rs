@@ -49,6 +49,31 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Where to listen: `listen`, with its address replaced by `CREDWATCH_METRICS_ADDRESS`
+    /// when set (a DaemonSet passes the pod IP from the downward API, so the listener is
+    /// not on every interface of a host-network pod). `None`: metrics off.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        let mut addr: SocketAddr = self
+            .listen
+            .parse()
+            .with_context(|| format!("metrics.listen {:?}", self.listen))?;
+        if let Ok(ip) = std::env::var("CREDWATCH_METRICS_ADDRESS")
+            && !ip.trim().is_empty()
+        {
+            let ip = ip.trim().trim_start_matches('[').trim_end_matches(']');
+            addr.set_ip(
+                ip.parse()
+                    .with_context(|| format!("CREDWATCH_METRICS_ADDRESS {ip:?}"))?,
+            );
+        }
+        Ok(Some(addr))
+    }
+}
+
 impl Validate for Config {
     fn validate(&self, c: &mut Checker) {
         c.check(
@@ -88,7 +113,22 @@ pub struct AgentSnapshot {
     pub dns_unparsed: u64,
     pub inventory_secrets: usize,
     pub watched_dirs: usize,
+    /// Secrets and watched directories the kernel maps could not take: reads of them are not
+    /// seen until there is room.
+    pub inventory_unwatched: usize,
+    /// What inventory scans left out (caps, FIFOs and devices, foreign symlinks).
+    pub inventory_scan: crate::inventory::ScanStats,
+    /// Watched-directory rescans (each on the scanner thread), ever.
+    pub inventory_dir_rescans: u64,
+    /// Secret reads that waited for their directory's rescan, and those that stopped
+    /// waiting before it finished (timeout, full hold queue).
+    pub reads_held: u64,
+    pub reads_held_released_early: u64,
     pub processes: usize,
+    /// Live processes evicted from a full process table (fork floods), ever.
+    pub processes_dropped: u64,
+    /// cgroup ids that resolved to no cgroup (lookups, ever).
+    pub cgroups_unresolved: u64,
     pub pods: usize,
     pub sinks: Vec<SinkCounts>,
     pub ring_size_bytes: u64,
@@ -236,7 +276,7 @@ impl Collector for Metrics {
         gauge(
             e,
             "credwatch_ring_peak_bytes",
-            "Largest backlog a drain found in the ring during the last second (drops start \
+            "Largest backlog a drain found in the ring during the last minute (drops start \
              when it reaches the ring size).",
             s.ring_peak_bytes as i64,
         )?;
@@ -249,7 +289,7 @@ impl Collector for Metrics {
         gauge(
             e,
             "credwatch_secret_ring_peak_bytes",
-            "Largest backlog a drain found in the secrets ring during the last second.",
+            "Largest backlog a drain found in the secrets ring during the last minute.",
             s.secret_ring_peak_bytes as i64,
         )?;
         gauge(
@@ -266,9 +306,36 @@ impl Collector for Metrics {
         )?;
         gauge(
             e,
+            "credwatch_inventory_unwatched",
+            "Secrets and watched directories the kernel maps could not take (their reads are \
+             not seen).",
+            s.inventory_unwatched as i64,
+        )?;
+        gauge(
+            e,
+            "credwatch_inventory_capped",
+            "Secret files left out by the per-root, per-home and per-pod caps at the last scan.",
+            (s.inventory_scan.capped_per_root
+                + s.inventory_scan.capped_per_home
+                + s.inventory_scan.capped_per_pod) as i64,
+        )?;
+        gauge(
+            e,
+            "credwatch_inventory_not_regular",
+            "Names matching a secret glob that are not regular files (FIFOs, devices), skipped.",
+            s.inventory_scan.not_regular as i64,
+        )?;
+        gauge(
+            e,
             "credwatch_processes",
             "Processes tracked.",
             s.processes as i64,
+        )?;
+        counter1(
+            e,
+            "credwatch_processes_dropped",
+            "Live processes evicted from a full process table.",
+            s.processes_dropped,
         )?;
         gauge(
             e,
@@ -345,8 +412,27 @@ fn clickhouse_metrics(e: &mut DescriptorEncoder, ch: &WriterCounts) -> std::fmt:
     counter1(
         e,
         "credwatch_clickhouse_rows_dropped",
-        "Rows lost: writer queue full or spool full.",
+        "Event rows lost: writer queue full or spool full.",
         ch.rows_dropped,
+    )?;
+    counter1(
+        e,
+        "credwatch_clickhouse_alert_rows_dropped",
+        "Alert rows lost (past the alert queue and backlog, or a failing spool write).",
+        ch.alert_rows_dropped,
+    )?;
+    counter1(
+        e,
+        "credwatch_clickhouse_batches_quarantined",
+        "Batches ClickHouse refused for good (or unreadable spool files), set aside in \
+         <state dir>/spool/quarantine.",
+        ch.batches_quarantined,
+    )?;
+    counter1(
+        e,
+        "credwatch_clickhouse_rows_quarantined",
+        "Rows of quarantined batches.",
+        ch.rows_quarantined,
     )?;
     gauge(
         e,
@@ -389,33 +475,128 @@ async fn answer(
     Ok(resp.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
 }
 
-/// Binds `addr` now (so a taken port is a start-up error) and serves in the background.
+/// A scrape's request head must arrive within this…
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// …and a connection may live this long (keep-alive included).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Binds `addr` now (so a taken port is a start-up error) and serves on a thread of its
+/// own: a slow or hostile client (headers never finished, connections held open) cannot
+/// stall the agent's loop, and each connection is bounded in time and number.
 pub async fn serve(addr: SocketAddr, m: Metrics) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("binding metrics listener {addr}"))?;
+    listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("metrics accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let m = m.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| answer(m.clone(), req));
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
-                    debug!(%peer, "metrics connection: {e}");
-                }
-            });
-        }
-    });
+    crate::spawn_runtime_thread("metrics", async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("metrics listener: {e}");
+                return;
+            }
+        };
+        accept_loop(listener, m).await;
+    })
+    .context("starting the metrics thread")?;
     Ok(bound)
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, m: Metrics) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("metrics accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let m = m.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req| answer(m.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(16 << 10)
+                .serve_connection(TokioIo::new(stream), svc);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, "metrics connection: {e}"),
+                Err(_) => debug!(%peer, "metrics connection closed after {CONNECTION_TIMEOUT:?}"),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    fn get(addr: SocketAddr, timeout: Duration) -> std::io::Result<String> {
+        let mut c = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        c.set_read_timeout(Some(timeout))?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        c.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    /// The agent's loop is busy (here: blocked outright) and a scrape is still answered:
+    /// the listener no longer shares the loop's runtime.
+    #[test]
+    fn metrics_answer_while_the_loop_is_busy() {
+        let rt = crate::current_thread_runtime().unwrap();
+        let m = Metrics::default();
+        m.publish(AgentSnapshot::default());
+        let addr = rt
+            .block_on(serve("127.0.0.1:0".parse().unwrap(), m))
+            .unwrap();
+        let scrape = std::thread::spawn(move || get(addr, Duration::from_secs(2)));
+        // The loop's thread does not come back to its runtime for 3 s.
+        rt.block_on(async { std::thread::sleep(Duration::from_secs(3)) });
+        let body = scrape
+            .join()
+            .unwrap()
+            .expect("answered while the loop was busy");
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    }
+
+    /// A client that never finishes its request head is cut off after the header timeout
+    /// (before, it held the connection, and its task, forever).
+    #[test]
+    fn a_request_head_that_never_ends_is_cut_off() {
+        let rt = crate::current_thread_runtime().unwrap();
+        let addr = rt
+            .block_on(serve("127.0.0.1:0".parse().unwrap(), Metrics::default()))
+            .unwrap();
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").unwrap();
+        c.set_read_timeout(Some(HEADER_TIMEOUT * 3)).unwrap();
+        let t = std::time::Instant::now();
+        let mut buf = Vec::new();
+        let r = c.read_to_end(&mut buf);
+        let waited = t.elapsed();
+        assert!(r.is_ok(), "closed by the server, not timed out here: {r:?}");
+        assert!(
+            waited < HEADER_TIMEOUT * 2,
+            "closed after {waited:?} ({} bytes)",
+            buf.len()
+        );
+        // Still serving.
+        assert!(
+            get(addr, Duration::from_secs(2))
+                .unwrap()
+                .starts_with("HTTP/1.1")
+        );
+    }
 }

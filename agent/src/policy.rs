@@ -233,7 +233,13 @@ impl Schedule {
 
 /// Names workloads in policy: a glob over the workload id (`pod:payments/api-*`,
 /// `unit:backup.service`, `host:0:/usr/bin/*`), or over the SPIFFE ID when it starts with
-/// `spiffe://`.
+/// `spiffe://`. In `host:` selectors, whose ids end in an executable's path, `*` stays
+/// within one `/`-separated component (`host:1000:/opt/tools/*` is the files in /opt/tools,
+/// not /opt/tools/a/b) and `**` crosses them; pod ids and SPIFFE IDs are made of Kubernetes
+/// names, which cannot contain `/`, so there `*` spans components as before
+/// (`spiffe://cluster.local/ns/payments/*`). An id whose path is not normal (`..`, `.`,
+/// `//`) matches no selector: executables are named by canonical paths, so such an id was
+/// made up.
 #[derive(Clone, Debug)]
 pub struct Selector {
     glob: GlobMatcher,
@@ -251,7 +257,7 @@ impl Selector {
             );
         }
         let glob = GlobBuilder::new(s)
-            .literal_separator(false)
+            .literal_separator(s.starts_with("host:"))
             .build()
             .with_context(|| format!("bad workload selector {s:?}"))?
             .compile_matcher();
@@ -263,13 +269,15 @@ impl Selector {
     }
 
     pub fn matches(&self, w: &Workload) -> bool {
-        if self.spiffe {
-            w.spiffe_id
-                .as_deref()
-                .is_some_and(|id| self.glob.is_match(id))
+        let id = if self.spiffe {
+            match w.spiffe_id.as_deref() {
+                Some(id) => id,
+                None => return false,
+            }
         } else {
-            self.glob.is_match(w.id.as_str())
-        }
+            w.id.as_str()
+        };
+        !has_abnormal_path(id) && self.glob.is_match(id)
     }
 
     /// The owner this selector declares, for alerts.
@@ -288,6 +296,14 @@ impl Selector {
             ..Default::default()
         }
     }
+}
+
+/// `..` or `.` as a path component, or an empty one (`//`), after the scheme.
+fn has_abnormal_path(id: &str) -> bool {
+    let path = id.strip_prefix("spiffe://").unwrap_or(id);
+    path.split('/')
+        .skip(1)
+        .any(|c| c == ".." || c == "." || c.is_empty())
 }
 
 /// Where a credential may go: an address or network and/or a DNS name glob, optionally a port.
@@ -736,5 +752,33 @@ mod tests {
                 .matches(&w)
         );
         assert!(Selector::parse("payments/api").is_err());
+    }
+
+    /// `host:1000:/opt/tools/*` named every path that merely starts with /opt/tools/, `..`
+    /// and subdirectories included.
+    #[test]
+    fn selector_stars_stay_within_a_path_component() {
+        let host = |exe: &str| Workload {
+            kind: WorkloadKind::Host,
+            id: WorkloadId::host(1000, exe),
+            ..Default::default()
+        };
+        let tools = Selector::parse("host:1000:/opt/tools/*").unwrap();
+        assert!(tools.matches(&host("/opt/tools/deploy")));
+        assert!(!tools.matches(&host("/opt/tools/../../tmp/x")));
+        assert!(!tools.matches(&host("/opt/tools/./x")));
+        assert!(!tools.matches(&host("/opt/tools/a/b")));
+        assert!(!tools.matches(&host("/opt/tools//x")));
+        let deep = Selector::parse("host:1000:/opt/tools/**").unwrap();
+        assert!(deep.matches(&host("/opt/tools/a/b")));
+        assert!(!deep.matches(&host("/opt/tools/a/../../../tmp/x")));
+        // Ids without paths are unaffected; `*` still spans a pod name.
+        let w = Workload {
+            kind: WorkloadKind::Pod,
+            id: WorkloadId::pod("payments", "api-7f9c"),
+            ..Default::default()
+        };
+        assert!(Selector::parse("pod:payments/*").unwrap().matches(&w));
+        assert!(Selector::parse("pod:*").unwrap().matches(&w));
     }
 }

@@ -34,6 +34,8 @@ pub struct ProcessTable {
     procs: HashMap<u32, ProcEntry>,
     proc_root: PathBuf,
     max_entries: usize,
+    /// Live processes evicted to make room (a fork flood filled the table), ever.
+    dropped: u64,
 }
 
 /// How long an exited process stays resolvable (late records from the same drain batch).
@@ -44,8 +46,14 @@ impl ProcessTable {
         ProcessTable {
             procs: HashMap::new(),
             proc_root: proc_root.into(),
-            max_entries,
+            max_entries: max_entries.max(1),
+            dropped: 0,
         }
+    }
+
+    /// Live processes evicted because the table was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     pub fn len(&self) -> usize {
@@ -96,21 +104,39 @@ impl ProcessTable {
                     comm: comm.to_owned(),
                     ..Default::default()
                 });
-            self.insert(entry);
+            self.make_room();
+            self.procs.insert(tgid, entry);
         }
-        let e = self.procs.get_mut(&tgid).expect("inserted above");
+        // Present: found, or inserted just above (make_room leaves space for one).
+        let e = self.procs.entry(tgid).or_default();
         if e.ppid == 0 {
             e.ppid = ppid;
         }
         e
     }
 
+    /// Stores `entry`, never growing past `max_entries`.
     fn insert(&mut self, entry: ProcEntry) {
-        if self.procs.len() >= self.max_entries {
-            self.evict_exited(u64::MAX);
+        if !self.procs.contains_key(&entry.tgid) {
+            self.make_room();
         }
+        self.procs.insert(entry.tgid, entry);
+    }
+
+    /// Frees one slot when the table is full: exited processes first; in a fork flood of
+    /// live ones, some live process (its later records are resolved from /proc again) —
+    /// counted, never a panic or an unbounded table.
+    fn make_room(&mut self) {
         if self.procs.len() < self.max_entries {
-            self.procs.insert(entry.tgid, entry);
+            return;
+        }
+        self.evict_exited(u64::MAX);
+        while self.procs.len() >= self.max_entries {
+            let Some(victim) = self.procs.keys().next().copied() else {
+                break;
+            };
+            self.procs.remove(&victim);
+            self.dropped += 1;
         }
     }
 
@@ -157,7 +183,7 @@ impl ProcessTable {
         let (uid, euid) = ids("Uid:").unwrap_or((u32::MAX, u32::MAX));
         let cap_effective = cap_effective(&status).unwrap_or(0);
         let exe = fs::read_link(dir.join("exe"))
-            .map(|p| sanitize(p.as_os_str().as_encoded_bytes()))
+            .map(|p| lexically_normal(&sanitize(p.as_os_str().as_encoded_bytes())))
             .unwrap_or_default();
         Some(ProcEntry {
             tgid,
@@ -262,6 +288,52 @@ impl ProcessTable {
             e.exited_ns
                 .is_none_or(|t| now_ns.saturating_sub(t) < EXIT_GRACE_NS)
         });
+    }
+}
+
+impl ProcessTable {
+    /// The executable a process just exec'd, as named by the record: the name the caller
+    /// passed to execve, normalized lexically (`.`, `..`, `//`), so `/opt/tools/../../tmp/x`
+    /// is `/tmp/x` and a name that leaves a directory never looks as if it were inside it.
+    /// Not `/proc/<pid>/exe`: by the time the record is read the process may have exec'd
+    /// again (`env VAR=… prog`, `sh -c 'exec prog'` do so at once) and that link would name
+    /// the next image. Symlinks are not resolved (the kernel followed them; a link inside a
+    /// directory a selector names is that directory owner's choice), and a relative name
+    /// stays relative, so it never matches a `host:` selector's absolute path. Processes
+    /// read from /proc (`read_proc`) are named by the kernel's canonical link.
+    pub fn exec_name(filename: &str) -> String {
+        lexically_normal(filename)
+    }
+}
+
+/// `p` with `.` and empty components dropped and `..` applied to what precedes it (an
+/// absolute path cannot go above `/`). Relative paths stay relative.
+pub fn lexically_normal(p: &str) -> String {
+    if !p.contains("/.") && !p.contains("//") && !p.starts_with("./") && p != "." {
+        return p.to_owned();
+    }
+    let absolute = p.starts_with('/');
+    let mut parts: Vec<&str> = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if parts.last().is_some_and(|l| *l != "..") {
+                    parts.pop();
+                } else if !absolute {
+                    parts.push("..");
+                }
+            }
+            c => parts.push(c),
+        }
+    }
+    let joined = parts.join("/");
+    if absolute {
+        format!("/{joined}")
+    } else if joined.is_empty() {
+        ".".to_owned()
+    } else {
+        joined
     }
 }
 
@@ -460,6 +532,35 @@ mod tests {
         assert_eq!(t.session_of(810).as_deref(), Some("ssh (sshd pid 610)"));
         assert_eq!(t.session_of(900), None);
         assert_eq!(t.session_of(910), None);
+    }
+
+    /// A fork flood fills the table with live processes: it stays bounded and never panics
+    /// (it used to `expect` a slot it had no room for).
+    #[test]
+    fn a_full_table_of_live_processes_evicts_instead_of_panicking() {
+        let mut t = ProcessTable::new("/nonexistent-proc", 16);
+        for tgid in 1000..101_000 {
+            let e = t.lookup(tgid, 999, "forker");
+            assert_eq!(e.tgid, tgid);
+            e.exe = "/usr/bin/forker".into();
+        }
+        assert!(t.len() <= 16, "{}", t.len());
+        assert_eq!(t.dropped(), 100_000 - 16);
+        // The newest process is always there.
+        assert_eq!(t.get(100_999).unwrap().exe, "/usr/bin/forker");
+    }
+
+    #[test]
+    fn exec_names_are_canonical() {
+        assert_eq!(lexically_normal("/opt/tools/../../tmp/x"), "/tmp/x");
+        assert_eq!(lexically_normal("/opt/tools/./a//b"), "/opt/tools/a/b");
+        assert_eq!(lexically_normal("/../../etc/x"), "/etc/x");
+        assert_eq!(lexically_normal("./x"), "x");
+        assert_eq!(lexically_normal("../a/../b"), "../b");
+        assert_eq!(lexically_normal("/usr/bin/python3"), "/usr/bin/python3");
+        // The record's name, not the process's /proc link (which may name a later image).
+        assert_eq!(ProcessTable::exec_name("/usr/bin/env"), "/usr/bin/env");
+        assert_eq!(ProcessTable::exec_name("/opt/tools/../../tmp/x"), "/tmp/x");
     }
 
     #[test]

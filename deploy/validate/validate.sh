@@ -118,6 +118,7 @@ VARIANTS=(
   "default|"
   "namespace|--set namespace.create=true"
   "options|--set rbac.nodesProxy=true --set securityContext.seccompProfile.type=Unconfined"
+  "opt-outs|--set kubelet.insecureSkipTLSVerify=true --set metrics.bindPodIP=false --set networkPolicy.enabled=false"
   "variant|-f $OUT/variant-values.yaml"
 )
 for h in "$HELM" "$HELM3"; do

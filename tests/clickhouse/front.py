@@ -10,6 +10,12 @@ inject the faults the exporter must survive:
                                          connection is closed with no response (lost reply)
   POST /_test/fail_next/N                the next N queries fail with Code 202, not applied
   POST /_test/delay_ms/N                 every request waits N ms first (0 clears)
+  POST /_test/poison/HEX                 every INSERT whose data contains the bytes HEX fails
+                                         with Code 117 (INCORRECT_DATA), not applied: a batch
+                                         refused for good (`off` clears)
+  POST /_test/lose_next_insert/N         the next successful INSERT is applied and its
+                                         response lost, then the next N queries fail
+                                         (an outage right after an applied insert)
 
 Usage: python3 front.py --data DIR --port PORT [--host 127.0.0.1]
 Prints `listening on http://HOST:PORT` once ready (PORT 0 picks a free port).
@@ -134,6 +140,8 @@ class Engine:
         self.drop_insert_responses = 0
         self.fail_next = 0
         self.delay_ms = 0
+        self.poison = None
+        self.fail_after_lost = 0
 
     def take_failure(self):
         with self.faults_lock:
@@ -146,8 +154,14 @@ class Engine:
         with self.faults_lock:
             if self.drop_insert_responses > 0:
                 self.drop_insert_responses -= 1
+                if self.drop_insert_responses == 0 and self.fail_after_lost:
+                    self.fail_next, self.fail_after_lost = self.fail_after_lost, 0
                 return True
             return False
+
+    def poisoned(self, data):
+        with self.faults_lock:
+            return self.poison is not None and self.poison in data
 
     def execute(self, params, head, data):
         """Runs one query; returns (output bytes, extra headers)."""
@@ -167,6 +181,8 @@ class Engine:
                 if insert:
                     # Binary input only reaches chdb intact through its streaming insert API.
                     rows = head[insert.end():] + data
+                    if self.poisoned(rows):
+                        raise ClickHouseError(117, "Poisoned test data. (INCORRECT_DATA)")
                     with self.session.send_insert(insert.group(1).decode(), insert.group(2).decode()) as ins:
                         if rows:
                             ins.append(rows)
@@ -264,11 +280,25 @@ class Handler(BaseHTTPRequestHandler):
         with engine.faults_lock:
             if parts == ["drop_next_insert_response"]:
                 engine.drop_insert_responses += 1
+            elif len(parts) == 2 and parts[0] == "lose_next_insert" and parts[1].isdigit():
+                engine.drop_insert_responses = 1
+                engine.fail_after_lost = int(parts[1])
+            elif len(parts) == 2 and parts[0] == "poison":
+                engine.poison = None if parts[1] == "off" else bytes.fromhex(parts[1])
             elif len(parts) == 2 and parts[0] in ("fail_next", "delay_ms") and parts[1].isdigit():
                 setattr(engine, parts[0], int(parts[1]))
             else:
                 return self.reply(404, b"unknown control endpoint\n")
         self.reply(200, b"Ok.\n")
+
+
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # A client that gave up on a slow answer (a timeout under /_test/delay_ms) resets its
+        # connection: expected in the fault tests, not worth a traceback.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 def main():
@@ -280,7 +310,7 @@ def main():
 
     engine = Engine(args.data)
     ThreadingHTTPServer.request_queue_size = 64
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server = QuietServer((args.host, args.port), Handler)
     server.engine = engine
     print(f"listening on http://{args.host}:{server.server_address[1]}", flush=True)
     try:

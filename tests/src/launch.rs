@@ -25,6 +25,8 @@ pub struct Launch<'a> {
     pub extra_args: &'a [&'a str],
     /// `CREDWATCH_LOG`; `None` keeps the caller's or `info`.
     pub log: Option<&'a str>,
+    /// More environment for the agent.
+    pub env: &'a [(&'a str, &'a str)],
     pub ready_timeout: Duration,
 }
 
@@ -75,6 +77,7 @@ impl Launch<'_> {
         let mut child = cmd
             .args(self.extra_args)
             .env("CREDWATCH_LOG", log)
+            .envs(self.env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

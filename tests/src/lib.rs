@@ -108,6 +108,7 @@ impl Agent {
         require_privileges();
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = credwatch_bin();
+        let roots = test_cgroup_roots();
         let process = launch::Launch {
             bin: &bin,
             config,
@@ -117,6 +118,7 @@ impl Agent {
             stats: true,
             extra_args: extra,
             log: None,
+            env: &[("CREDWATCH_CGROUP_ROOTS", &roots)],
             ready_timeout: Duration::from_secs(60),
         }
         .start()
@@ -400,6 +402,10 @@ impl Actor {
     pub fn flood(self, path: impl AsRef<Path>, n: u64) -> Actor {
         self.step(&["flood".into(), s(path), n.to_string()])
     }
+    /// `n` forks whose children exit at once (a fork flood).
+    pub fn forks(self, n: u64) -> Actor {
+        self.step(&["forks".into(), n.to_string()])
+    }
     /// `proto`: `tcp`, `tcp-nonblocking` or `udp` (a connected UDP socket).
     pub fn connect(self, proto: &str, addr: impl std::fmt::Display) -> Actor {
         self.step(&["connect".into(), proto.into(), addr.to_string()])
@@ -617,6 +623,13 @@ pub fn cgroup2_root() -> PathBuf {
     panic!("no cgroup2 mount")
 }
 
+/// The cgroup roots an agent under test parses layouts below: the mount's root, and the
+/// per-test prefixes this test process builds its kubelet and systemd trees under
+/// (`unique("cwtest")`, see [`pod_cgroup`]).
+pub fn test_cgroup_roots() -> String {
+    format!("/,/cwtest-{}-*", std::process::id())
+}
+
 /// A unique name for per-test cgroups, files and ports.
 pub fn unique(tag: &str) -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -807,6 +820,8 @@ pub fn workdir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
     std::fs::create_dir_all(&base).unwrap();
+    // Canonical (no `..`): the agent names secrets by their canonical paths.
+    let base = base.canonicalize().unwrap();
     let d = tempfile::tempdir_in(base).unwrap();
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     d

@@ -47,7 +47,7 @@ fn migrate_is_idempotent_and_replayed_events_land_with_every_field() {
     let cfg = cfg.to_str().unwrap();
     for _ in 0..2 {
         let out = ok(&credwatch(&["migrate", "--config", cfg]));
-        assert!(out.contains("schema version 2 applied"), "{out}");
+        assert!(out.contains("schema version 3 applied"), "{out}");
     }
     let tables: Vec<String> = ch.rows(&format!(
         "SELECT name FROM system.tables WHERE database = '{}' ORDER BY name",
@@ -57,7 +57,7 @@ fn migrate_is_idempotent_and_replayed_events_land_with_every_field() {
         tables,
         ["alerts", "credential_uses", "events", "schema_version"]
     );
-    assert_eq!(ch.scalar::<u64>("SELECT count() FROM schema_version"), 1);
+    assert_eq!(ch.scalar::<u64>("SELECT count() FROM schema_version"), 3);
 
     let events_file = w.path().join("events.ndjson");
     let stdout = ok(&credwatch(&[

@@ -500,7 +500,7 @@ fn require_privileges() {
 /// One privileged scenario at a time: they share the pod's cgroup path and the CPU.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const KEY: &str = "test-fleet-key-not-secret";
+const KEY: &str = "test-fleet-key-not-secret-32-bytes!";
 const NODE: &str = "node-1";
 /// The agent pod's own identity (its token is the one it sends to the kubelet).
 const AGENT_POD_UID: &str = "c0ffee00-0000-4000-8000-00000000c0de";

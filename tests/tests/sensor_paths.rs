@@ -389,14 +389,16 @@ fn environment_and_command_line_credentials_are_fingerprints_only() {
         ch.config()
     ));
     // `env NAME=value prog`: the value is on env's command line, then in prog's environment.
-    let out = Command::new("env")
+    // env execs the actor in its own pid; other tests' actors run beside it.
+    let mut env_child = Command::new("env")
         .arg(format!("AWS_SECRET_ACCESS_KEY={secret_key}"))
         .arg(format!("GITHUB_TOKEN={gh}"))
         .arg(ACTOR)
         .args(["sleep", "10"])
-        .output()
+        .spawn()
         .unwrap();
-    assert!(out.status.success());
+    let env_pid = env_child.id();
+    assert!(env_child.wait().unwrap().success());
     // A shell line with a password option, as a CI step would run it.
     let out = Command::new("sh")
         .args(["-c", &format!("true --password={pw} && true")])
@@ -408,7 +410,7 @@ fn environment_and_command_line_credentials_are_fingerprints_only() {
     let holder = s
         .kind(EventKind::Exec)
         .into_iter()
-        .find(|e| e.process.exe == ACTOR)
+        .find(|e| e.process.exe == ACTOR && e.process.pid == env_pid)
         .expect("the actor's exec");
     let Body::Exec(x) = &holder.body else {
         unreachable!()

@@ -457,6 +457,7 @@ fn start(m: Monitor, agent: &Path, work: &Path, secret: &str) -> Result<Running>
                 stats: true,
                 extra_args: &[],
                 log: None,
+                env: &[],
                 ready_timeout: Duration::from_secs(120),
             };
             let stats = launch.stats_path();

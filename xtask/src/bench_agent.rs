@@ -41,6 +41,7 @@ fn start_agent(
         stats,
         extra_args: &[],
         log: Some("warn,credwatch::agent=info"),
+        env: &[],
         ready_timeout: Duration::from_secs(120),
     }
     .start()

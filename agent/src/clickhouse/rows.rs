@@ -161,6 +161,39 @@ pub trait ApproxSize {
     fn approx_bytes(&self) -> usize;
 }
 
+/// What names a row in its table: (node, id) is unique, `ts` bounds where to look. The
+/// writer asks whether a spooled batch's first and last rows are stored before sending it
+/// again.
+pub trait RowKey {
+    fn row_id(&self) -> &str;
+    fn row_node(&self) -> &str;
+    fn row_ts_ns(&self) -> i64;
+}
+
+impl RowKey for EventRow {
+    fn row_id(&self) -> &str {
+        &self.id
+    }
+    fn row_node(&self) -> &str {
+        &self.node
+    }
+    fn row_ts_ns(&self) -> i64 {
+        self.ts.timestamp_nanos_opt().unwrap_or(0)
+    }
+}
+
+impl RowKey for AlertRow {
+    fn row_id(&self) -> &str {
+        &self.id
+    }
+    fn row_node(&self) -> &str {
+        &self.node
+    }
+    fn row_ts_ns(&self) -> i64 {
+        self.ts.timestamp_nanos_opt().unwrap_or(0)
+    }
+}
+
 impl ApproxSize for EventRow {
     fn approx_bytes(&self) -> usize {
         200 + self.id.len()

@@ -15,14 +15,28 @@
 //! Cluster mode (`[clickhouse] cluster`): every statement runs `ON CLUSTER`, the data lives
 //! in `*_local` Replicated tables and `events`/`alerts` are Distributed tables over them,
 //! sharded by node so one node's batches (and their dedup tokens) land on one shard.
+//!
+//! Deduplication does not rest on ClickHouse's insert-dedup window alone: that window is a
+//! count of blocks shared by every node writing the table (at 1 000 nodes, 10 000 blocks
+//! are a few seconds), so it only covers a retry that follows its failed attempt closely.
+//! Before the writer sends a spooled batch again it asks whether the batch's first and
+//! last rows (node, id, ts: unique per node) are already there (`id_idx` makes that a
+//! skip-index lookup); only a batch that is not is inserted. The window then only has to
+//! cover the race of an attempt still running on the server, which the settings of
+//! migration 3 give (time-based where the engine has it: Replicated tables).
+//!
+//! Migrations are numbered; each is applied once, in order, and recorded in
+//! `schema_version` (`CREATE … IF NOT EXISTS` never changes an existing table, so
+//! everything after version 1 is an `ALTER`).
 
 use super::Config as Cfg;
 
-/// Bumped whenever a migration is added; `migrate` refuses a database that is newer.
-pub const SCHEMA_VERSION: u32 = 2;
+/// The newest migration; `migrate` refuses a database that is newer.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Columns added after version 1, in the order they were added: created with the table on
-/// a fresh database, added by `ALTER TABLE … ADD COLUMN IF NOT EXISTS` to an existing one.
+/// a fresh database, added by `ALTER TABLE … ADD COLUMN IF NOT EXISTS` (migration 2) to an
+/// existing one.
 const ADDED_EVENT_COLUMNS: &[&str] = &[
     // v2: how a connect was made, folded repeat reads, 32-bit callers, Unix-domain and
     // cloud-metadata destinations, what exec handed a process, process-memory access and
@@ -152,8 +166,15 @@ const ALERT_COLUMNS: &str = "
     evidence String CODEC(ZSTD(3)),
     alert_json String CODEC(ZSTD(3))";
 
-/// Batches remembered for deduplication: far more than can be in flight or spooled.
-const DEDUP_WINDOW: u32 = 10_000;
+/// Version 1's dedup window (blocks), as it was created.
+const DEDUP_WINDOW_V1: u32 = 10_000;
+/// Migration 3: blocks remembered by a single server's table (its own log, in memory: about
+/// 100 bytes each)…
+const DEDUP_BLOCKS: u32 = 100_000;
+/// …and for Replicated tables a time bound in ClickHouse Keeper (with a block bound high
+/// enough that time is what ends it): longer than any insert attempt can run.
+const DEDUP_SECONDS: u32 = 900;
+const DEDUP_BLOCKS_REPLICATED: u32 = 10_000_000;
 
 struct Table {
     name: &'static str,
@@ -183,14 +204,83 @@ const TABLES: [Table; 2] = [
     },
 ];
 
-/// Every statement, in order, each idempotent (`IF NOT EXISTS`).
+/// Every migration's statements, in order: `(version, statements)`.
+pub fn migrations(cfg: &Cfg) -> Vec<(u32, Vec<String>)> {
+    vec![
+        (1, version_1(cfg)),
+        (2, version_2(cfg)),
+        (3, version_3(cfg)),
+    ]
+}
+
+/// Every statement of every migration, in order.
 pub fn statements(cfg: &Cfg) -> Vec<String> {
-    let db = &cfg.database;
-    let on = cfg
-        .cluster
+    migrations(cfg).into_iter().flat_map(|(_, s)| s).collect()
+}
+
+fn on_cluster(cfg: &Cfg) -> String {
+    cfg.cluster
         .as_ref()
         .map(|c| format!(" ON CLUSTER {c}"))
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Migration 2: a table made by version 1 gets the columns added since (a no-op on a
+/// fresh one, which was created with them).
+fn version_2(cfg: &Cfg) -> Vec<String> {
+    let db = &cfg.database;
+    let on = on_cluster(cfg);
+    let mut out = Vec::new();
+    for t in &TABLES {
+        let mut tables = vec![match &cfg.cluster {
+            None => t.name.to_owned(),
+            Some(_) => format!("{}_local", t.name),
+        }];
+        if cfg.cluster.is_some() {
+            tables.push(t.name.to_owned());
+        }
+        for c in t.added {
+            for name in &tables {
+                out.push(format!(
+                    "ALTER TABLE {db}.{name}{on} ADD COLUMN IF NOT EXISTS {c}"
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Migration 3: the skip index the writer's "already stored?" check uses, and dedup
+/// settings that no longer count on a fleet-shared block window (see the module docs).
+fn version_3(cfg: &Cfg) -> Vec<String> {
+    let db = &cfg.database;
+    let on = on_cluster(cfg);
+    let mut out = Vec::new();
+    for t in &TABLES {
+        let local = match &cfg.cluster {
+            None => t.name.to_owned(),
+            Some(_) => format!("{}_local", t.name),
+        };
+        out.push(format!(
+            "ALTER TABLE {db}.{local}{on} ADD INDEX IF NOT EXISTS id_idx id TYPE bloom_filter GRANULARITY 4"
+        ));
+        out.push(match &cfg.cluster {
+            None => format!(
+                "ALTER TABLE {db}.{local}{on} MODIFY SETTING non_replicated_deduplication_window = {DEDUP_BLOCKS}"
+            ),
+            Some(_) => format!(
+                "ALTER TABLE {db}.{local}{on} MODIFY SETTING replicated_deduplication_window = {DEDUP_BLOCKS_REPLICATED}, replicated_deduplication_window_seconds = {DEDUP_SECONDS}"
+            ),
+        });
+    }
+    out
+}
+
+/// Migration 1: the tables (with every column a fresh database needs; an old one gets the
+/// columns added since from migration 2), then every later migration, like an old one.
+fn version_1(cfg: &Cfg) -> Vec<String> {
+    let db = &cfg.database;
+    let on = on_cluster(cfg);
     let mut out = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{on}")];
     let ttl = cfg.ttl_days;
     for t in &TABLES {
@@ -221,25 +311,15 @@ pub fn statements(cfg: &Cfg) -> Vec<String> {
         out.push(format!(
             "CREATE TABLE IF NOT EXISTS {db}.{local}{on}\n({columns}\n)\nENGINE = {engine}\n\
              PARTITION BY {}\nORDER BY {}\nTTL toDateTime(ts) + INTERVAL {ttl} DAY\n\
-             SETTINGS {dedup} = {DEDUP_WINDOW}",
+             SETTINGS {dedup} = {DEDUP_WINDOW_V1}",
             t.partition, t.order
         ));
-        let mut tables = vec![local.clone()];
         if let Some(c) = &cfg.cluster {
             out.push(format!(
                 "CREATE TABLE IF NOT EXISTS {db}.{}{on} AS {db}.{local}\n\
                  ENGINE = Distributed({c}, {db}, {local}, cityHash64(node))",
                 t.name
             ));
-            tables.push(t.name.to_owned());
-        }
-        // A table made by an older schema gets the newer columns (a no-op on a fresh one).
-        for c in t.added {
-            for name in &tables {
-                out.push(format!(
-                    "ALTER TABLE {db}.{name}{on} ADD COLUMN IF NOT EXISTS {c}"
-                ));
-            }
         }
     }
     out.push(format!(
@@ -265,20 +345,28 @@ pub fn statements(cfg: &Cfg) -> Vec<String> {
     out
 }
 
-/// The DDL as one script, for `credwatch schema`.
+/// Records migration `v` as applied (once).
+pub fn record_version(cfg: &Cfg, v: u32) -> String {
+    format!(
+        "INSERT INTO {db}.schema_version SELECT {v}, now64(3), 'credwatch {pkg}' \
+         WHERE {v} NOT IN (SELECT version FROM {db}.schema_version)",
+        db = cfg.database,
+        pkg = env!("CARGO_PKG_VERSION"),
+    )
+}
+
+/// The DDL as one script, for `credwatch schema`: every migration, each recorded.
 pub fn script(cfg: &Cfg) -> String {
     let mut s = format!("-- credwatch schema version {SCHEMA_VERSION}\n");
-    for st in statements(cfg) {
-        s.push_str(&st);
+    for (v, sts) in migrations(cfg) {
+        s.push_str(&format!("-- migration {v}\n"));
+        for st in sts {
+            s.push_str(&st);
+            s.push_str(";\n\n");
+        }
+        s.push_str(&record_version(cfg, v));
         s.push_str(";\n\n");
     }
-    s.push_str(&format!(
-        "INSERT INTO {}.schema_version SELECT {SCHEMA_VERSION}, now64(3), 'credwatch {}' \
-         WHERE {SCHEMA_VERSION} NOT IN (SELECT version FROM {}.schema_version);\n",
-        cfg.database,
-        env!("CARGO_PKG_VERSION"),
-        cfg.database
-    ));
     s
 }
 
@@ -312,5 +400,14 @@ mod tests {
             many.contains("ENGINE = Distributed(prod, credwatch, events_local, cityHash64(node))")
         );
         assert!(many.contains("replicated_deduplication_window"));
+        // Migration 3 changes existing tables with ALTERs, on the local tables in a cluster.
+        assert!(one.contains(
+            "ALTER TABLE credwatch.events MODIFY SETTING non_replicated_deduplication_window = 100000"
+        ));
+        assert!(many.contains(
+            "ALTER TABLE credwatch.alerts_local ON CLUSTER prod ADD INDEX IF NOT EXISTS id_idx"
+        ));
+        assert!(many.contains("replicated_deduplication_window_seconds = 900"));
+        assert!(one.contains("-- migration 3"));
     }
 }

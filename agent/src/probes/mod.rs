@@ -492,45 +492,63 @@ impl Sensors {
         self.rings.take()
     }
 
-    /// Makes the kernel's file and directory maps equal to the inventory: adds new inodes,
-    /// removes ones that disappeared (a rotated token's old inode).
-    pub fn sync_inodes(
-        &mut self,
-        files: &HashSet<InodeKey>,
-        dirs: &HashSet<InodeKey>,
-    ) -> Result<()> {
+    /// Makes the kernel's file and directory maps hold the inventory, most important first:
+    /// `files` and `dirs` come ranked (pod tokens first), and what does not fit a map is left
+    /// out from the tail and counted, never an error (a home directory full of key files
+    /// must not stop pod tokens from being watched, nor the agent from starting). Adds new
+    /// inodes, removes ones that are gone (a rotated token's old inode) or no longer fit.
+    pub fn sync_inodes(&mut self, files: &[InodeKey], dirs: &[InodeKey]) -> Result<SyncReport> {
+        let file_cap = capacity(&self.secret_inodes);
+        let dir_cap = capacity(&self.watched_dirs);
+        let want_files = first_distinct(files, file_cap);
+        let want_dirs = first_distinct(dirs, dir_cap);
         // Each bitmap must cover its map at every instant (a clear bit hides an inode from
-        // the probe): add entries, then rewrite the bitmap, then remove entries.
-        add_entries(
-            &mut self.secret_inodes,
-            &mut self.in_map,
-            files,
-            "SECRET_INODES",
-        )?;
-        add_entries(
-            &mut self.watched_dirs,
-            &mut self.dirs_in_map,
-            dirs,
-            "WATCHED_DIRS",
-        )?;
-        self.file_filter.set(files)?;
-        self.dir_filter.set(dirs)?;
+        // the probe): first a bitmap over what is in the map and what is coming, then
+        // remove (making room), then add, then the bitmap of what is in the map.
+        self.file_filter
+            .set(self.in_map.iter().chain(&want_files))?;
+        self.dir_filter
+            .set(self.dirs_in_map.iter().chain(&want_dirs))?;
         remove_entries(
             &mut self.secret_inodes,
             &mut self.in_map,
-            files,
+            &want_files,
             "SECRET_INODES",
         );
         remove_entries(
             &mut self.watched_dirs,
             &mut self.dirs_in_map,
-            dirs,
+            &want_dirs,
             "WATCHED_DIRS",
         );
+        let mut report = SyncReport {
+            files_wanted: files.len(),
+            dirs_wanted: dirs.len(),
+            file_capacity: file_cap,
+            dir_capacity: dir_cap,
+            ..Default::default()
+        };
+        report.insert_error = add_entries(
+            &mut self.secret_inodes,
+            &mut self.in_map,
+            files,
+            &want_files,
+        )
+        .or(add_entries(
+            &mut self.watched_dirs,
+            &mut self.dirs_in_map,
+            dirs,
+            &want_dirs,
+        ));
+        self.file_filter.set(self.in_map.iter())?;
+        self.dir_filter.set(self.dirs_in_map.iter())?;
+        report.files_in_map = self.in_map.len();
+        report.dirs_in_map = self.dirs_in_map.len();
         // Lets the probes skip the directory walk entirely when nothing is watched.
         self.settings
             .set(SETTING_WATCHED_DIRS, self.dirs_in_map.len() as u32, 0)
-            .context("updating probe settings")
+            .context("updating probe settings")?;
+        Ok(report)
     }
 
     /// Drops per probe since load, summed over CPUs, indexed by [`Probe`].
@@ -679,18 +697,74 @@ fn cgroup_mode() -> CgroupAttachMode {
     }
 }
 
+/// How a sync of the inode maps went: what the inventory wanted, what the maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub files_wanted: usize,
+    pub files_in_map: usize,
+    pub file_capacity: usize,
+    pub dirs_wanted: usize,
+    pub dirs_in_map: usize,
+    pub dir_capacity: usize,
+    /// The first insert the kernel refused for another reason than space.
+    pub insert_error: Option<String>,
+}
+
+impl SyncReport {
+    /// Secrets and directories the kernel maps could not take: their reads are not seen.
+    pub fn left_out(&self) -> usize {
+        self.files_wanted.saturating_sub(self.files_in_map)
+            + self.dirs_wanted.saturating_sub(self.dirs_in_map)
+    }
+}
+
+/// A map's size as the kernel created it.
+fn capacity(map: &BpfHashMap<MapData, InodeKey, u32>) -> usize {
+    use aya::maps::IterableMap;
+    map.map()
+        .info()
+        .map(|i| i.max_entries() as usize)
+        .unwrap_or(usize::MAX)
+}
+
+/// The first `n` distinct keys of `ranked`.
+fn first_distinct(ranked: &[InodeKey], n: usize) -> HashSet<InodeKey> {
+    let mut out = HashSet::with_capacity(ranked.len().min(n));
+    for k in ranked {
+        if out.len() >= n {
+            break;
+        }
+        out.insert(*k);
+    }
+    out
+}
+
+/// Adds what `wanted` has and the map does not, in the order of `ranked`. An insert the
+/// kernel refuses ends the adding (the rest is left out); its error is returned unless it
+/// is the map being full.
 fn add_entries(
     map: &mut BpfHashMap<MapData, InodeKey, u32>,
     current: &mut HashSet<InodeKey>,
+    ranked: &[InodeKey],
     wanted: &HashSet<InodeKey>,
-    name: &str,
-) -> Result<()> {
-    for key in wanted.difference(current).copied().collect::<Vec<_>>() {
-        map.insert(key, 1, 0)
-            .with_context(|| format!("{name} is full ({} entries)", current.len()))?;
-        current.insert(key);
+) -> Option<String> {
+    for key in ranked {
+        if !wanted.contains(key) || current.contains(key) {
+            continue;
+        }
+        match map.insert(key, 1, 0) {
+            Ok(()) => {
+                current.insert(*key);
+            }
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+            {
+                return None;
+            }
+            Err(e) => return Some(e.to_string()),
+        }
     }
-    Ok(())
+    None
 }
 
 fn remove_entries(
@@ -725,7 +799,7 @@ impl InoFilter {
         })
     }
 
-    fn set(&mut self, keys: &HashSet<InodeKey>) -> Result<()> {
+    fn set<'a>(&mut self, keys: impl IntoIterator<Item = &'a InodeKey>) -> Result<()> {
         let mut want = vec![0u64; INO_FILTER_WORDS as usize];
         for k in keys {
             let (word, bit) = ino_filter_slot(k.ino);

@@ -121,6 +121,20 @@ fn run(a: &[&str]) {
             }
             println!("flooded {n}");
         }
+        ["forks", n] => {
+            // A fork flood: n children that exit at once.
+            let n: u64 = n.parse().unwrap_or_else(|_| fail(format!("bad count {n}")));
+            for _ in 0..n {
+                // SAFETY: the child only calls _exit.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    unsafe { libc::_exit(0) };
+                }
+                check(pid, "fork");
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+            }
+            println!("forked {n}");
+        }
         ["connect", proto, addr] => {
             let addr: SocketAddr = addr
                 .parse()

@@ -259,6 +259,7 @@ fn agent_scenario(
         stats: false,
         extra_args: &[],
         log: Some(&plan.agent_log),
+        env: &[],
         ready_timeout: Duration::from_secs(plan.ready_timeout_s),
     };
     let started = launch.start();

@@ -74,12 +74,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 # Replaced per node by CREDWATCH_KUBELET_URL (the pod does not share the node's network).
 kubelet_url = "https://127.0.0.1:10250"
 token_path = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-{{- if .Values.kubelet.caFile }}
-ca_file = {{ .Values.kubelet.caFile | quote }}
+{{- if .Values.kubelet.insecureSkipTLSVerify }}
+# Explicit opt-in (kubelet.insecureSkipTLSVerify): the kubelet's certificate is not checked,
+# so whatever answers on the node's port 10250 receives the agent's token and can forge pod
+# identities. The agent warns at start.
+insecure_skip_tls_verify = true
 {{- else }}
-# Kubelet serving certificates are self-signed unless serverTLSBootstrap is on; with
-# CA-signed ones set ca_file = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt".
-insecure_skip_tls_verify = {{ .Values.kubelet.insecureSkipTLSVerify }}
+# The kubelet's serving certificate is verified: with serverTLSBootstrap the cluster CA
+# signs it (kubernetes.io/kubelet-serving), which every pod has in its service-account
+# ca.crt; otherwise mount the kubelet serving CA and point ca_file at it. Turning the
+# check off (insecure_skip_tls_verify = true) sends the agent's token to whatever
+# answers on the node's port 10250 and lets it name every pod; the agent warns.
+ca_file = {{ required "kubelet.caFile (or the explicit kubelet.insecureSkipTLSVerify)" .Values.kubelet.caFile | quote }}
 {{- end }}
 kubelet_root = {{ .Values.kubelet.root | quote }}
 trust_domain = {{ .Values.kubelet.trustDomain | quote }}
@@ -97,7 +103,9 @@ password_file = "/etc/credwatch/secret/clickhouse-password"
 {{- end }}
 
 [metrics]
-# /metrics and /healthz for Prometheus and the kubelet's probes (pod network only).
+# /metrics and /healthz for Prometheus and the kubelet's probes, on the pod IP only
+# (CREDWATCH_METRICS_ADDRESS replaces the address) and, by the NetworkPolicy, reachable
+# from the monitoring namespace's Prometheus and the node only.
 listen = {{ include "credwatch.metricsListen" . | quote }}
 {{- with .Values.config | trim }}
 
