@@ -565,6 +565,7 @@ impl Agent {
             ring_peak_bytes: self.gauges[RING_EVENTS].peak(),
             secret_ring_size_bytes: self.gauges[RING_SECRETS].size,
             secret_ring_peak_bytes: self.gauges[RING_SECRETS].peak(),
+            open_hook: self.sensors.open_hook.name(),
         }
     }
 }

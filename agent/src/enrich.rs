@@ -979,6 +979,8 @@ impl Enricher {
             Some("unreadable".into())
         } else if r.flags & c::FLAG_TRUNCATED != 0 {
             Some("truncated".into())
+        } else if r.flags & c::FLAG_BASENAME != 0 {
+            Some("file_name".into())
         } else {
             None
         };

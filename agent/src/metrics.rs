@@ -132,11 +132,13 @@ pub struct AgentSnapshot {
     pub pods: usize,
     pub sinks: Vec<SinkCounts>,
     pub ring_size_bytes: u64,
-    /// Largest backlog one drain found in the last second.
+    /// Largest backlog one drain found in the last minute.
     pub ring_peak_bytes: u64,
     /// The ring secret opens and process-memory reads have to themselves.
     pub secret_ring_size_bytes: u64,
     pub secret_ring_peak_bytes: u64,
+    /// What sees opens (`file_open` or `syscalls`), chosen at start.
+    pub open_hook: &'static str,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -388,6 +390,18 @@ impl Collector for Metrics {
                 let labels = [("sink".to_owned(), c.name.clone())];
                 ConstGauge::new(c.queued as i64).encode(fam.encode_family(&labels)?)?;
             }
+        }
+        {
+            let g = ConstGauge::new(1i64);
+            let mut fam = e.encode_descriptor(
+                "credwatch_open_hook",
+                "1 for the hook set that sees opens (file_open: fexit on security_file_open; \
+                 syscalls: the open syscalls' tracepoints).",
+                None,
+                g.metric_type(),
+            )?;
+            let labels = [("hook".to_owned(), s.open_hook.to_owned())];
+            g.encode(fam.encode_family(&labels)?)?;
         }
         if let Some(ch) = &s.pipeline.clickhouse {
             clickhouse_metrics(e, ch)?;

@@ -119,6 +119,8 @@ wire_enum! {
         OpenByHandleAt = 5 => "open_by_handle_at",
         IoUringOpenat = 6 => "io_uring_openat",
         IoUringOpenat2 = 7 => "io_uring_openat2",
+        /// Seen by the file_open hook outside the open calls (exec, kernel-internal opens).
+        Other = 8 => "other",
     }
 }
 
@@ -184,6 +186,9 @@ pub const FLAG_ENV_UNREADABLE: u32 = 16;
 pub const FLAG_IA32: u32 = 32;
 /// Connect: the destination is a cloud metadata service address.
 pub const FLAG_METADATA: u32 = 64;
+/// SecretOpen: `name` is the file's own name, not the path the process passed (opens
+/// without a path argument seen by the file_open hook: io_uring, open_by_handle_at).
+pub const FLAG_BASENAME: u32 = 128;
 
 // Values in the SETTINGS array map.
 /// Number of watched directories (0 skips the directory walk on every open).
@@ -197,7 +202,10 @@ pub const SETTING_DNS_RATE: u32 = 3;
 /// The agent thread learning a `file_operations` pointer (see FOPS), and which slot.
 pub const SETTING_LEARN_TID: u32 = 4;
 pub const SETTING_LEARN_SLOT: u32 = 5;
-pub const SETTINGS_LEN: u32 = 6;
+/// 1 when the file_open program sees opens: the io_uring tracepoints then only join
+/// connects with their results.
+pub const SETTING_FILE_OPEN_HOOK: u32 = 6;
+pub const SETTINGS_LEN: u32 = 7;
 
 /// Slots of the FOPS array map: the `file_operations` of `/proc/<pid>/environ` and
 /// `/proc/<pid>/mem`, learned from the agent's own opens of them at start.
@@ -464,6 +472,8 @@ pub struct KernelConfig {
     pub task_exit_code: u32,
     pub task_mm: u32,
     pub task_flags: u32,
+    pub task_group_leader: u32,
+    pub task_comm: u32,
     /// `task_struct.worker_private` (an io-wq worker's `struct io_worker`), optional.
     pub task_worker_private: u32,
     /// x86 `thread_info.status` (TS_COMPAT), optional.
@@ -493,6 +503,8 @@ pub struct KernelConfig {
     pub sb_s_dev: u32,
     pub dentry_d_parent: u32,
     pub dentry_d_inode: u32,
+    /// `dentry.d_name.name`.
+    pub dentry_d_name: u32,
     pub socket_type: u32,
     pub socket_sk: u32,
     pub sock_family: u32,

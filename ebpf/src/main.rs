@@ -3,8 +3,9 @@
 //! Capture, filter and de-duplicate in the kernel, emit fixed records; nothing else. Every
 //! judgement (which workload, which credential, is it suspicious) happens in the agent.
 //!
-//! Only the tracepoint family and cgroup hooks are used, so the probes load on kernels
-//! without kprobes, fentry or BPF LSM. Kernel structs are read through offsets the agent
+//! The tracepoint family and cgroup hooks cover everything, so the probes load on kernels
+//! without kprobes, fentry or BPF LSM; where fexit loads, one program on
+//! `security_file_open` replaces every open tracepoint (the agent picks, see `file_open`). Kernel structs are read through offsets the agent
 //! resolves from the running kernel's BTF and writes into `CW_CONFIG` before load.
 //!
 //! Two rings: secret opens and process-memory access go to SECRET_EVENTS, everything else
@@ -23,15 +24,17 @@ use aya_ebpf::{
         bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_str_bytes,
         generated::{
             bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_probe_read_kernel as read_raw,
-            bpf_probe_read_user as read_user_raw, bpf_skb_cgroup_id, bpf_skb_load_bytes,
-            bpf_task_pt_regs,
+            bpf_probe_read_kernel_str as read_kernel_str_raw, bpf_probe_read_user as read_user_raw,
+            bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_task_pt_regs,
         },
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map, raw_tracepoint, sk_msg, sock_ops, tracepoint},
+    macros::{
+        cgroup_skb, cgroup_sock_addr, fexit, map, raw_tracepoint, sk_msg, sock_ops, tracepoint,
+    },
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
     programs::{
-        RawTracePointContext, SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext,
-        TracePointContext,
+        FExitContext, RawTracePointContext, SkBuffContext, SkMsgContext, SockAddrContext,
+        SockOpsContext, TracePointContext,
     },
 };
 use aya_log_ebpf::warn;
@@ -712,9 +715,89 @@ pub fn sys_exit_compat(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 unsafe fn try_open_exit(nr: i32, fd: u32, abi: Abi) -> Result<(), i32> {
-    let id = bpf_get_current_pid_tgid();
     let task = current_task();
     let file = unsafe { fd_file(task, fd) }?;
+    let syscall = if nr == conf!(nr_openat) {
+        OpenSyscall::Openat
+    } else if nr == conf!(nr_openat2) {
+        OpenSyscall::Openat2
+    } else if nr == conf!(nr_open) {
+        OpenSyscall::Open
+    } else if nr == conf!(nr_creat) {
+        OpenSyscall::Creat
+    } else {
+        OpenSyscall::OpenByHandleAt
+    };
+    unsafe { on_open(file, task, syscall, fd as i32, abi) }
+}
+
+/// The file_open hook set: one program after the kernel's own open check, whichever way
+/// the file was opened (any open syscall, native or ia32, io_uring inline or from io-wq or
+/// SQPOLL, fixed-file slots, exec). No syscall tracepoint is needed for opens, so unrelated
+/// syscalls and opens do not pay for one. The fd is not installed yet (-1 in the record).
+#[fexit(function = "security_file_open")]
+pub fn file_open(ctx: FExitContext) -> i32 {
+    // fexit: the return value follows the arguments (read this way on every kernel with
+    // fexit; `bpf_get_func_ret` needs 5.17).
+    let ret: i64 = ctx.arg(1);
+    if ret != 0 {
+        return 0;
+    }
+    let file: u64 = ctx.arg(0);
+    let task = current_task();
+    let compat = unsafe { in_compat(task) };
+    let nr = unsafe { syscall_nr(task) } as i32;
+    let io_worker = unsafe { ld::<u32>(task, conf!(task_flags)) } & PF_IO_WORKER != 0;
+    let syscall = if io_worker || nr == conf!(nr_io_uring_enter) {
+        OpenSyscall::IoUringOpenat
+    } else if compat {
+        if nr == conf!(nr32_openat) {
+            OpenSyscall::Openat
+        } else if nr == conf!(nr32_openat2) {
+            OpenSyscall::Openat2
+        } else if nr == conf!(nr32_open) {
+            OpenSyscall::Open
+        } else if nr == conf!(nr32_creat) {
+            OpenSyscall::Creat
+        } else if nr == conf!(nr32_open_by_handle_at) {
+            OpenSyscall::OpenByHandleAt
+        } else {
+            OpenSyscall::Other
+        }
+    } else if nr == conf!(nr_openat) {
+        OpenSyscall::Openat
+    } else if nr == conf!(nr_openat2) {
+        OpenSyscall::Openat2
+    } else if nr == conf!(nr_open) {
+        OpenSyscall::Open
+    } else if nr == conf!(nr_creat) {
+        OpenSyscall::Creat
+    } else if nr == conf!(nr_open_by_handle_at) {
+        OpenSyscall::OpenByHandleAt
+    } else {
+        OpenSyscall::Other
+    };
+    let abi = if compat && !io_worker {
+        Abi::Ia32
+    } else {
+        Abi::Native
+    };
+    let _ = unsafe { on_open(file, task, syscall, -1, abi) };
+    0
+}
+
+/// One opened file, from either hook set: the agent's own opens teach it `f_op` pointers,
+/// /proc/<pid>/{environ,mem} are process access, watched secrets are due a record unless
+/// they are a counted repeat.
+#[inline(always)]
+unsafe fn on_open(
+    file: u64,
+    task: *const u8,
+    syscall: OpenSyscall,
+    fd: i32,
+    abi: Abi,
+) -> Result<(), i32> {
+    let id = bpf_get_current_pid_tgid();
     let inode: u64 = unsafe { rd(file, conf!(file_f_inode)) }?;
     if is_self(id) {
         return unsafe { learn_fops(id, file) };
@@ -730,22 +813,36 @@ unsafe fn try_open_exit(nr: i32, fd: u32, abi: Abi) -> Result<(), i32> {
     let Some(opens) = repeat_due((id >> 32) as u32, &m, now) else {
         return Ok(());
     };
-    // (syscall, which argument holds the path: 0, 1, or none for open_by_handle_at)
+    // Which syscall argument holds the path: 0, 1, or none (open_by_handle_at, io_uring,
+    // kernel-internal opens: the dentry's own name then).
     let compat = abi == Abi::Ia32;
-    let (syscall, name_arg) = if nr == conf!(nr_openat) {
-        (OpenSyscall::Openat, 1)
-    } else if nr == conf!(nr_openat2) {
-        (OpenSyscall::Openat2, 1)
-    } else if nr == conf!(nr_open) {
-        (OpenSyscall::Open, 0)
-    } else if nr == conf!(nr_creat) {
-        (OpenSyscall::Creat, 0)
-    } else {
-        (OpenSyscall::OpenByHandleAt, -1)
+    let name_arg = match syscall {
+        OpenSyscall::Openat | OpenSyscall::Openat2 => 1,
+        OpenSyscall::Open | OpenSyscall::Creat => 0,
+        _ => -1,
     };
     unsafe {
-        emit_secret(&m, opens, syscall, fd as i32, file, abi, |rec| {
+        emit_secret(&m, opens, syscall, fd, file, abi, |rec| {
             fill_header(&raw mut (*rec).hdr, RecordKind::SecretOpen, task);
+            if syscall == OpenSyscall::IoUringOpenat {
+                // An io-wq worker's comm is `iou-wrk-<tid>`: name the process it works for.
+                let leader: *const u8 = ld(task, conf!(task_group_leader));
+                read_raw(
+                    (&raw mut (*rec).hdr.comm).cast(),
+                    COMM_LEN as u32,
+                    leader.wrapping_add(conf!(task_comm) as usize).cast(),
+                );
+            }
+            if name_arg < 0 && fd < 0 {
+                let dentry: u64 = rd(file, conf!(file_f_path_dentry)).unwrap_or(0);
+                let name: u64 = rd(dentry, conf!(dentry_d_name)).unwrap_or(0);
+                let n = read_kernel_str_raw(
+                    (&raw mut (*rec).name).cast(),
+                    PATH_LEN as u32,
+                    name as *const _,
+                );
+                (*rec).flags |= if n > 0 { FLAG_BASENAME } else { FLAG_NO_NAME };
+            }
             if name_arg >= 0 {
                 let regs = bpf_task_pt_regs(task as *mut _) as *const u8;
                 // Each load with its own constant offset: BTF-typed access needs them so.
@@ -897,7 +994,7 @@ unsafe fn try_iou_submit(ctx: &TracePointContext) -> Result<(), i32> {
         let _ = IOU_THREAD.insert(&id, &req, 0);
         return Ok(());
     }
-    if op != IORING_OP_OPENAT && op != IORING_OP_OPENAT2 {
+    if op != IORING_OP_OPENAT && op != IORING_OP_OPENAT2 || setting(SETTING_FILE_OPEN_HOOK) != 0 {
         return Ok(());
     }
     let Some(scratch) = EXEC_SCRATCH.get_ptr_mut(0) else {

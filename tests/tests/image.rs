@@ -1224,6 +1224,7 @@ struct AgentHost {
     service_account: PathBuf,
     etc: PathBuf,
     node_ip: Ipv4Addr,
+    pod_ip: Ipv4Addr,
     netns: String,
 }
 
@@ -1266,6 +1267,7 @@ fn agent_spec(ds: &Value, host: &AgentHost, v: &Variant, cgroup: &str) -> Value 
             match e["valueFrom"]["fieldRef"]["fieldPath"].as_str().unwrap() {
                 "spec.nodeName" => NODE.into(),
                 "status.hostIP" => host.node_ip.to_string(),
+                "status.podIP" => host.pod_ip.to_string(),
                 other => panic!("fieldRef {other}"),
             }
         };
@@ -1679,6 +1681,7 @@ fn run_agent(v: Variant) -> Run {
         service_account,
         etc,
         node_ip: agent_net.host_ip,
+        pod_ip: agent_net.pod_ip,
         netns: agent_net.path(),
     };
     // A container id as containerd makes them: 64 hex digits.

@@ -140,6 +140,11 @@ pub fn test_kernels(root: &Path, args: &Args) -> Result<()> {
             name: "debian-archive-keyring",
             provides: "/usr/share/keyrings/debian-archive-keyring.gpg",
         },
+        // The scenario's 32-bit reader.
+        Package {
+            name: "gcc-multilib",
+            provides: "/usr/lib32/crt1.o",
+        },
     ])?;
     let busybox = fs::read("/bin/busybox").context("reading /bin/busybox")?;
     if !elf::is_static_executable(&busybox)? {
@@ -156,6 +161,7 @@ pub fn test_kernels(root: &Path, args: &Args) -> Result<()> {
     let target = target_dir(root);
     let agent = target.join(profile).join("credwatch");
     let actor = target.join("debug/cw-actor");
+    let ia32_reader = build_ia32_reader(root, &target.join("test-kernels"))?;
     let harness = env::current_exe().context("locating the xtask binary")?;
     let probes = ProbeObject::from_agent(&agent)?;
 
@@ -179,6 +185,7 @@ pub fn test_kernels(root: &Path, args: &Args) -> Result<()> {
             kernel: spec.key.into(),
             agent: agent.clone(),
             actor: actor.clone(),
+            ia32_reader: ia32_reader.clone(),
             agent_log: "info,credwatch::probes=debug".into(),
             load_ops: LOAD_OPS,
             helpers: probes.plan_helpers(),
@@ -214,6 +221,20 @@ pub fn test_kernels(root: &Path, args: &Args) -> Result<()> {
         bail!("kernel matrix failed on {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// The tests' 32-bit reader (`gcc -m32`), for the scenario's ia32 step.
+fn build_ia32_reader(root: &Path, dir: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let out = dir.join("reader32");
+    crate::run(
+        Command::new("gcc")
+            .args(["-m32", "-O1", "-o"])
+            .arg(&out)
+            .arg(root.join("tests/fixtures/ia32/reader.c")),
+    )
+    .context("building the 32-bit reader (gcc -m32)")?;
+    Ok(out)
 }
 
 /// The helpers the agent's embedded probe object calls, per program kind.
@@ -860,8 +881,8 @@ fn strip_log_prefix(line: &str) -> &str {
 
 fn summary(reports: &[Report]) -> String {
     let mut s = String::from(
-        "| kernel | package | programs attached | scenario | all programs' runs: baseline · per 100k getppid · opens · UDP connects | LSM | fentry / fexit | boot+scenario |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "| kernel | package | open hook | programs attached | scenario | all programs' runs: baseline · per 100k getppid · opens · UDP connects | LSM | fentry / fexit | boot+scenario |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for r in reports {
         let res = r.results.as_ref();
@@ -876,6 +897,13 @@ fn summary(reports: &[Report]) -> String {
             Some(_) => "none (agent refused)".into(),
             None => "-".into(),
         };
+        let open_hook = agent
+            .and_then(|a| a.attached_line.as_deref())
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("open_hook="))
+            })
+            .unwrap_or("-");
         let runs = agent
             .filter(|a| !a.load.is_empty())
             .map(|a| {
@@ -894,10 +922,11 @@ fn summary(reports: &[Report]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} {} | {} | {} | {} | {} | {} | {} | {} |",
             r.key,
             r.kernel.package,
             r.kernel.version,
+            open_hook,
             programs,
             scenario.replace('|', "/"),
             runs,

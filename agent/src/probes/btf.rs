@@ -125,6 +125,8 @@ impl KernelBtf {
             task_exit_code: o("task_struct", "exit_code")?,
             task_mm: o("task_struct", "mm")?,
             task_flags: o("task_struct", "flags")?,
+            task_group_leader: o("task_struct", "group_leader")?,
+            task_comm: o("task_struct", "comm")?,
             task_worker_private: self.optional("task_struct", "worker_private"),
             thread_info_status: if cfg!(target_arch = "x86_64") {
                 self.optional("task_struct", "thread_info.status")
@@ -156,6 +158,7 @@ impl KernelBtf {
             sb_s_dev: o("super_block", "s_dev")?,
             dentry_d_parent: o("dentry", "d_parent")?,
             dentry_d_inode: o("dentry", "d_inode")?,
+            dentry_d_name: o("dentry", "d_name.name")?,
             socket_type: o("socket", "type")?,
             socket_sk: o("socket", "sk")?,
             sock_family: o("sock", "__sk_common.skc_family")?,

@@ -15,15 +15,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, RawTracePoint, SkMsg,
-        SockOps, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, FExit, RawTracePoint,
+        SkMsg, SockOps, TracePoint,
     },
 };
 use credwatch_common::{
     Budget, FOPS_ENVIRON, FOPS_MEM, INO_FILTER_WORDS, InodeKey, KernelConfig, PROBE_COUNT, Probe,
-    RepeatKey, Repeats, SETTING_CGROUP_BUDGET, SETTING_DNS_RATE, SETTING_LEARN_SLOT,
-    SETTING_LEARN_TID, SETTING_REPEAT_MS, SETTING_WATCHED_DIRS, SUPPRESSED_COUNT, Suppressed,
-    ino_filter_slot,
+    RepeatKey, Repeats, SETTING_CGROUP_BUDGET, SETTING_DNS_RATE, SETTING_FILE_OPEN_HOOK,
+    SETTING_LEARN_SLOT, SETTING_LEARN_TID, SETTING_REPEAT_MS, SETTING_WATCHED_DIRS,
+    SUPPRESSED_COUNT, Suppressed, ino_filter_slot,
 };
 use tracing::{debug, info, warn};
 
@@ -69,6 +69,37 @@ pub struct Config {
     /// still flagged).
     #[serde(default)]
     pub ia32: Ia32Mode,
+    /// What sees opens. `file_open`: one fexit program on `security_file_open` (every open
+    /// path, ia32 and io_uring included, and no syscall tracepoint for opens); `syscalls`:
+    /// the open syscalls' exit tracepoints plus the io_uring tracepoints and the ia32 probe;
+    /// `auto`: `file_open` where the kernel loads it, else `syscalls`.
+    #[serde(default)]
+    pub open_hook: OpenHook,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpenHook {
+    #[default]
+    Auto,
+    FileOpen,
+    Syscalls,
+}
+
+/// The open hook set the probes run with (after `auto` is decided).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenHookSet {
+    FileOpen,
+    Syscalls,
+}
+
+impl OpenHookSet {
+    pub fn name(self) -> &'static str {
+        match self {
+            OpenHookSet::FileOpen => "file_open",
+            OpenHookSet::Syscalls => "syscalls",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -114,6 +145,7 @@ impl Default for Config {
             cgroup_budget: default_cgroup_budget(),
             dns_rate: default_dns_rate(),
             ia32: Ia32Mode::default(),
+            open_hook: OpenHook::default(),
         }
     }
 }
@@ -163,6 +195,7 @@ pub struct SensorOptions {
     pub cgroup_budget: u32,
     pub dns_rate: u32,
     pub ia32: Ia32Mode,
+    pub open_hook: OpenHook,
     pub btf_path: PathBuf,
     /// Where to mount cgroup2 if the host has none.
     pub cgroup2_fallback: PathBuf,
@@ -181,6 +214,7 @@ impl SensorOptions {
             cgroup_budget: cfg.cgroup_budget,
             dns_rate: cfg.dns_rate,
             ia32: cfg.ia32,
+            open_hook: cfg.open_hook,
             ..SensorOptions::default()
         }
     }
@@ -198,6 +232,7 @@ impl Default for SensorOptions {
             cgroup_budget: c.cgroup_budget,
             dns_rate: c.dns_rate,
             ia32: c.ia32,
+            open_hook: c.open_hook,
             btf_path: PathBuf::from(btf::VMLINUX_BTF),
             cgroup2_fallback: PathBuf::from("/run/credwatch/cgroup2"),
         }
@@ -233,6 +268,7 @@ pub struct Sensors {
     dirs_in_map: HashSet<InodeKey>,
     ia32: Ia32Mode,
     ia32_attached: bool,
+    pub open_hook: OpenHookSet,
     pub cgroup2_root: PathBuf,
     pub attached: Vec<String>,
 }
@@ -305,14 +341,17 @@ impl Sensors {
             &["sched_process_exit"],
             &mut attached,
         )?;
-        let exits = syscall_exits(syscalls::OPEN_FAMILY);
-        attach_tracepoint(
-            &mut ebpf,
-            "sys_exit_open_family",
-            "syscalls",
-            &exits.iter().map(String::as_str).collect::<Vec<_>>(),
-            &mut attached,
-        )?;
+        let open_hook = choose_open_hook(&mut ebpf, &mut settings, opts, &mut attached)?;
+        if open_hook == OpenHookSet::Syscalls {
+            let exits = syscall_exits(syscalls::OPEN_FAMILY);
+            attach_tracepoint(
+                &mut ebpf,
+                "sys_exit_open_family",
+                "syscalls",
+                &exits.iter().map(String::as_str).collect::<Vec<_>>(),
+                &mut attached,
+            )?;
+        }
         for (prog, sys) in [
             ("sys_exit_connect", Syscall::Connect),
             ("sys_exit_ptrace", Syscall::Ptrace),
@@ -345,6 +384,9 @@ impl Sensors {
                     &[c],
                     &mut attached,
                 )?;
+            }
+            _ if open_hook == OpenHookSet::FileOpen => {
+                info!("this kernel has no io_uring tracepoints: io_uring connects carry no result")
             }
             _ => warn!("this kernel has no io_uring tracepoints: io_uring opens are not seen"),
         }
@@ -420,16 +462,27 @@ impl Sensors {
             dir_filter,
             in_map: HashSet::new(),
             dirs_in_map: HashSet::new(),
-            ia32: opts.ia32,
+            // file_open sees 32-bit opens itself.
+            ia32: if open_hook == OpenHookSet::FileOpen {
+                Ia32Mode::Off
+            } else {
+                opts.ia32
+            },
             ia32_attached: false,
+            open_hook,
             cgroup2_root,
             attached,
         };
-        if opts.ia32 == Ia32Mode::Always {
+        if sensors.ia32 == Ia32Mode::Always {
             sensors.watch_ia32()?;
         }
         sensors.learn_proc_fops()?;
-        info!(programs = sensors.attached.len(), cgroup2 = %sensors.cgroup2_root.display(), "probes attached");
+        info!(
+            programs = sensors.attached.len(),
+            open_hook = %open_hook.name(),
+            cgroup2 = %sensors.cgroup2_root.display(),
+            "probes attached"
+        );
         Ok(sensors)
     }
 
@@ -825,6 +878,47 @@ where
         .ok_or_else(|| anyhow!("probe object has no program {name}"))?
         .try_into()
         .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+/// Decides what sees opens: the file_open program where it loads and attaches (or where
+/// config insists), else the open syscalls' tracepoints (attached by the caller).
+fn choose_open_hook(
+    ebpf: &mut Ebpf,
+    settings: &mut Array<MapData, u32>,
+    opts: &SensorOptions,
+    attached: &mut Vec<String>,
+) -> Result<OpenHookSet> {
+    if opts.open_hook == OpenHook::Syscalls {
+        return Ok(OpenHookSet::Syscalls);
+    }
+    // Before the program runs, so io_uring opens are never reported by both hook sets.
+    settings
+        .set(SETTING_FILE_OPEN_HOOK, 1, 0)
+        .context("writing probe settings")?;
+    let tried = (|| -> Result<()> {
+        let btf = aya::Btf::parse_file(&opts.btf_path, aya::Endianness::default())
+            .with_context(|| format!("reading {}", opts.btf_path.display()))?;
+        let prog: &mut FExit = program(ebpf, "file_open")?;
+        prog.load("security_file_open", &btf)
+            .context("loading fexit/security_file_open")?;
+        prog.attach()
+            .context("attaching fexit/security_file_open")?;
+        Ok(())
+    })();
+    match tried {
+        Ok(()) => {
+            attached.push("fexit/security_file_open".into());
+            Ok(OpenHookSet::FileOpen)
+        }
+        Err(e) if opts.open_hook == OpenHook::Auto => {
+            settings
+                .set(SETTING_FILE_OPEN_HOOK, 0, 0)
+                .context("writing probe settings")?;
+            info!("{e:#}; opens are watched through the syscall tracepoints");
+            Ok(OpenHookSet::Syscalls)
+        }
+        Err(e) => Err(e.context("[sensors] open_hook = \"file_open\"")),
+    }
 }
 
 /// Loads `prog` once and attaches it to every tracepoint in `names` that this kernel has

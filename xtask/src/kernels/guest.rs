@@ -32,6 +32,8 @@ pub struct Plan {
     pub kernel: String,
     pub agent: PathBuf,
     pub actor: PathBuf,
+    /// The 32-bit reader (see [`Ctx::ia32_reader`]).
+    pub ia32_reader: PathBuf,
     /// `CREDWATCH_LOG` for the agent.
     pub agent_log: String,
     /// Operations per load phase.
@@ -236,6 +238,7 @@ fn agent_scenario(
         secret_ino: md.ino(),
         link: link.display().to_string(),
         tcp_port: listener.local_addr()?.port(),
+        ia32_reader: plan.ia32_reader.display().to_string(),
     };
     std::thread::spawn(move || {
         for c in listener.incoming() {

@@ -20,6 +20,9 @@ pub struct Ctx {
     pub link: String,
     /// A TCP listener on 127.0.0.1 the guest keeps accepting on.
     pub tcp_port: u16,
+    /// A 32-bit (`gcc -m32`) program that opens its first argument, waits its second
+    /// (ms), and opens it again.
+    pub ia32_reader: String,
 }
 
 pub struct Step {
@@ -33,6 +36,14 @@ pub enum Expect {
     /// Exactly one `secret_read` of the watched secret, with its dev/inode and the name as
     /// the process passed it.
     SecretRead { opened_as: String },
+    /// At least one `secret_read` of the watched secret, each with this `syscall` (when
+    /// given) and `abi`: opens the name of which the process did not pass in a syscall.
+    SecretReadVia {
+        syscall: Option<&'static str>,
+        abi: &'static str,
+    },
+    /// An `exec` whose environment held a credential variable `name` (fingerprinted).
+    EnvCredential { name: &'static str },
     /// A `connect` to 127.0.0.1:`port` over `proto` with `result`.
     Connect {
         port: u16,
@@ -78,6 +89,37 @@ pub fn steps(c: &Ctx) -> Vec<Step> {
             }],
         },
         Step {
+            name: "open secret through io_uring (io-wq worker)",
+            argv: actor(&["uring-open", &c.secret, "async"]),
+            expect: vec![Expect::SecretReadVia {
+                syscall: Some("io_uring_openat"),
+                abi: "native",
+            }],
+        },
+        Step {
+            name: "open secret from a 32-bit process",
+            // 1.5 s apart: with the syscall hooks the ia32 probe attaches at this exec, so
+            // the second open is the one seen; with file_open both are.
+            argv: vec![c.ia32_reader.clone(), c.secret.clone(), "1500".into()],
+            expect: vec![Expect::SecretReadVia {
+                syscall: None,
+                abi: "ia32",
+            }],
+        },
+        Step {
+            name: "credential in the environment",
+            argv: vec![
+                "/usr/bin/env".into(),
+                "AWS_SECRET_ACCESS_KEY=fakeKernelMatrixSecretKey000000000000000".into(),
+                c.actor.clone(),
+                "sleep".into(),
+                "0".into(),
+            ],
+            expect: vec![Expect::EnvCredential {
+                name: "AWS_SECRET_ACCESS_KEY",
+            }],
+        },
+        Step {
             name: "TCP connect to a local listener",
             argv: actor(&["connect", "tcp", &tcp]),
             expect: vec![
@@ -114,6 +156,11 @@ impl Expect {
     pub fn describe(&self) -> String {
         match self {
             Expect::SecretRead { opened_as } => format!("one secret_read as {opened_as}"),
+            Expect::SecretReadVia { syscall, abi } => format!(
+                "secret_read via {} abi {abi}",
+                syscall.unwrap_or("any open")
+            ),
+            Expect::EnvCredential { name } => format!("exec with {name} fingerprinted"),
             Expect::Connect {
                 port,
                 proto,
@@ -158,6 +205,36 @@ impl Expect {
                     Ok(())
                 } else {
                     Err(bad.join(", "))
+                }
+            }
+            Expect::SecretReadVia { syscall, abi } => {
+                let reads = of("secret_read");
+                if reads.is_empty() {
+                    return Err("no secret_read".into());
+                }
+                for r in &reads {
+                    let s = &r["secret"];
+                    let ok = s["inode"] == c.secret_ino
+                        && s["dev"] == c.secret_dev
+                        && syscall.is_none_or(|v| s["syscall"] == v)
+                        && s["abi"].as_str().unwrap_or("native") == *abi;
+                    if !ok {
+                        return Err(format!("secret_read seen: {}", brief(&reads, &["secret"])));
+                    }
+                }
+                Ok(())
+            }
+            Expect::EnvCredential { name } => {
+                let all = of("exec");
+                let hit = all.iter().any(|e| {
+                    e["exec"]["env_credentials"]
+                        .as_array()
+                        .is_some_and(|v| v.iter().any(|c| c["name"] == *name))
+                });
+                if hit {
+                    Ok(())
+                } else {
+                    Err(format!("exec events seen: {}", brief(&all, &["exec"])))
                 }
             }
             Expect::Connect {
@@ -256,6 +333,7 @@ mod tests {
             secret_ino: 7,
             link: "/tmp/cw/link".into(),
             tcp_port: 4000,
+            ia32_reader: "/a/reader32".into(),
         }
     }
 
@@ -322,10 +400,40 @@ mod tests {
     }
 
     #[test]
+    fn reads_by_io_uring_and_ia32_and_environment_credentials() {
+        let c = ctx();
+        let uring = Expect::SecretReadVia {
+            syscall: Some("io_uring_openat"),
+            abi: "native",
+        };
+        let mut r = read(7, "token");
+        r["secret"]["syscall"] = json!("io_uring_openat");
+        assert!(uring.check(&c, &[&r]).is_ok());
+        assert!(uring.check(&c, &[]).is_err());
+        let mut plain = read(7, "/tmp/cw/secret/token");
+        plain["secret"]["syscall"] = json!("openat");
+        assert!(uring.check(&c, &[&r, &plain]).is_err());
+        let ia32 = Expect::SecretReadVia {
+            syscall: None,
+            abi: "ia32",
+        };
+        assert!(ia32.check(&c, &[&plain]).is_err());
+        plain["secret"]["abi"] = json!("ia32");
+        assert!(ia32.check(&c, &[&plain]).is_ok());
+        let env = Expect::EnvCredential {
+            name: "AWS_SECRET_ACCESS_KEY",
+        };
+        let exec = json!({"kind":"exec","exec":{"filename":"/a/cw-actor",
+            "env_credentials":[{"name":"AWS_SECRET_ACCESS_KEY","kind":"aws_access_key"}]}});
+        assert!(env.check(&c, &[&exec]).is_ok());
+        let bare = json!({"kind":"exec","exec":{"filename":"/a/cw-actor"}});
+        assert!(env.check(&c, &[&bare]).is_err());
+    }
+
+    #[test]
     fn every_step_expects_something() {
         for s in steps(&ctx()) {
             assert!(!s.expect.is_empty(), "{} expects nothing", s.name);
-            assert_eq!(s.argv[0], "/a/cw-actor");
         }
     }
 }
