@@ -53,9 +53,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
     report_kernel_sync(&synced, 0);
     // Attached: keep only what the loop needs, before any other thread exists (threads
     // copy their creator's capabilities).
-    let ia32_later = cfg.sensors.ia32 == crate::probes::Ia32Mode::OnExec
-        && !sensors.attached.iter().any(|a| a.contains("ia32"));
-    crate::privileges::drop_after_attach(ia32_later)?;
+    crate::privileges::drop_after_attach(sensors.may_attach_later())?;
     // From here on scans run off the loop; the loop applies their results.
     inventory.scan_in_background()?;
     let rings = sensors.take_rings().context("ring buffers already taken")?;

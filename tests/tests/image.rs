@@ -841,6 +841,8 @@ impl Drop for PodNet {
 /// (as kubelets without serverTLSBootstrap have), answering the recorded PodList. Keeps
 /// each request's request line and Authorization header.
 struct Kubelet {
+    /// Its certificate (PEM): the CA the agent's service-account `ca.crt` holds.
+    ca_pem: String,
     requests: Arc<Mutex<Vec<(String, String)>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     server: Option<std::thread::JoinHandle<()>>,
@@ -850,6 +852,7 @@ impl Kubelet {
     fn serve(ip: Ipv4Addr) -> Kubelet {
         let body = std::fs::read(credwatch_tests::fixture("kubelet-pods.json")).unwrap();
         let ck = rcgen::generate_simple_self_signed(vec![ip.to_string()]).unwrap();
+        let ca_pem = ck.cert.pem();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cfg = Arc::new(
             rustls::ServerConfig::builder_with_provider(provider)
@@ -911,6 +914,7 @@ impl Kubelet {
             }
         });
         Kubelet {
+            ca_pem,
             requests,
             stop,
             server: Some(server),
@@ -1611,11 +1615,6 @@ fn run_agent(v: Variant) -> Run {
     let agent_token = fake_sa_token("credwatch", "credwatch", AGENT_POD, AGENT_POD_UID, 7);
     std::fs::write(service_account.join("token"), &agent_token).unwrap();
     std::fs::write(service_account.join("namespace"), "credwatch").unwrap();
-    std::fs::write(
-        service_account.join("ca.crt"),
-        "-----BEGIN CERTIFICATE-----\nFAKE\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
     let etc = base.join("etc");
     std::fs::create_dir_all(&etc).unwrap();
     std::fs::write(etc.join("hosts"), "127.0.0.1 localhost\n").unwrap();
@@ -1631,6 +1630,8 @@ fn run_agent(v: Variant) -> Run {
     let agent_net = PodNet::create("a");
     let workload_net = PodNet::create("w");
     let kubelet = Kubelet::serve(agent_net.host_ip);
+    // The agent verifies the kubelet's certificate against this, as the DaemonSet does.
+    std::fs::write(service_account.join("ca.crt"), &kubelet.ca_pem).unwrap();
     let listener = TcpListener::bind((workload_net.host_ip, 0)).unwrap();
     let dst = (workload_net.host_ip, listener.local_addr().unwrap().port());
     std::thread::spawn(move || for _ in listener.incoming() {});

@@ -530,6 +530,12 @@ impl Sensors {
         Ok(())
     }
 
+    /// True when a probe may still be attached after start (the ia32 probe in `on_exec`
+    /// mode): the loop must keep what attaching needs.
+    pub fn may_attach_later(&self) -> bool {
+        self.ia32 == Ia32Mode::OnExec && !self.ia32_attached
+    }
+
     /// A 32-bit image started: in `on_exec` mode, from now on its syscalls are watched.
     pub fn saw_ia32_exec(&mut self) {
         if self.ia32 == Ia32Mode::OnExec
