@@ -5,8 +5,9 @@
 //!
 //! The tracepoint family and cgroup hooks cover everything, so the probes load on kernels
 //! without kprobes, fentry or BPF LSM; where fexit loads, one program on
-//! `security_file_open` replaces every open tracepoint (the agent picks, see `file_open`). Kernel structs are read through offsets the agent
-//! resolves from the running kernel's BTF and writes into `CW_CONFIG` before load.
+//! `security_file_open` replaces every open tracepoint (the agent picks, see `file_open`).
+//! Kernel structs are read through offsets the agent resolves from the running kernel's BTF
+//! and writes into `CW_CONFIG` before load.
 //!
 //! Two rings: secret opens and process-memory access go to SECRET_EVENTS, everything else
 //! to EVENTS, so an exec or connect storm cannot push secret reads out.
@@ -728,13 +729,13 @@ unsafe fn try_open_exit(nr: i32, fd: u32, abi: Abi) -> Result<(), i32> {
     } else {
         OpenSyscall::OpenByHandleAt
     };
-    unsafe { on_open(file, task, syscall, fd as i32, abi) }
+    unsafe { on_open(file, task, Opener::Syscall(syscall, abi), fd as i32) }
 }
 
 /// The file_open hook set: one program after the kernel's own open check, whichever way
 /// the file was opened (any open syscall, native or ia32, io_uring inline or from io-wq or
-/// SQPOLL, fixed-file slots, exec). No syscall tracepoint is needed for opens, so unrelated
-/// syscalls and opens do not pay for one. The fd is not installed yet (-1 in the record).
+/// SQPOLL, exec). No syscall tracepoint is needed for opens, so unrelated syscalls and
+/// opens do not pay for one. The fd is not installed yet (-1 in the record).
 #[fexit(function = "security_file_open")]
 pub fn file_open(ctx: FExitContext) -> i32 {
     // fexit: the return value follows the arguments (read this way on every kernel with
@@ -744,59 +745,67 @@ pub fn file_open(ctx: FExitContext) -> i32 {
         return 0;
     }
     let file: u64 = ctx.arg(0);
-    let task = current_task();
-    let compat = unsafe { in_compat(task) };
-    let nr = unsafe { syscall_nr(task) } as i32;
+    let _ = unsafe { on_open(file, current_task(), Opener::FileOpen, -1) };
+    0
+}
+
+/// Which hook saw an open: an open syscall's exit knows the call and the ABI; the
+/// file_open hook works them out from the task, only for a match.
+#[derive(Clone, Copy)]
+enum Opener {
+    Syscall(OpenSyscall, Abi),
+    FileOpen,
+}
+
+/// The call and ABI of an open the file_open hook saw: the task's current syscall (the
+/// ia32 numbers for a compat task), io_uring for io-wq workers and io_uring_enter,
+/// `Other` for opens outside the open calls (exec).
+#[inline(always)]
+unsafe fn classify_open(task: *const u8) -> (OpenSyscall, Abi) {
     let io_worker = unsafe { ld::<u32>(task, conf!(task_flags)) } & PF_IO_WORKER != 0;
-    let syscall = if io_worker || nr == conf!(nr_io_uring_enter) {
-        OpenSyscall::IoUringOpenat
-    } else if compat {
-        if nr == conf!(nr32_openat) {
-            OpenSyscall::Openat
-        } else if nr == conf!(nr32_openat2) {
-            OpenSyscall::Openat2
-        } else if nr == conf!(nr32_open) {
-            OpenSyscall::Open
-        } else if nr == conf!(nr32_creat) {
-            OpenSyscall::Creat
-        } else if nr == conf!(nr32_open_by_handle_at) {
-            OpenSyscall::OpenByHandleAt
-        } else {
-            OpenSyscall::Other
-        }
-    } else if nr == conf!(nr_openat) {
+    let nr = unsafe { syscall_nr(task) } as i32;
+    if io_worker || nr == conf!(nr_io_uring_enter) {
+        return (OpenSyscall::IoUringOpenat, Abi::Native);
+    }
+    let compat = unsafe { in_compat(task) };
+    let (openat, openat2, open, creat, by_handle) = if compat {
+        (
+            conf!(nr32_openat),
+            conf!(nr32_openat2),
+            conf!(nr32_open),
+            conf!(nr32_creat),
+            conf!(nr32_open_by_handle_at),
+        )
+    } else {
+        (
+            conf!(nr_openat),
+            conf!(nr_openat2),
+            conf!(nr_open),
+            conf!(nr_creat),
+            conf!(nr_open_by_handle_at),
+        )
+    };
+    let syscall = if nr == openat {
         OpenSyscall::Openat
-    } else if nr == conf!(nr_openat2) {
+    } else if nr == openat2 {
         OpenSyscall::Openat2
-    } else if nr == conf!(nr_open) {
+    } else if nr == open {
         OpenSyscall::Open
-    } else if nr == conf!(nr_creat) {
+    } else if nr == creat {
         OpenSyscall::Creat
-    } else if nr == conf!(nr_open_by_handle_at) {
+    } else if nr == by_handle {
         OpenSyscall::OpenByHandleAt
     } else {
         OpenSyscall::Other
     };
-    let abi = if compat && !io_worker {
-        Abi::Ia32
-    } else {
-        Abi::Native
-    };
-    let _ = unsafe { on_open(file, task, syscall, -1, abi) };
-    0
+    (syscall, if compat { Abi::Ia32 } else { Abi::Native })
 }
 
 /// One opened file, from either hook set: the agent's own opens teach it `f_op` pointers,
 /// /proc/<pid>/{environ,mem} are process access, watched secrets are due a record unless
 /// they are a counted repeat.
 #[inline(always)]
-unsafe fn on_open(
-    file: u64,
-    task: *const u8,
-    syscall: OpenSyscall,
-    fd: i32,
-    abi: Abi,
-) -> Result<(), i32> {
+unsafe fn on_open(file: u64, task: *const u8, opener: Opener, fd: i32) -> Result<(), i32> {
     let id = bpf_get_current_pid_tgid();
     let inode: u64 = unsafe { rd(file, conf!(file_f_inode)) }?;
     if is_self(id) {
@@ -812,6 +821,10 @@ unsafe fn on_open(
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let Some(opens) = repeat_due((id >> 32) as u32, &m, now) else {
         return Ok(());
+    };
+    let (syscall, abi) = match opener {
+        Opener::Syscall(s, a) => (s, a),
+        Opener::FileOpen => unsafe { classify_open(task) },
     };
     // Which syscall argument holds the path: 0, 1, or none (open_by_handle_at, io_uring,
     // kernel-internal opens: the dentry's own name then).
