@@ -39,13 +39,20 @@ pub struct RunOptions {
     pub alerts: PathBuf,
 }
 
-pub async fn run(cfg: Config, opts: RunOptions) -> Result<()> {
+pub async fn run(mut cfg: Config, opts: RunOptions) -> Result<()> {
     crate::state::private_umask();
     crate::state::ensure_dir(&opts.state_dir)?;
     let fp = Fingerprinter::new(&cfg.fingerprint.load_key(&opts.state_dir)?);
     let mut inventory =
         Inventory::from_config(&cfg.secrets, &cfg.kubernetes.kubelet_root, fp.clone())?;
     inventory.rescan();
+    // Policy paths as the inventory names secrets: by where they really are.
+    match Arc::get_mut(&mut cfg.policy) {
+        Some(p) => p.add_real_locations(|path| inventory.real_path(path)),
+        None => {
+            warn!("credential policy shared before start: paths through symlinks stay unresolved")
+        }
+    }
 
     let mut sensors = Sensors::load(&SensorOptions::from_config(&cfg.sensors))?;
     let synced =

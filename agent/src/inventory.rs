@@ -495,6 +495,14 @@ impl Inventory {
         }
     }
 
+    /// Where host path `p` really is (symlinks resolved inside the host root, as scans
+    /// resolve them), if it exists. Before [`Self::scan_in_background`] only.
+    pub fn real_path(&mut self, p: &Path) -> Option<PathBuf> {
+        let s = self.scanner_mut()?;
+        let root = s.root_fd().ok()?;
+        s.resolve(&root, p).ok().map(|r| r.canonical)
+    }
+
     /// Reads the host's files under `root` (see [`Scanner::host_root`]).
     pub fn with_host_root(mut self, root: Option<PathBuf>) -> Self {
         if let Some(s) = self.scanner_mut() {
@@ -1541,6 +1549,14 @@ mod tests {
                 "/var/lib/kubelet/pods/uid-1/volumes/kubernetes.io~projected/kube-api-access-x/token"
             ]
         );
+        // An absolute symlink in the host resolves inside the host root, as scans do: a
+        // policy glob written through it is named where it leads.
+        std::os::unix::fs::symlink("/etc/app", host.path().join("etc/app-link")).unwrap();
+        assert_eq!(
+            inv.real_path(Path::new("/etc/app-link")),
+            Some(PathBuf::from("/etc/app"))
+        );
+        assert_eq!(inv.real_path(Path::new("/etc/missing")), None);
         let key = inode_key(&fs::metadata(host.path().join("etc/app/key")).unwrap());
         assert_eq!(inv.get(&key).unwrap().path, "/etc/app/key");
         let token = inv.entries().find(|e| e.path.ends_with("token")).unwrap();

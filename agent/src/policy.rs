@@ -3,7 +3,11 @@
 //! (weekday/time windows or cron expressions, in a timezone). Plus the `[[allow]]` list of
 //! known-good findings.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use chrono::{DateTime, Datelike, Timelike, Utc};
@@ -398,7 +402,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 enum Matcher {
-    Path(GlobMatcher),
+    Path(PathGlob),
     Fingerprint(String),
 }
 
@@ -443,12 +447,61 @@ fn path_glob(p: &str) -> Result<GlobMatcher> {
         .compile_matcher())
 }
 
+/// A `path` glob as written, plus the same glob where its literal leading part really is
+/// when a symlink leads elsewhere: the inventory names secrets by where they are
+/// (`/var/run/secrets/…` is `/run/secrets/…` on most hosts), so the written glob alone would
+/// never match their events.
+struct PathGlob {
+    written: String,
+    globs: Vec<GlobMatcher>,
+}
+
+impl PathGlob {
+    fn new(p: &str) -> Result<Self> {
+        Ok(PathGlob {
+            written: p.to_owned(),
+            globs: vec![path_glob(p)?],
+        })
+    }
+
+    fn is_match(&self, path: &str) -> bool {
+        self.globs.iter().any(|g| g.is_match(path))
+    }
+
+    fn add_real_location(&mut self, real: &mut dyn FnMut(&Path) -> Option<PathBuf>) {
+        let (lead, rest) = literal_lead(&self.written);
+        if lead.as_os_str().is_empty() {
+            return;
+        }
+        let Some(to) = real(lead).filter(|to| to != lead) else {
+            return;
+        };
+        // The real location is a path, not a pattern: its glob characters are literal.
+        let escaped = globset::escape(&to.to_string_lossy());
+        if let Ok(g) = path_glob(&format!("{escaped}{rest}")) {
+            self.globs.push(g);
+        }
+    }
+}
+
+/// The longest leading run of whole path components without glob syntax, and the rest
+/// (starting with its `/`). `/var/run/secrets/*/token` → (`/var/run/secrets`, `/*/token`).
+fn literal_lead(glob: &str) -> (&Path, &str) {
+    let meta = glob.find(['*', '?', '[', '{', '\\']).unwrap_or(glob.len());
+    let cut = if meta == glob.len() {
+        glob.len()
+    } else {
+        glob[..meta].rfind('/').unwrap_or(0)
+    };
+    (Path::new(&glob[..cut]), &glob[cut..])
+}
+
 /// One `[[allow]]` entry: every field given must match the alert.
 struct Allow {
     alert: Option<AlertKind>,
     workload: Option<Selector>,
     fingerprint: Option<String>,
-    path: Option<GlobMatcher>,
+    path: Option<PathGlob>,
     destination: Option<DestPattern>,
 }
 
@@ -487,7 +540,10 @@ fn checked<T>(c: &mut Checker, key: &str, r: Result<T>) -> Option<T> {
 
 fn compile_entry(e: &CredentialPolicy, c: &mut Checker) -> Option<PolicyEntry> {
     let (matcher, name) = match (&e.path, &e.fingerprint) {
-        (Some(p), None) => (Matcher::Path(checked(c, "path", path_glob(p))?), p.clone()),
+        (Some(p), None) => (
+            Matcher::Path(checked(c, "path", PathGlob::new(p))?),
+            p.clone(),
+        ),
         (None, Some(f)) => (Matcher::Fingerprint(f.clone()), f.clone()),
         _ => {
             c.fail("", "needs exactly one of `path` or `fingerprint`");
@@ -545,7 +601,7 @@ fn compile_allow(a: &AllowEntry, c: &mut Checker) -> Option<Allow> {
         None => None,
     };
     let path = match a.path.as_deref() {
-        Some(p) => Some(checked(c, "path", path_glob(p))?),
+        Some(p) => Some(checked(c, "path", PathGlob::new(p))?),
         None => None,
     };
     let destination = match a.destination.as_deref() {
@@ -595,6 +651,22 @@ impl Policy {
         match c.problems().first() {
             Some(pr) => bail!("{}: {}", pr.key, pr.message),
             None => Ok(p),
+        }
+    }
+
+    /// Lets every `path` glob also match where its literal leading part really is
+    /// (`real`: symlinks resolved, inside the host root), so a glob written through a
+    /// symlinked directory still names the secrets the inventory finds there.
+    pub fn add_real_locations(&mut self, mut real: impl FnMut(&Path) -> Option<PathBuf>) {
+        for e in &mut self.entries {
+            if let Matcher::Path(g) = &mut e.matcher {
+                g.add_real_location(&mut real);
+            }
+        }
+        for a in &mut self.allow {
+            if let Some(g) = &mut a.path {
+                g.add_real_location(&mut real);
+            }
         }
     }
 
@@ -709,6 +781,45 @@ mod tests {
         let weekly = Schedule::parse(&["0 3 * * SUN".into()], None, None).unwrap();
         assert!(weekly.contains(at("2026-11-22T03:59:00Z")), "Sunday run");
         assert!(!weekly.contains(at("2026-11-23T03:10:00Z")), "Monday");
+    }
+
+    /// `/var/run/secrets/*` written in config, the secret found at `/run/secrets/x`: the
+    /// entry applies. A symlink only in the part after the glob changes nothing, and globs
+    /// without a literal directory are left alone.
+    #[test]
+    fn path_globs_also_match_where_a_symlinked_directory_leads() {
+        assert_eq!(
+            literal_lead("/var/run/secrets/*/token"),
+            (Path::new("/var/run/secrets"), "/*/token")
+        );
+        assert_eq!(
+            literal_lead("/etc/app/token"),
+            (Path::new("/etc/app/token"), "")
+        );
+        assert_eq!(literal_lead("*.key"), (Path::new(""), "*.key"));
+        let entry = |path: &str| CredentialPolicy {
+            path: Some(path.into()),
+            purpose: Some("test".into()),
+            ..CredentialPolicy::default()
+        };
+        let mut p =
+            Policy::compile(&[entry("/var/run/secrets/*"), entry("/srv/[ab]/key")], &[]).unwrap();
+        let cred = CredentialRef::default();
+        assert!(p.find(&cred, Some("/run/secrets/x")).is_none());
+        let mut asked = Vec::new();
+        p.add_real_locations(|d| {
+            asked.push(d.to_path_buf());
+            (d == Path::new("/var/run/secrets")).then(|| PathBuf::from("/run/sec[rets]"))
+        });
+        assert_eq!(
+            asked,
+            [PathBuf::from("/var/run/secrets"), PathBuf::from("/srv")]
+        );
+        assert!(p.find(&cred, Some("/var/run/secrets/x")).is_some());
+        // The real directory's own `[` is a character, not a class.
+        assert!(p.find(&cred, Some("/run/sec[rets]/x")).is_some());
+        assert!(p.find(&cred, Some("/run/secs/x")).is_none());
+        assert!(p.find(&cred, Some("/run/sec[rets]/x/y")).is_none());
     }
 
     fn dst(ip: &str, port: u16, name: Option<&str>) -> Destination {
