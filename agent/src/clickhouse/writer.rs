@@ -272,9 +272,12 @@ impl ClickHouseSink {
     /// Flushes, stops the writer's live inserts, hands it the rest and waits until it spooled
     /// everything (then it delivers the spool for a few seconds at most).
     pub fn finish(&mut self) {
-        // First stop: an insert in flight is abandoned (its batch spooled) instead of
-        // holding the queues until its timeout.
-        let _ = self.stop.send(true);
+        // A stopping agent: an insert in flight is abandoned (its batch spooled) instead of
+        // holding the queues until its timeout. A replay instead delivers all it queued
+        // (the queues close below; spooling a whole queue at once could overflow the spool).
+        if !self.wait {
+            let _ = self.stop.send(true);
+        }
         self.flush();
         self.send_alerts(true);
         self.events_tx = None;
