@@ -86,6 +86,11 @@ fn event(i: u64) -> Event {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The writer's warnings (a failed insert, a full spool) say why rows did not land.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .init();
     let mut args = std::env::args().skip(1);
     let url = args
         .next()
@@ -113,7 +118,9 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&state);
     let client = credwatch::clickhouse::client(ch)?;
     let count: u64 = rt.block_on(client.query("SELECT count() FROM events").fetch_one())?;
-    if count != n || stats.rows_spooled != 0 {
+    // Rows left in a partial batch at the end go through the spool (written to disk
+    // first, then delivered): part of the rate, not a failure.
+    if count != n || stats.rows_dropped != 0 {
         anyhow::bail!("{count} rows landed of {n} ({stats:?})");
     }
     println!("{:.0} {n} {secs:.3}", n as f64 / secs);
