@@ -47,12 +47,7 @@ pub async fn run(mut cfg: Config, opts: RunOptions) -> Result<()> {
         Inventory::from_config(&cfg.secrets, &cfg.kubernetes.kubelet_root, fp.clone())?;
     inventory.rescan();
     // Policy paths as the inventory names secrets: by where they really are.
-    match Arc::get_mut(&mut cfg.policy) {
-        Some(p) => p.add_real_locations(|path| inventory.real_path(path)),
-        None => {
-            warn!("credential policy shared before start: paths through symlinks stay unresolved")
-        }
-    }
+    Arc::make_mut(&mut cfg.policy).add_real_locations(|path| inventory.real_path(path));
 
     let mut sensors = Sensors::load(&SensorOptions::from_config(&cfg.sensors))?;
     let synced =

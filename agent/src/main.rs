@@ -111,6 +111,9 @@ fn main() -> ExitCode {
             EnvFilter::try_from_env("CREDWATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: journald, `kubectl logs` and log shippers
+        // get plain lines.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match real_main(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -401,11 +401,13 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+#[derive(Clone)]
 enum Matcher {
     Path(PathGlob),
     Fingerprint(String),
 }
 
+#[derive(Clone)]
 pub struct PolicyEntry {
     matcher: Matcher,
     pub purpose: Option<String>,
@@ -451,6 +453,7 @@ fn path_glob(p: &str) -> Result<GlobMatcher> {
 /// when a symlink leads elsewhere: the inventory names secrets by where they are
 /// (`/var/run/secrets/…` is `/run/secrets/…` on most hosts), so the written glob alone would
 /// never match their events.
+#[derive(Clone)]
 struct PathGlob {
     written: String,
     globs: Vec<GlobMatcher>,
@@ -497,6 +500,7 @@ fn literal_lead(glob: &str) -> (&Path, &str) {
 }
 
 /// One `[[allow]]` entry: every field given must match the alert.
+#[derive(Clone)]
 struct Allow {
     alert: Option<AlertKind>,
     workload: Option<Selector>,
@@ -527,7 +531,7 @@ impl Allow {
     }
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Policy {
     entries: Vec<PolicyEntry>,
     allow: Vec<Allow>,

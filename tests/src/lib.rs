@@ -296,6 +296,23 @@ pub fn parse_alerts(stdout: &str) -> Vec<Alert> {
 }
 
 /// A file under tests/fixtures.
+/// A TLS server with a fresh self-signed certificate for `host` (an IP or name): the
+/// server config, and the certificate's PEM for the client to trust as its CA.
+pub fn tls_server(host: &str) -> (Arc<rustls::ServerConfig>, String) {
+    let ck = rcgen::generate_simple_self_signed(vec![host.to_owned()]).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![ck.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into()),
+        )
+        .unwrap();
+    (Arc::new(cfg), ck.cert.pem())
+}
+
 pub fn fixture(name: &str) -> String {
     format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }

@@ -851,20 +851,7 @@ struct Kubelet {
 impl Kubelet {
     fn serve(ip: Ipv4Addr) -> Kubelet {
         let body = std::fs::read(credwatch_tests::fixture("kubelet-pods.json")).unwrap();
-        let ck = rcgen::generate_simple_self_signed(vec![ip.to_string()]).unwrap();
-        let ca_pem = ck.cert.pem();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(
-                    vec![ck.cert.der().clone()],
-                    rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into()),
-                )
-                .unwrap(),
-        );
+        let (cfg, ca_pem) = credwatch_tests::tls_server(&ip.to_string());
         let listener = TcpListener::bind((ip, 10250)).unwrap();
         listener.set_nonblocking(true).unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -1052,7 +1039,7 @@ impl Container {
     }
 
     fn stderr_text(&self) -> String {
-        strip_ansi(&self.stderr.lock().unwrap().join("\n"))
+        self.stderr.lock().unwrap().join("\n")
     }
 
     fn stdout_text(&self) -> String {
@@ -2344,22 +2331,4 @@ fn strip_log_prefix(l: &str) -> &str {
         }
     }
     l
-}
-
-/// The text without ANSI escape sequences (the agent's log is coloured).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

@@ -235,18 +235,7 @@ fn replayed_alerts_reach_every_sink() {
 /// A syslog-over-TLS listener (RFC 5425) with a certificate for 127.0.0.1 from a private
 /// CA of its own; returns (port, CA PEM, received messages).
 fn tls_syslog_listener() -> (u16, String, Arc<Mutex<Vec<String>>>) {
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![ck.cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into()),
-        )
-        .unwrap();
-    let cfg = Arc::new(cfg);
+    let (cfg, ca_pem) = credwatch_tests::tls_server("127.0.0.1");
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let got = Arc::new(Mutex::new(Vec::new()));
@@ -261,7 +250,7 @@ fn tls_syslog_listener() -> (u16, String, Arc<Mutex<Vec<String>>>) {
             });
         }
     });
-    (port, ck.cert.pem(), got)
+    (port, ca_pem, got)
 }
 
 /// Syslog over TLS verifies the server against `ca_file`: the right CA delivers every

@@ -275,7 +275,7 @@ fn agent_scenario(
                 .lines()
                 .next()
                 .map(|l| l.trim_end_matches("; stderr:").to_owned());
-            fs::write(out.join("agent.log"), strip_ansi(&e) + "\n")?;
+            fs::write(out.join("agent.log"), e + "\n")?;
             return Ok(());
         }
     };
@@ -289,13 +289,8 @@ fn agent_scenario(
         run.stop_error = e.lines().next().map(str::to_owned);
     }
     phase(r, "agent stop", t);
-    let lines: Vec<String> = agent
-        .stderr
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|l| strip_ansi(l))
-        .collect();
+    // The agent writes plain lines when its stderr is no terminal.
+    let lines: Vec<String> = agent.stderr.lock().unwrap().clone();
     let find = |pat: &str| lines.iter().find(|l| l.contains(pat)).cloned();
     run.attached_line = find("probes attached");
     run.ready_line = find("credwatch ready");
@@ -497,24 +492,6 @@ fn run_counts(pid: u32) -> BTreeMap<u32, u64> {
     out
 }
 
-/// Drops terminal colour sequences (`ESC [ … letter`) from a log line.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[derive(Clone, Copy)]
 enum Load {
     /// A child that only exits: what measuring itself costs (the fdinfo reads are opens,
@@ -607,17 +584,5 @@ impl Load {
             }
         }
         0
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn strips_colours() {
-        assert_eq!(
-            super::strip_ansi("\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m probes attached"),
-            "2026  INFO probes attached"
-        );
-        assert_eq!(super::strip_ansi("plain"), "plain");
     }
 }
